@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install the test dependencies (idempotent) and run the test suite.
+# The oracle depth-anything-3==0.1.1 goes in with --no-deps: its network code needs only
+# einops, omegaconf and addict (from the [test] extra); its full requirement list (xformers,
+# torchvision, open3d, gradio...) is for its app. evo provides its pose alignment.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q -e ".[test]"
+python -m pip install -q --no-deps depth-anything-3==0.1.1 evo==1.38.1
+ruff check .
+set +e
+python -m pytest -q "$@"
+status=$?
+set -e
+if [ "$status" -eq 5 ]; then
+  echo "pytest collected no tests: failing on purpose" >&2
+  exit 1
+fi
+exit "$status"

@@ -1,0 +1,152 @@
+"""The ``da3cog`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def _parser() -> argparse.ArgumentParser:
+    from da3cog.io import PROCESS_METHODS
+    from da3cog.model.presets import ALIASES
+    from da3cog.model.reference_view import REFERENCE_STRATEGIES
+
+    parser = argparse.ArgumentParser(
+        prog="da3cog", description="Depth Anything 3: depth and cameras from images."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    predict = commands.add_parser(
+        "predict", help="predict depth and cameras for one or more images"
+    )
+    predict.add_argument(
+        "images", nargs="+", type=Path, help="image files (JPEG, PNG, WebP, HEIC), one per view"
+    )
+    predict.add_argument(
+        "--model",
+        default="small",
+        help=f"preset ({', '.join(ALIASES)}), Hub id or checkpoint folder (default: small)",
+    )
+    predict.add_argument(
+        "--out", type=Path, required=True, help="output folder (must not exist or be empty)"
+    )
+    predict.add_argument(
+        "--process-res", type=int, default=504, help="network input size (default 504)"
+    )
+    predict.add_argument("--resize-method", choices=PROCESS_METHODS, default="upper_bound_resize")
+    predict.add_argument(
+        "--reference-view", choices=REFERENCE_STRATEGIES, default="saddle_balanced"
+    )
+    predict.add_argument(
+        "--ray-pose",
+        action="store_true",
+        help="cameras from the ray map instead of the camera head",
+    )
+    predict.add_argument(
+        "--output-resolution",
+        choices=("input", "processing"),
+        default="input",
+        help="depth maps at each input's size (default) or at the processing size",
+    )
+    predict.add_argument(
+        "--cameras",
+        type=Path,
+        help=(
+            "JSON with 'extrinsics' (N x 3|4 x 4 world-to-camera) and 'intrinsics' (N x 3 x 3) "
+            "for pose-conditioned depth"
+        ),
+    )
+    predict.add_argument(
+        "--seed", type=int, default=42, help="seed for the RANSAC steps (default 42)"
+    )
+    predict.add_argument(
+        "--device", default=None, help="torch device (default: cuda if available, else cpu)"
+    )
+    predict.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="Hub download cache (default: $DA3COG_CACHE_DIR or the HF cache)",
+    )
+    return parser
+
+
+def _read_cameras(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        document = json.loads(path.read_text())
+        return np.asarray(document["extrinsics"], dtype=np.float64), np.asarray(
+            document["intrinsics"], dtype=np.float64
+        )
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"{path}: expected JSON with 'extrinsics' and 'intrinsics' arrays ({error})"
+        ) from error
+
+
+def _fresh_output(folder: Path) -> None:
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise ValueError(f"output folder {folder} exists and is not empty: choose a new one")
+
+
+def predict(args: argparse.Namespace) -> list[Path]:
+    from da3cog.export.cameras import export_cameras_json
+    from da3cog.export.depth import export_depth_npy
+    from da3cog.pipeline import DepthAnything3, InferenceOptions
+
+    _fresh_output(args.out)
+    options = InferenceOptions(
+        process_res=args.process_res,
+        resize_method=args.resize_method,
+        reference_strategy=args.reference_view,
+        pose_from_rays=args.ray_pose,
+        output_resolution=args.output_resolution,
+        seed=args.seed,
+    )
+    extrinsics, intrinsics = _read_cameras(args.cameras) if args.cameras else (None, None)
+    model = DepthAnything3.from_pretrained(args.model, device=args.device, cache_dir=args.cache_dir)
+    prediction = model.predict(
+        [str(p) for p in args.images],
+        extrinsics=extrinsics,
+        intrinsics=intrinsics,
+        options=options,
+        progress=lambda message: print(f"[da3cog] {message}", file=sys.stderr),
+    )
+    # Write into a sibling staging folder and move it into place: no half-written results.
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=args.out.parent, prefix=f".{args.out.name}."))
+    try:
+        written = [*export_depth_npy(prediction, staging), export_cameras_json(prediction, staging)]
+        if args.out.exists():
+            args.out.rmdir()
+        staging.rename(args.out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for note in prediction.notes:
+        print(f"[da3cog] note: {note}", file=sys.stderr)
+    return [args.out / path.name for path in written]
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="[da3cog] %(levelname)s %(message)s")
+    args = _parser().parse_args(argv)
+    from da3cog.weights import CheckpointError
+
+    try:
+        written = predict(args)
+    except (ValueError, FileNotFoundError, CheckpointError) as error:
+        print(f"da3cog: error: {error}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

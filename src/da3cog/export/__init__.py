@@ -1,0 +1,1 @@
+"""Exporters: a Prediction in, complete files out; they never modify the Prediction."""

@@ -1,0 +1,575 @@
+"""Camera geometry: pure torch / numpy functions, no I/O and no modules.
+
+Conventions used throughout da3cog:
+
+* Extrinsics are world-to-camera rigid transforms in OpenCV axes (x right, y down, z forward),
+  as ``(..., 3, 4)`` or ``(..., 4, 4)`` float32 matrices.
+* Intrinsics are ``(..., 3, 3)`` matrices in pixels of the image they describe. Continuous pixel
+  coordinates put the centre of pixel ``(col, row)`` at ``(col + 0.5, row + 0.5)`` (COLMAP's
+  convention), so an intrinsics matrix follows a resize by plain scaling of its first two rows.
+* Depth is the z coordinate in the camera frame (along the optical axis), not the ray length.
+* Quaternions are scalar-last ``(x, y, z, w)`` with ``w >= 0``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# Rigid transforms
+# --------------------------------------------------------------------------------------------
+
+
+def as_homogeneous(transform: torch.Tensor) -> torch.Tensor:
+    """``(..., 3, 4)`` or ``(..., 4, 4)`` -> ``(..., 4, 4)`` with a ``[0, 0, 0, 1]`` last row."""
+    if transform.shape[-2:] == (4, 4):
+        return transform
+    if transform.shape[-2:] != (3, 4):
+        raise ValueError(
+            f"expected (..., 3, 4) or (..., 4, 4) matrices, got {tuple(transform.shape)}"
+        )
+    bottom = torch.zeros_like(transform[..., :1, :])
+    bottom[..., 0, 3] = 1.0
+    return torch.cat([transform, bottom], dim=-2)
+
+
+def invert_rigid(transform: torch.Tensor) -> torch.Tensor:
+    """Inverse of rigid transforms ``[R | t]``: ``[R^T | -R^T t]``.
+
+    Accepts ``(..., 3, 4)`` (returns ``(..., 3, 4)``) or ``(..., 4, 4)`` (returns ``(..., 4, 4)``).
+    """
+    rotation = transform[..., :3, :3]
+    translation = transform[..., :3, 3:]
+    rotation_t = rotation.mT
+    top = torch.cat([rotation_t, -rotation_t @ translation], dim=-1)
+    return torch.cat([top, transform[..., 3:, :]], dim=-2)
+
+
+def invert_rigid_np(transform: np.ndarray) -> np.ndarray:
+    """Numpy twin of :func:`invert_rigid`."""
+    rotation_t = np.swapaxes(transform[..., :3, :3], -1, -2)
+    top = np.concatenate([rotation_t, -rotation_t @ transform[..., :3, 3:]], axis=-1)
+    return np.concatenate([top, transform[..., 3:, :]], axis=-2)
+
+
+def anchor_to_first_view(extrinsics: torch.Tensor) -> torch.Tensor:
+    """Re-express world-to-camera extrinsics ``(N, 3|4, 4)`` so view 0 is the world frame.
+
+    Returns ``(N, 4, 4)`` with ``E'_i = E_i @ E_0^-1``; ``E'_0`` is the identity.
+    """
+    homogeneous = as_homogeneous(extrinsics)
+    anchored = homogeneous @ invert_rigid(homogeneous[:1])
+    # Exactly the identity, not identity up to rounding.
+    anchored[0] = torch.eye(4, dtype=anchored.dtype, device=anchored.device)
+    return anchored
+
+
+# --------------------------------------------------------------------------------------------
+# Rotations and quaternions (scalar-last)
+# --------------------------------------------------------------------------------------------
+
+
+def quaternion_to_matrix(quaternions: torch.Tensor) -> torch.Tensor:
+    """``(..., 4)`` quaternions ``(x, y, z, w)`` (any norm) -> ``(..., 3, 3)`` rotations."""
+    i, j, k, r = torch.unbind(quaternions, -1)
+    two_s = 2.0 / (quaternions * quaternions).sum(-1)
+    entries = (
+        1 - two_s * (j * j + k * k),
+        two_s * (i * j - k * r),
+        two_s * (i * k + j * r),
+        two_s * (i * j + k * r),
+        1 - two_s * (i * i + k * k),
+        two_s * (j * k - i * r),
+        two_s * (i * k - j * r),
+        two_s * (j * k + i * r),
+        1 - two_s * (i * i + j * j),
+    )
+    return torch.stack(entries, -1).reshape((*quaternions.shape[:-1], 3, 3))
+
+
+def matrix_to_quaternion(matrix: torch.Tensor) -> torch.Tensor:
+    """``(..., 3, 3)`` rotations -> ``(..., 4)`` unit quaternions ``(x, y, z, w)``, ``w >= 0``.
+
+    Picks the best-conditioned of the four closed-form candidates (Shepperd's method), as the
+    DA3 camera encoder was trained with.
+    """
+    if matrix.shape[-2:] != (3, 3):
+        raise ValueError(f"expected (..., 3, 3) rotation matrices, got {tuple(matrix.shape)}")
+    batch_shape = matrix.shape[:-2]
+    m00, m01, m02, m10, m11, m12, m20, m21, m22 = torch.unbind(
+        matrix.reshape((*batch_shape, 9)), dim=-1
+    )
+    squared = torch.stack(
+        [
+            1.0 + m00 + m11 + m22,
+            1.0 + m00 - m11 - m22,
+            1.0 - m00 + m11 - m22,
+            1.0 - m00 - m11 + m22,
+        ],
+        dim=-1,
+    )
+    magnitudes = torch.where(squared > 0, torch.sqrt(squared), torch.zeros_like(squared))
+    # Row c holds the quaternion (w, x, y, z) multiplied by 2 * magnitudes[c].
+    scaled_candidates = torch.stack(
+        [
+            torch.stack([magnitudes[..., 0] ** 2, m21 - m12, m02 - m20, m10 - m01], dim=-1),
+            torch.stack([m21 - m12, magnitudes[..., 1] ** 2, m10 + m01, m02 + m20], dim=-1),
+            torch.stack([m02 - m20, m10 + m01, magnitudes[..., 2] ** 2, m12 + m21], dim=-1),
+            torch.stack([m10 - m01, m20 + m02, m21 + m12, magnitudes[..., 3] ** 2], dim=-1),
+        ],
+        dim=-2,
+    )
+    floor = torch.tensor(0.1, dtype=magnitudes.dtype, device=magnitudes.device)
+    candidates = scaled_candidates / (2.0 * magnitudes[..., None].max(floor))
+    best = torch.nn.functional.one_hot(magnitudes.argmax(dim=-1), num_classes=4) > 0.5
+    wxyz = candidates[best, :].reshape((*batch_shape, 4))
+    xyzw = wxyz[..., [1, 2, 3, 0]]
+    return torch.where(xyzw[..., 3:4] < 0, -xyzw, xyzw)
+
+
+# --------------------------------------------------------------------------------------------
+# Intrinsics
+# --------------------------------------------------------------------------------------------
+
+
+def scale_intrinsics(
+    intrinsics: torch.Tensor | np.ndarray,
+    from_hw: tuple[int, int],
+    to_hw: tuple[int, int],
+) -> torch.Tensor | np.ndarray:
+    """Intrinsics ``(..., 3, 3)`` of an image of size ``from_hw`` for the same image resized to
+    ``to_hw`` (heights and widths in pixels). fx, cx scale with the width ratio, fy, cy with the
+    height ratio; exact under the pixel-centre-at-+0.5 convention."""
+    scaled = intrinsics.clone() if isinstance(intrinsics, torch.Tensor) else intrinsics.copy()
+    scaled[..., 0, :] *= to_hw[1] / from_hw[1]
+    scaled[..., 1, :] *= to_hw[0] / from_hw[0]
+    return scaled
+
+
+def field_of_view_intrinsics(
+    height: int, width: int, fov_y: torch.Tensor, fov_x: torch.Tensor
+) -> torch.Tensor:
+    """Pinhole intrinsics ``(..., 3, 3)`` from vertical / horizontal fields of view (radians),
+    principal point at the image centre."""
+    fy = (height / 2.0) / torch.clamp(torch.tan(fov_y / 2.0), 1e-6)
+    fx = (width / 2.0) / torch.clamp(torch.tan(fov_x / 2.0), 1e-6)
+    intrinsics = torch.zeros((*fov_y.shape, 3, 3), dtype=fov_y.dtype, device=fov_y.device)
+    intrinsics[..., 0, 0] = fx
+    intrinsics[..., 1, 1] = fy
+    intrinsics[..., 0, 2] = width / 2
+    intrinsics[..., 1, 2] = height / 2
+    intrinsics[..., 2, 2] = 1.0
+    return intrinsics
+
+
+# --------------------------------------------------------------------------------------------
+# Depth <-> points
+# --------------------------------------------------------------------------------------------
+
+
+def depth_to_camera_points(depth: torch.Tensor, intrinsics: torch.Tensor) -> torch.Tensor:
+    """Back-project depth maps ``(..., H, W)`` through intrinsics ``(..., 3, 3)`` to camera-frame
+    points ``(..., H, W, 3)``, sampling each pixel at its centre ``(col + 0.5, row + 0.5)``."""
+    height, width = depth.shape[-2:]
+    rows = torch.arange(height, dtype=depth.dtype, device=depth.device) + 0.5
+    cols = torch.arange(width, dtype=depth.dtype, device=depth.device) + 0.5
+    v, u = torch.meshgrid(rows, cols, indexing="ij")
+    fx = intrinsics[..., 0, 0, None, None]
+    fy = intrinsics[..., 1, 1, None, None]
+    cx = intrinsics[..., 0, 2, None, None]
+    cy = intrinsics[..., 1, 2, None, None]
+    skew = intrinsics[..., 0, 1, None, None]
+    y = (v - cy) / fy
+    x = (u - cx - skew * y) / fx
+    return torch.stack([x * depth, y * depth, depth], dim=-1)
+
+
+def depth_to_world_points(
+    depth: torch.Tensor, intrinsics: torch.Tensor, extrinsics: torch.Tensor
+) -> torch.Tensor:
+    """Depth ``(..., H, W)`` -> world points ``(..., H, W, 3)`` using world-to-camera
+    extrinsics ``(..., 3|4, 4)``."""
+    camera_points = depth_to_camera_points(depth, intrinsics)
+    camera_to_world = invert_rigid(as_homogeneous(extrinsics))
+    rotation = camera_to_world[..., None, None, :3, :3]
+    translation = camera_to_world[..., None, None, :3, 3]
+    return (rotation @ camera_points[..., None])[..., 0] + translation
+
+
+def project_points(
+    world_points: torch.Tensor, intrinsics: torch.Tensor, extrinsics: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """World points ``(..., P, 3)`` -> continuous pixel coordinates ``(..., P, 2)`` and depth
+    ``(..., P)`` in one camera (intrinsics ``(..., 3, 3)``, world-to-camera ``(..., 3|4, 4)``)."""
+    rotation = extrinsics[..., None, :3, :3]
+    translation = extrinsics[..., None, :3, 3]
+    camera_points = (rotation @ world_points[..., None])[..., 0] + translation
+    homogeneous = (intrinsics[..., None, :, :] @ camera_points[..., None])[..., 0]
+    depth = homogeneous[..., 2]
+    return homogeneous[..., :2] / depth[..., None], depth
+
+
+# --------------------------------------------------------------------------------------------
+# Camera pose from per-pixel rays (DA3's ray head)
+# --------------------------------------------------------------------------------------------
+
+_RAY_RANSAC_ITERATIONS = 100
+_RAY_RANSAC_SAMPLE_SIZE = 8
+_RAY_RANSAC_CANDIDATE_RATIO = 0.3
+_RAY_RANSAC_INLIER_THRESHOLD = 0.2
+_RAY_MAX_REFIT_POINTS = 8000
+_RAY_MIN_Z = 1e-4
+# Views are fitted two at a time to bound the (views, iterations, points) working set.
+_RAY_VIEWS_PER_CHUNK = 2
+
+
+def _weighted_homography(
+    source: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Weighted DLT homographies: ``(B, K, 2)`` source / target points and ``(B, K)`` weights ->
+    ``(B, 3, 3)`` with ``H[2, 2] = 1``."""
+    if source.shape[-2] < 4:
+        raise ValueError("at least 4 confident rays are needed to recover a camera from rays")
+    w = weights.sqrt().unsqueeze(-1)
+    x, y = source[..., 0:1], source[..., 1:2]
+    u, v = target[..., 0:1], target[..., 1:2]
+    zeros = torch.zeros_like(x)
+    rows_u = torch.cat([-x * w, -y * w, -w, zeros, zeros, zeros, x * u * w, y * u * w, u * w], -1)
+    rows_v = torch.cat([zeros, zeros, zeros, -x * w, -y * w, -w, x * v * w, y * v * w, v * w], -1)
+    system = torch.cat([rows_u, rows_v], dim=-2)
+    _, _, vh = torch.linalg.svd(system)
+    homography = vh[..., -1, :].reshape((*source.shape[:-2], 3, 3))
+    return homography / homography[..., 2:3, 2:3]
+
+
+def _ransac_homographies(
+    source: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor,
+    sample_indices: torch.Tensor,
+    candidate_count: int,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Confidence-weighted RANSAC homographies from ``(B, N, 2)`` points, ``(B, N)`` weights and
+    ``(iterations, sample)`` indices into the ``candidate_count`` most confident points."""
+    views, count, _ = source.shape
+    device = source.device
+    candidates = torch.argsort(weights, descending=True, dim=1)[:, :candidate_count]
+    picked = candidates[:, sample_indices]
+    batch = torch.arange(views, device=device).view(views, 1, 1).expand_as(picked)
+    hypotheses = _weighted_homography(
+        source[batch, picked].flatten(0, 1),
+        target[batch, picked].flatten(0, 1),
+        weights[batch, picked].flatten(0, 1),
+    )
+    iterations = sample_indices.shape[0]
+    source_h = torch.cat([source, torch.ones_like(source[..., :1])], dim=-1)
+    source_h = source_h.unsqueeze(1).expand(views, iterations, count, 3).reshape(-1, count, 3)
+    projected = torch.bmm(source_h, hypotheses.transpose(1, 2))
+    projected = (projected[:, :, :2] / projected[:, :, 2:3]).reshape(views, iterations, count, 2)
+    error = ((projected - target.unsqueeze(1)) ** 2).sum(dim=3).sqrt()
+    inliers = error < _RAY_RANSAC_INLIER_THRESHOLD
+    scores = (inliers * weights.unsqueeze(1)).sum(dim=2)
+    best = inliers[torch.arange(views, device=device), torch.argmax(scores, dim=1)]
+
+    refits = []
+    for view in range(views):
+        mask = best[view]
+        inlier_source, inlier_target = source[view][mask], target[view][mask]
+        inlier_weights = weights[view][mask]
+        order = torch.argsort(inlier_weights, descending=True)
+        if len(order) > _RAY_MAX_REFIT_POINTS:
+            keep = max(int(len(order) * 0.95), _RAY_MAX_REFIT_POINTS)
+            order = order[:keep]
+            subset = torch.randperm(len(order), device=device, generator=generator)
+            order = order[subset[:_RAY_MAX_REFIT_POINTS]]
+        refits.append(
+            _weighted_homography(
+                inlier_source[order][None], inlier_target[order][None], inlier_weights[order][None]
+            )[0]
+        )
+    return torch.stack(refits)
+
+
+def _ql_decomposition(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A = Q L`` with Q orthogonal and L lower triangular with a positive diagonal."""
+    flip = torch.tensor([[0, 0, 1], [0, 1, 0], [1, 0, 0]], device=matrix.device).float()
+    q_tilde, r_tilde = torch.linalg.qr(matrix @ flip)
+    q = q_tilde @ flip
+    lower = (flip @ r_tilde) @ flip
+    signs = torch.sign(torch.diag(lower))
+    for axis in range(3):
+        q[:, axis] *= signs[axis]
+        lower[axis] *= signs[axis]
+    return q, lower
+
+
+@dataclass(frozen=True)
+class RayCameras:
+    """Cameras recovered from DA3 ray maps.
+
+    Attributes:
+        rotation: ``(B, S, 3, 3)``.
+        translation: ``(B, S, 3)``, the confidence-weighted mean ray origin.
+        focal: ``(B, S, 2)`` focal lengths (x, y) for an image spanning ``[0, 2]`` on both axes.
+        principal_point: ``(B, S, 2)`` principal point in the same ``[0, 2]`` frame.
+    """
+
+    rotation: torch.Tensor
+    translation: torch.Tensor
+    focal: torch.Tensor
+    principal_point: torch.Tensor
+
+
+def cameras_from_rays(
+    rays: torch.Tensor, confidence: torch.Tensor, generator: torch.Generator | None = None
+) -> RayCameras:
+    """Recover per-view cameras from DA3 ray maps.
+
+    Args:
+        rays: ``(B, S, h, w, 6)``: per pixel a ray direction (3) then a ray origin (3).
+        confidence: ``(B, S, h, w)`` positive weights.
+        generator: source of the RANSAC samples; seed it for reproducible poses.
+
+    The ray directions of each view are related to the pixel grid of a canonical camera by a
+    homography ``K R``; a confidence-weighted RANSAC fit followed by a QL decomposition splits it
+    into rotation and intrinsics.
+    """
+    batch, views, height, width, _ = rays.shape
+    device = rays.device
+    step_y, step_x = 1 / height, 1 / width
+    grid_y, grid_x = torch.meshgrid(
+        torch.linspace(-(1 - step_y) + 1.0, (1 - step_y) + 1.0, height, device=device),
+        torch.linspace(-(1 - step_x) + 1.0, (1 - step_x) + 1.0, width, device=device),
+        indexing="ij",
+    )
+    # Canonical camera: identity focal, principal point at (1, 1) in the [0, 2] image frame.
+    canonical = torch.stack([grid_x - 1.0, grid_y - 1.0], dim=-1).reshape(1, height * width, 2)
+
+    rays = rays.flatten(0, 1).flatten(1, 2)
+    weights = confidence.flatten(0, 1).flatten(1, 2).clone()
+    directions = rays[..., :3]
+    valid = directions[..., 2].abs() > _RAY_MIN_Z
+    target = torch.where(
+        valid[..., None], directions[..., :2] / directions[..., 2:3], directions[..., :2]
+    )
+    weights[~valid] = 0
+    source = canonical.expand(target.shape[0], -1, -1)
+
+    count = height * width
+    candidate_count = max(_RAY_RANSAC_SAMPLE_SIZE, int(count * _RAY_RANSAC_CANDIDATE_RATIO))
+    sample_indices = torch.stack(
+        [
+            torch.randperm(candidate_count, device=device, generator=generator)[
+                :_RAY_RANSAC_SAMPLE_SIZE
+            ]
+            for _ in range(_RAY_RANSAC_ITERATIONS)
+        ]
+    )
+    homographies = []
+    for start in range(0, target.shape[0], _RAY_VIEWS_PER_CHUNK):
+        stop = start + _RAY_VIEWS_PER_CHUNK
+        chunk = _ransac_homographies(
+            source[start:stop],
+            target[start:stop],
+            weights[start:stop],
+            sample_indices,
+            candidate_count,
+            generator,
+        )
+        flip = torch.linalg.det(chunk) < 0
+        chunk[flip] = -chunk[flip]
+        homographies.append(chunk)
+
+    rotations, focals, principal_points = [], [], []
+    for homography in torch.cat(homographies):
+        rotation, lower = _ql_decomposition(homography)
+        lower = lower / lower[2][2]
+        rotations.append(rotation)
+        focals.append(torch.stack((lower[0][0], lower[1][1])))
+        principal_points.append(torch.stack((lower[2][0], lower[2][1])))
+
+    translation = (rays[..., 3:] * weights.unsqueeze(-1)).sum(dim=1) / weights.sum(
+        dim=-1, keepdim=True
+    )
+    return RayCameras(
+        rotation=torch.stack(rotations).reshape(batch, views, 3, 3),
+        translation=translation.reshape(batch, views, 3),
+        focal=1.0 / torch.stack(focals).reshape(batch, views, 2),
+        principal_point=torch.stack(principal_points).reshape(batch, views, 2) + 1.0,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Similarity alignment of camera trajectories
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Similarity:
+    """``x -> scale * rotation @ x + translation`` (float64)."""
+
+    rotation: np.ndarray
+    translation: np.ndarray
+    scale: float
+
+
+def umeyama(source: np.ndarray, target: np.ndarray) -> Similarity:
+    """Least-squares similarity mapping points ``source (N, 3)`` onto ``target (N, 3)``.
+
+    Raises ValueError when the cross-covariance is degenerate (fewer than 3 points, or all points
+    on a line), where rotation is not determined.
+    """
+    source = np.asarray(source, dtype=np.float64)
+    target = np.asarray(target, dtype=np.float64)
+    count = len(source)
+    mean_source, mean_target = source.mean(axis=0), target.mean(axis=0)
+    centred_source, centred_target = source - mean_source, target - mean_target
+    variance = (np.linalg.norm(centred_source) ** 2) / count
+    covariance = centred_target.T @ centred_source / count
+    u, d, vt = np.linalg.svd(covariance)
+    if np.count_nonzero(d > np.finfo(d.dtype).eps) < 2:
+        raise ValueError("degenerate point configuration: similarity is not determined")
+    sign = np.eye(3)
+    if np.linalg.det(u) * np.linalg.det(vt) < 0.0:
+        sign[2, 2] = -1
+    rotation = u @ sign @ vt
+    scale = float(np.trace(np.diag(d) @ sign) / variance)
+    translation = mean_target - scale * rotation @ mean_source
+    return Similarity(rotation=rotation, translation=translation, scale=scale)
+
+
+def _apply_similarity(points: np.ndarray, similarity: Similarity) -> np.ndarray:
+    return similarity.scale * points @ similarity.rotation.T + similarity.translation
+
+
+def _ransac_umeyama(
+    source: np.ndarray, target: np.ndarray, iterations: int, seed: int
+) -> Similarity:
+    """Umeyama on the inliers of a RANSAC over half-size subsets (for >= 10 views)."""
+    rng = np.random.default_rng(seed)
+    count = len(source)
+    subset_size = max(3, (count + 1) // 2)
+    initial = umeyama(source, target)
+    aligned = _apply_similarity(source, initial)
+    nearest = np.linalg.norm(target[None, :, :] - aligned[:, None, :], axis=-1).min(axis=1)
+    threshold = float(np.median(nearest))
+
+    best_model, best_inliers, best_score = initial, None, (-1, np.inf)
+    for _ in range(iterations):
+        sample = rng.choice(np.arange(count), size=subset_size, replace=False)
+        try:
+            model = umeyama(source[sample], target[sample])
+        except (ValueError, np.linalg.LinAlgError):
+            continue
+        errors = np.linalg.norm(_apply_similarity(source, model) - target, axis=1)
+        inliers = errors <= threshold
+        inlier_count = int(inliers.sum())
+        mean_error = float(errors[inliers].mean()) if inlier_count else np.inf
+        if inlier_count > best_score[0] or (
+            inlier_count == best_score[0] and mean_error < best_score[1]
+        ):
+            best_model, best_inliers, best_score = model, inliers, (inlier_count, mean_error)
+    if best_inliers is not None and best_inliers.sum() >= 3:
+        return umeyama(source[best_inliers], target[best_inliers])
+    return best_model
+
+
+def trajectory_scale(
+    estimated_extrinsics: np.ndarray,
+    reference_extrinsics: np.ndarray,
+    *,
+    ransac_min_views: int = 10,
+    ransac_iterations: int = 10,
+    seed: int = 42,
+) -> float | None:
+    """Scale that maps an estimated camera trajectory onto a reference one.
+
+    Both are world-to-camera ``(N, 3|4, 4)``; camera centres are compared. Well-spread
+    trajectories use Umeyama's similarity (with RANSAC from ``ransac_min_views`` views on,
+    seeded); for two views or collinear centres, where rotation is undetermined but scale is
+    not, the ratio of the centres' RMS spreads is used. Returns None when the scale is
+    undetermined (one view, or all centres of either trajectory coincide).
+    """
+    estimated_centres = _camera_centres(estimated_extrinsics)
+    reference_centres = _camera_centres(reference_extrinsics)
+    if len(estimated_centres) < 2:
+        return None
+    spread_estimated = np.linalg.norm(estimated_centres - estimated_centres.mean(axis=0))
+    spread_reference = np.linalg.norm(reference_centres - reference_centres.mean(axis=0))
+    tiny = 1e-9 * max(1.0, float(np.abs(reference_centres).max()))
+    if spread_estimated <= 1e-12 or spread_reference <= tiny:
+        return None
+    try:
+        if len(estimated_centres) >= ransac_min_views:
+            similarity = _ransac_umeyama(
+                estimated_centres, reference_centres, ransac_iterations, seed
+            )
+        else:
+            similarity = umeyama(estimated_centres, reference_centres)
+        return similarity.scale
+    except ValueError:
+        logger.info("camera centres are collinear: scale taken from their spread ratio")
+        return float(spread_reference / spread_estimated)
+
+
+def _camera_centres(extrinsics: np.ndarray) -> np.ndarray:
+    extrinsics = np.asarray(extrinsics, dtype=np.float64)
+    rotation, translation = extrinsics[:, :3, :3], extrinsics[:, :3, 3]
+    return -np.einsum("nji,nj->ni", rotation, translation)
+
+
+def normalize_pose_conditioning(extrinsics: torch.Tensor) -> torch.Tensor:
+    """Prepare user extrinsics ``(B, N, 4, 4)`` for DA3's camera encoder: anchor them to view 0
+    and divide translations by the median camera distance (clamped at 0.1), as DA3 was trained.
+    """
+    anchored = extrinsics @ invert_rigid(extrinsics[:, :1])
+    distances = invert_rigid(anchored)[..., :3, 3].norm(dim=-1)
+    median = torch.clamp(torch.median(distances), min=1e-1)
+    normalized = anchored.clone()
+    normalized[..., :3, 3] = anchored[..., :3, 3] / median
+    return normalized
+
+
+def check_extrinsics(extrinsics: np.ndarray, count: int, tolerance: float = 1e-3) -> np.ndarray:
+    """Validate user world-to-camera extrinsics; returns them as ``(count, 4, 4)`` float64."""
+    array = np.asarray(extrinsics, dtype=np.float64)
+    if array.ndim != 3 or array.shape[1:] not in ((3, 4), (4, 4)):
+        raise ValueError(f"extrinsics must have shape (N, 3, 4) or (N, 4, 4), got {array.shape}")
+    if len(array) != count:
+        raise ValueError(f"got {len(array)} extrinsics for {count} images: give one per image")
+    if not np.isfinite(array).all():
+        raise ValueError("extrinsics contain NaN or infinite values")
+    if array.shape[1] == 4 and not np.allclose(array[:, 3], [0, 0, 0, 1], atol=tolerance):
+        raise ValueError("the last row of 4x4 extrinsics must be [0, 0, 0, 1]")
+    rotations = array[:, :3, :3]
+    gram = rotations @ np.swapaxes(rotations, 1, 2)
+    for index in range(count):
+        if not np.allclose(gram[index], np.eye(3), atol=tolerance):
+            raise ValueError(f"extrinsics[{index}] has a rotation block that is not orthonormal")
+        if np.linalg.det(rotations[index]) < 0:
+            raise ValueError(f"extrinsics[{index}] rotation has determinant -1 (a reflection)")
+    homogeneous = np.tile(np.eye(4), (count, 1, 1))
+    homogeneous[:, :3, :] = array[:, :3, :]
+    return homogeneous
+
+
+def check_intrinsics(intrinsics: np.ndarray, count: int) -> np.ndarray:
+    """Validate user intrinsics ``(count, 3, 3)`` in pixels; returns them as float64."""
+    array = np.asarray(intrinsics, dtype=np.float64)
+    if array.shape != (count, 3, 3):
+        raise ValueError(f"intrinsics must have shape ({count}, 3, 3), got {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError("intrinsics contain NaN or infinite values")
+    if (array[:, 0, 0] <= 0).any() or (array[:, 1, 1] <= 0).any():
+        raise ValueError("intrinsics must have positive focal lengths fx, fy")
+    if not np.allclose(array[:, 2], [0, 0, 1]):
+        raise ValueError("the last row of intrinsics must be [0, 0, 1]")
+    return array

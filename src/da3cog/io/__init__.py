@@ -1,0 +1,29 @@
+"""Image input: decoding user images and preparing the network's input batch."""
+
+from da3cog.io.images import ImageSource, image_name, load_image
+from da3cog.io.preprocess import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MAX_PROCESS_RES,
+    MIN_PROCESS_RES,
+    PATCH_SIZE,
+    PROCESS_METHODS,
+    PreparedBatch,
+    ViewGeometry,
+    prepare_images,
+)
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MAX_PROCESS_RES",
+    "MIN_PROCESS_RES",
+    "PATCH_SIZE",
+    "PROCESS_METHODS",
+    "ImageSource",
+    "PreparedBatch",
+    "ViewGeometry",
+    "image_name",
+    "load_image",
+    "prepare_images",
+]

@@ -1,0 +1,186 @@
+"""Find, build and strictly load DA3 checkpoints.
+
+A checkpoint is a folder in the official Hub layout: ``config.json`` (``{"model_name":
+"da3-large"}``) and ``model.safetensors`` with keys ``model.<module path>``. The network is
+built on the meta device and the safetensors tensors are assigned straight into it, so no
+memory is spent on a random initialisation. Loading is strict: every missing or unexpected key
+is an error, except the short allowlist below.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from da3cog.model.network import DepthAnything3Network, build_network
+from da3cog.model.presets import ALIASES, PRESETS, ModelPreset, get_preset
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+KEY_PREFIX = "model."
+CACHE_ENV = "DA3COG_CACHE_DIR"
+
+# Keys the official files legitimately lack, each tied to the key that carries its tensor.
+# The ray head shares one LayerNorm across its four levels; safetensors stores a shared tensor
+# under a single name (level 0), so levels 1-3 are tied to it rather than left at their init.
+TIED_KEYS: dict[str, str] = {
+    f"head.scratch.output_conv2_aux.{level}.2.{name}": f"head.scratch.output_conv2_aux.0.2.{name}"
+    for level in (1, 2, 3)
+    for name in ("weight", "bias")
+}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be found, downloaded or loaded."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A ready network with where it came from."""
+
+    network: DepthAnything3Network
+    preset: ModelPreset
+    model_id: str
+    source: Path
+
+
+def default_cache_dir() -> Path | None:
+    """``$DA3COG_CACHE_DIR`` if set (else huggingface_hub's own cache)."""
+    value = os.environ.get(CACHE_ENV)
+    return Path(value).expanduser() if value else None
+
+
+def resolve_checkpoint(source: str | os.PathLike[str], cache_dir: Path | None = None) -> Path:
+    """A local checkpoint folder for ``source``: a folder path, a preset name or alias
+    (``small``, ``da3-large``: its official Hub repo), or a Hub id (``depth-anything/DA3-BASE``).
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        _check_folder(path)
+        return path
+    name = str(source)
+    key = ALIASES.get(name.lower(), name.lower())
+    if key in PRESETS:
+        name = PRESETS[key].hub_repos[0]
+    if name.count("/") != 1 or path.suffix:
+        raise CheckpointError(
+            f"{source!r} is neither a checkpoint folder, a preset "
+            f"({', '.join(sorted(PRESETS))}) nor a Hub id like 'depth-anything/DA3-BASE'"
+        )
+    return _download(name, cache_dir if cache_dir is not None else default_cache_dir())
+
+
+def _check_folder(path: Path) -> None:
+    missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (path / n).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint folder {path} lacks {', '.join(missing)}")
+
+
+def _download(repo_id: str, cache_dir: Path | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    hint = (
+        f"Download it elsewhere (e.g. `hf download {repo_id} --local-dir DIR`) and pass the "
+        "folder (with config.json and model.safetensors) instead of the repo id."
+    )
+    try:
+        folder = Path(
+            snapshot_download(
+                repo_id, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME], cache_dir=cache_dir
+            )
+        )
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
+        raise CheckpointError(
+            f"could not fetch {repo_id} from the Hugging Face Hub ({type(error).__name__}: "
+            f"{error}). {hint}"
+        ) from error
+    _check_folder(folder)
+    return folder
+
+
+def read_preset(folder: Path) -> ModelPreset:
+    """The preset named by a checkpoint's config.json."""
+    try:
+        config = json.loads((folder / CONFIG_NAME).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"unreadable {folder / CONFIG_NAME}: {error}") from error
+    name = config.get("model_name") if isinstance(config, dict) else None
+    if not isinstance(name, str):
+        raise CheckpointError(f"{folder / CONFIG_NAME} has no 'model_name' entry")
+    try:
+        return get_preset(name)
+    except ValueError as error:
+        raise CheckpointError(f"{folder / CONFIG_NAME}: {error}") from error
+
+
+def _read_state_dict(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt", device=str(device)) as handle:
+        for key in handle.keys():
+            if not key.startswith(KEY_PREFIX):
+                raise CheckpointError(f"{path}: unexpected key {key!r} (keys start with 'model.')")
+            state[key[len(KEY_PREFIX) :]] = handle.get_tensor(key)
+    return state
+
+
+def check_keys(expected: dict[str, torch.Tensor], provided: dict[str, torch.Tensor]) -> None:
+    """Raise CheckpointError naming every missing, unexpected or mis-shaped key."""
+    missing = sorted(k for k in expected if k not in provided and k not in TIED_KEYS)
+    unexpected = sorted(k for k in provided if k not in expected)
+    wrong_shape = sorted(
+        f"{k}: checkpoint {tuple(provided[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in provided and provided[k].shape != expected[k].shape
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected)}")
+    if wrong_shape:
+        problems.append(f"shape mismatches: {'; '.join(wrong_shape)}")
+    if problems:
+        raise CheckpointError("checkpoint does not match the architecture: " + " | ".join(problems))
+
+
+def load_model(
+    source: str | os.PathLike[str],
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    cache_dir: Path | None = None,
+) -> LoadedModel:
+    """Resolve, build and strictly load a DA3 checkpoint onto ``device`` in ``dtype``."""
+    started = time.perf_counter()
+    device = torch.device(device)
+    folder = resolve_checkpoint(source, cache_dir)
+    preset = read_preset(folder)
+    with torch.device("meta"):
+        network = build_network(preset)
+    expected = network.state_dict()
+    state = _read_state_dict(folder / WEIGHTS_NAME, device)
+    check_keys(expected, state)
+    for tied, origin in TIED_KEYS.items():
+        if tied in expected and tied not in state:
+            state[tied] = state[origin]
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    network.load_state_dict(state, strict=True, assign=True)
+    network.eval().requires_grad_(False)
+    logger.info(
+        "loaded %s (%s) from %s in %.2fs",
+        preset.name,
+        str(source),
+        folder,
+        time.perf_counter() - started,
+    )
+    return LoadedModel(network=network, preset=preset, model_id=str(source), source=folder)

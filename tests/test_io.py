@@ -1,0 +1,646 @@
+"""Image loading and preprocessing: parity with the DA3 reference, geometry, error paths."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from _torchvision_shim import install_torchvision_shim
+from PIL import Image, features
+
+from da3cog.io import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PATCH_SIZE,
+    PROCESS_METHODS,
+    PreparedBatch,
+    ViewGeometry,
+    image_name,
+    load_image,
+    prepare_images,
+)
+
+PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle")
+RESIZE_METHODS = tuple(method for method in PROCESS_METHODS if method.endswith("_resize"))
+CROP_METHODS = tuple(method for method in PROCESS_METHODS if method.endswith("_crop"))
+
+
+@functools.cache
+def photo(name: str) -> np.ndarray:
+    """A real ``(H, W, 3)`` uint8 photo from scikit-image's bundled data."""
+    if name == "motorcycle":
+        left, _right, _disparity = skimage.data.stereo_motorcycle()
+        return left
+    return getattr(skimage.data, name)()
+
+
+def make_intrinsics(images: Sequence[np.ndarray]) -> np.ndarray:
+    """Plausible ``(N, 3, 3)`` float64 intrinsics, with skew and an off-centre principal point."""
+    matrices = []
+    for image in images:
+        height, width = image.shape[:2]
+        longest = max(height, width)
+        matrices.append(
+            [
+                [1.2 * longest, 0.3, width / 2 + 3.25],
+                [0.0, 1.1 * longest, height / 2 - 1.75],
+                [0.0, 0.0, 1.0],
+            ]
+        )
+    return np.array(matrices, dtype=np.float64)
+
+
+@pytest.fixture(scope="module")
+def reference() -> ModuleType:
+    install_torchvision_shim()
+    # The oracle is a test dependency (.ci/run installs it): its absence is a failure, not a skip.
+    return importlib.import_module("depth_anything_3.utils.io.input_processor")
+
+
+def run_reference(
+    reference: ModuleType,
+    images: Sequence[np.ndarray],
+    process_res: int,
+    method: str,
+    intrinsics: np.ndarray | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    processor = reference.InputProcessor()
+    tensor, _extrinsics, adjusted = processor(
+        image=list(images),
+        intrinsics=None if intrinsics is None else intrinsics.copy(),
+        process_res=process_res,
+        process_res_method=method,
+        num_workers=1,
+        sequential=True,
+    )
+    return tensor, adjusted
+
+
+def assert_matches_reference(
+    reference: ModuleType,
+    images: Sequence[np.ndarray],
+    process_res: int,
+    method: str,
+    intrinsics: np.ndarray | None,
+) -> PreparedBatch:
+    expected_images, expected_intrinsics = run_reference(
+        reference, images, process_res, method, intrinsics
+    )
+    batch = prepare_images(images, process_res=process_res, method=method, intrinsics=intrinsics)
+
+    assert batch.images.dtype == torch.float32
+    assert batch.images.shape == expected_images.shape
+    assert torch.equal(batch.images, expected_images)
+
+    if intrinsics is None:
+        assert batch.intrinsics is None
+        assert expected_intrinsics is None
+    else:
+        assert batch.intrinsics is not None and expected_intrinsics is not None
+        assert batch.intrinsics.dtype == torch.float32
+        torch.testing.assert_close(batch.intrinsics, expected_intrinsics, rtol=1e-6, atol=1e-4)
+
+    assert_batch_consistent(batch)
+    return batch
+
+
+def assert_batch_consistent(batch: PreparedBatch) -> None:
+    """``rgb``, ``images`` and ``views`` describe the same processed pixels."""
+    count, channels, height, width = batch.images.shape
+    assert channels == 3
+    assert height % PATCH_SIZE == 0 and width % PATCH_SIZE == 0
+    assert batch.rgb.dtype == np.uint8
+    assert batch.rgb.shape == (count, height, width, 3)
+    assert batch.num_views == count
+    assert batch.processing_size == (height, width)
+    assert all(view.processing_size == (height, width) for view in batch.views)
+
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    renormalised = torch.from_numpy(batch.rgb).permute(0, 3, 1, 2).float().div(255)
+    assert torch.equal(renormalised.sub(mean).div(std), batch.images)
+
+
+# --------------------------------------------------------------------------------------------
+# Parity with the reference InputProcessor
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("process_res", [504, 140])
+@pytest.mark.parametrize("method", PROCESS_METHODS)
+@pytest.mark.parametrize("name", PHOTO_NAMES)
+def test_single_photo_matches_reference(
+    reference: ModuleType, name: str, method: str, process_res: int
+) -> None:
+    images = [photo(name)]
+    assert_matches_reference(reference, images, process_res, method, make_intrinsics(images))
+
+
+@pytest.mark.parametrize("with_intrinsics", [True, False])
+@pytest.mark.parametrize("method", PROCESS_METHODS)
+def test_upsampling_matches_reference(
+    reference: ModuleType, method: str, with_intrinsics: bool
+) -> None:
+    images = [photo("chelsea")]  # 300x451, so 700 enlarges it with every method
+    intrinsics = make_intrinsics(images) if with_intrinsics else None
+    batch = assert_matches_reference(reference, images, 700, method, intrinsics)
+    assert batch.views[0].scale_x > 1.0
+
+
+@pytest.mark.parametrize("process_res", [504, 140, 700])
+@pytest.mark.parametrize("method", PROCESS_METHODS)
+def test_mixed_sizes_match_reference(
+    reference: ModuleType, method: str, process_res: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    images = [photo(name) for name in PHOTO_NAMES]
+    with caplog.at_level(logging.WARNING, logger="da3cog.io.preprocess"):
+        batch = assert_matches_reference(
+            reference, images, process_res, method, make_intrinsics(images)
+        )
+    assert "centre-cropping" in caplog.text
+    assert any(view.offset_x > 0 or view.offset_y > 0 for view in batch.views)
+
+
+@pytest.mark.parametrize("method", PROCESS_METHODS)
+def test_mixed_sizes_without_intrinsics_match_reference(reference: ModuleType, method: str) -> None:
+    images = [photo(name) for name in PHOTO_NAMES]
+    assert_matches_reference(reference, images, 504, method, None)
+
+
+@pytest.mark.parametrize("method", PROCESS_METHODS)
+def test_same_size_batch_matches_reference(
+    reference: ModuleType, method: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    images = [photo("coffee"), np.ascontiguousarray(photo("coffee")[::-1])]
+    intrinsics = make_intrinsics(images)
+    with caplog.at_level(logging.WARNING, logger="da3cog.io.preprocess"):
+        assert_matches_reference(reference, images, 504, method, intrinsics)
+    assert "centre-cropping" not in caplog.text
+
+
+def test_float32_intrinsics_match_reference(reference: ModuleType) -> None:
+    images = [photo("rocket"), photo("astronaut")]
+    intrinsics = make_intrinsics(images).astype(np.float32)
+    assert_matches_reference(reference, images, 140, "upper_bound_crop", intrinsics)
+
+
+def test_process_res_equal_to_side_skips_boundary_resize(reference: ModuleType) -> None:
+    images = [photo("astronaut")]  # 512x512
+    batch = assert_matches_reference(reference, images, 512, "upper_bound_crop", None)
+    view = batch.views[0]
+    assert (view.scale_x, view.scale_y) == (1.0, 1.0)
+    assert view.processing_size == (504, 504)
+    assert (view.offset_x, view.offset_y) == (4.0, 4.0)
+    assert np.array_equal(batch.rgb[0], photo("astronaut")[4:508, 4:508])
+
+
+# --------------------------------------------------------------------------------------------
+# ViewGeometry
+# --------------------------------------------------------------------------------------------
+
+
+def gaussian_blob_image(height: int, width: int, centre_u: float, centre_v: float) -> np.ndarray:
+    """uint8 RGB image of one Gaussian spot centred at continuous pixel coords (u, v)."""
+    u = np.arange(width) + 0.5
+    v = np.arange(height) + 0.5
+    squared = (u[None, :] - centre_u) ** 2 + (v[:, None] - centre_v) ** 2
+    intensity = np.round(255.0 * np.exp(-squared / (2 * 6.0**2))).astype(np.uint8)
+    return np.repeat(intensity[:, :, None], 3, axis=2)
+
+
+@pytest.mark.parametrize("process_res", [140, 700])
+@pytest.mark.parametrize("method", PROCESS_METHODS)
+def test_geometry_maps_input_pixels_to_processed_pixels(method: str, process_res: int) -> None:
+    centre_u, centre_v = 231.3, 141.8
+    image = gaussian_blob_image(300, 460, centre_u, centre_v)
+    batch = prepare_images([image], process_res=process_res, method=method)
+    view = batch.views[0]
+
+    weights = batch.rgb[0, :, :, 0].astype(np.float64)
+    height, width = weights.shape
+    found_u = float((weights * (np.arange(width) + 0.5)[None, :]).sum() / weights.sum())
+    found_v = float((weights * (np.arange(height) + 0.5)[:, None]).sum() / weights.sum())
+
+    assert found_u == pytest.approx(centre_u * view.scale_x - view.offset_x, abs=0.1)
+    assert found_v == pytest.approx(centre_v * view.scale_y - view.offset_y, abs=0.1)
+    mapped = view.input_to_processing_matrix @ np.array([centre_u, centre_v, 1.0])
+    assert mapped[:2] == pytest.approx([found_u, found_v], abs=0.1)
+
+
+@pytest.mark.parametrize("process_res", [504, 140, 700])
+@pytest.mark.parametrize("method", PROCESS_METHODS)
+def test_geometry_is_consistent_with_the_resize_done(method: str, process_res: int) -> None:
+    images = [photo(name) for name in PHOTO_NAMES]
+    batch = prepare_images(images, process_res=process_res, method=method)
+    assert_batch_consistent(batch)
+    for image, view in zip(images, batch.views, strict=True):
+        input_height, input_width = image.shape[:2]
+        assert view.input_size == (input_height, input_width)
+        resized_width = round(input_width * view.scale_x)
+        resized_height = round(input_height * view.scale_y)
+        assert resized_width * input_height == pytest.approx(
+            resized_height * input_width, rel=0.05
+        ), "the aspect ratio is kept up to rounding"
+        if method.endswith("_resize"):
+            assert resized_width % PATCH_SIZE == 0 and resized_height % PATCH_SIZE == 0
+        bound = max if method.startswith("upper_bound") else min
+        boundary_side = bound(resized_width, resized_height)
+        assert abs(boundary_side - process_res) <= PATCH_SIZE // 2
+        proc_height, proc_width = view.processing_size
+        assert view.offset_x.is_integer() and view.offset_y.is_integer()
+        assert 0 <= view.offset_x <= resized_width - proc_width
+        assert 0 <= view.offset_y <= resized_height - proc_height
+
+        x0, y0, x1, y1 = view.input_crop_box
+        assert 0.0 <= x0 < x1 <= input_width + 1e-9
+        assert 0.0 <= y0 < y1 <= input_height + 1e-9
+        assert (x1 - x0) * view.scale_x == pytest.approx(proc_width)
+        assert (y1 - y0) * view.scale_y == pytest.approx(proc_height)
+
+
+def test_crop_box_is_whole_image_without_cropping() -> None:
+    image = np.zeros((280, 420, 3), dtype=np.uint8)
+    view = prepare_images([image], process_res=504, method="upper_bound_resize").views[0]
+    assert view.processing_size == (336, 504)
+    assert (view.offset_x, view.offset_y) == (0.0, 0.0)
+    assert view.input_crop_box == pytest.approx((0.0, 0.0, 420.0, 280.0))
+
+
+@pytest.fixture
+def cropped_view() -> ViewGeometry:
+    portrait = np.ascontiguousarray(photo("coffee").transpose(1, 0, 2))
+    images = [photo("coffee"), portrait, photo("chelsea")]
+    batch = prepare_images(images, process_res=504, method="upper_bound_crop")
+    view = batch.views[2]
+    assert view.offset_x > 0 and view.offset_y > 0
+    return view
+
+
+def test_intrinsics_round_trip_numpy(cropped_view: ViewGeometry) -> None:
+    single = make_intrinsics([photo("astronaut")])[0]
+    processed = cropped_view.intrinsics_to_processing(single)
+    assert processed.shape == (3, 3) and processed.dtype == np.float64
+    np.testing.assert_allclose(cropped_view.intrinsics_to_input(processed), single, rtol=1e-12)
+    np.testing.assert_allclose(processed, cropped_view.input_to_processing_matrix @ single)
+
+    stacked = make_intrinsics([photo(name) for name in PHOTO_NAMES])
+    processed_stack = cropped_view.intrinsics_to_processing(stacked)
+    assert processed_stack.shape == stacked.shape
+    np.testing.assert_allclose(
+        processed_stack[1], cropped_view.intrinsics_to_processing(stacked[1])
+    )
+    np.testing.assert_allclose(
+        cropped_view.intrinsics_to_input(processed_stack), stacked, rtol=1e-12
+    )
+
+
+def test_intrinsics_round_trip_torch(cropped_view: ViewGeometry) -> None:
+    stacked = torch.from_numpy(make_intrinsics([photo(name) for name in PHOTO_NAMES]))
+    processed = cropped_view.intrinsics_to_processing(stacked)
+    assert isinstance(processed, torch.Tensor) and processed.dtype == torch.float64
+    torch.testing.assert_close(cropped_view.intrinsics_to_input(processed), stacked)
+
+    single32 = stacked[0].float()
+    processed32 = cropped_view.intrinsics_to_processing(single32)
+    assert processed32.dtype == torch.float32
+    torch.testing.assert_close(cropped_view.intrinsics_to_input(processed32), single32)
+
+
+def test_intrinsics_transforms_do_not_modify_their_input(cropped_view: ViewGeometry) -> None:
+    original = make_intrinsics([photo("astronaut")])[0]
+    kept = original.copy()
+    cropped_view.intrinsics_to_processing(original)
+    cropped_view.intrinsics_to_input(original)
+    assert np.array_equal(original, kept)
+
+
+def test_integer_intrinsics_become_float(cropped_view: ViewGeometry) -> None:
+    integer = np.array([[500, 0, 256], [0, 500, 256], [0, 0, 1]])
+    processed = cropped_view.intrinsics_to_processing(integer)
+    assert processed.dtype == np.float64
+    assert processed[0, 0] == pytest.approx(500 * cropped_view.scale_x)
+    assert processed[0, 2] == pytest.approx(256 * cropped_view.scale_x - cropped_view.offset_x)
+
+
+def test_batch_intrinsics_follow_view_geometry() -> None:
+    images = [photo("chelsea"), photo("motorcycle")]
+    intrinsics = make_intrinsics(images)
+    batch = prepare_images(
+        images, process_res=140, method="lower_bound_crop", intrinsics=intrinsics
+    )
+    assert batch.intrinsics is not None
+    for index, view in enumerate(batch.views):
+        back = view.intrinsics_to_input(batch.intrinsics[index].double().numpy())
+        np.testing.assert_allclose(back, intrinsics[index], rtol=1e-5)
+
+
+def test_intrinsics_transform_rejects_wrong_shape(cropped_view: ViewGeometry) -> None:
+    with pytest.raises(ValueError, match=r"\(3, 3\)"):
+        cropped_view.intrinsics_to_processing(np.eye(4))
+
+
+def test_view_geometry_is_frozen(cropped_view: ViewGeometry) -> None:
+    with pytest.raises(AttributeError):
+        cropped_view.scale_x = 2.0  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------------------------
+# prepare_images input handling and validation
+# --------------------------------------------------------------------------------------------
+
+
+def test_prepare_images_accepts_paths_and_pil(tmp_path: Path) -> None:
+    path = tmp_path / "coffee.png"
+    Image.fromarray(photo("coffee")).save(path)
+    from_array = prepare_images([photo("coffee")], process_res=140)
+    from_path = prepare_images([path], process_res=140)
+    from_pil = prepare_images([Image.fromarray(photo("coffee"))], process_res=140)
+    assert torch.equal(from_array.images, from_path.images)
+    assert torch.equal(from_array.images, from_pil.images)
+
+
+def test_prepare_images_converts_grey_and_rgba_arrays() -> None:
+    grey = photo("coffee")[:, :, 1]
+    rgba = np.dstack([photo("coffee"), np.full(grey.shape, 7, dtype=np.uint8)])
+    grey_batch = prepare_images([grey], process_res=140)
+    assert np.array_equal(grey_batch.rgb[0, :, :, 0], grey_batch.rgb[0, :, :, 2])
+    rgba_batch = prepare_images([rgba], process_res=140)
+    rgb_batch = prepare_images([photo("coffee")], process_res=140)
+    assert torch.equal(rgba_batch.images, rgb_batch.images)
+
+
+def test_prepare_images_rejects_empty_sequence() -> None:
+    with pytest.raises(ValueError, match="at least one image"):
+        prepare_images([])
+
+
+def test_prepare_images_rejects_unknown_method() -> None:
+    with pytest.raises(ValueError, match="unknown process_res method 'bicubic'") as error:
+        prepare_images([photo("coffee")], method="bicubic")
+    for method in PROCESS_METHODS:
+        assert method in str(error.value)
+
+
+@pytest.mark.parametrize("process_res", [0, 13, 4097, -504])
+def test_prepare_images_rejects_out_of_range_process_res(process_res: int) -> None:
+    with pytest.raises(ValueError, match="process_res must be between 14 and 4096"):
+        prepare_images([photo("coffee")], process_res=process_res)
+
+
+@pytest.mark.parametrize("process_res", [504.0, True, "504"])
+def test_prepare_images_rejects_non_integer_process_res(process_res: Any) -> None:
+    with pytest.raises(TypeError, match="process_res must be an integer"):
+        prepare_images([photo("coffee")], process_res=process_res)
+
+
+def test_prepare_images_accepts_numpy_integer_process_res() -> None:
+    batch = prepare_images([photo("coffee")], process_res=np.int64(140))
+    assert batch.processing_size == (98, 140)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 3, 3), (3, 3), (1, 3, 4), (1, 4, 4), (1, 9)],
+)
+def test_prepare_images_rejects_intrinsics_shape(shape: tuple[int, ...]) -> None:
+    intrinsics = np.zeros(shape)
+    with pytest.raises(ValueError, match=r"intrinsics must have shape \(N, 3, 3\) with N = 1"):
+        prepare_images([photo("coffee")], intrinsics=intrinsics)
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
+def test_prepare_images_rejects_non_finite_intrinsics(bad_value: float) -> None:
+    intrinsics = make_intrinsics([photo("coffee")])
+    intrinsics[0, 0, 2] = bad_value
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        prepare_images([photo("coffee")], intrinsics=intrinsics)
+
+
+@pytest.mark.parametrize(("row", "value"), [(0, 0.0), (1, -300.0)])
+def test_prepare_images_rejects_non_positive_focal_length(row: int, value: float) -> None:
+    images = [photo("coffee"), photo("chelsea")]
+    intrinsics = make_intrinsics(images)
+    intrinsics[1, row, row] = value
+    with pytest.raises(ValueError, match=r"views \[1\] have non-positive focal lengths"):
+        prepare_images(images, intrinsics=intrinsics)
+
+
+def test_prepare_images_rejects_intrinsics_with_wrong_last_row() -> None:
+    intrinsics = make_intrinsics([photo("coffee")])
+    intrinsics[0, 2] = [0.0, 0.0, 2.0]
+    with pytest.raises(ValueError, match=r"last row \(0, 0, 1\)"):
+        prepare_images([photo("coffee")], intrinsics=intrinsics)
+
+
+@pytest.mark.parametrize("method", ["upper_bound_resize", "upper_bound_crop"])
+def test_prepare_images_rejects_too_elongated_images(method: str) -> None:
+    sliver = np.zeros((10, 1000, 3), dtype=np.uint8)  # 504x5 after the boundary resize
+    with pytest.raises(ValueError, match=r"image 0 \(10x1000 pixels\) is too elongated"):
+        prepare_images([sliver], process_res=504, method=method)
+
+
+def test_prepare_images_reports_bad_arrays() -> None:
+    with pytest.raises(ValueError, match="dtype uint8"):
+        prepare_images([photo("coffee").astype(np.int32)])
+
+
+# --------------------------------------------------------------------------------------------
+# load_image: files
+# --------------------------------------------------------------------------------------------
+
+
+def test_load_image_applies_exif_orientation(tmp_path: Path) -> None:
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)  # 40 wide, 20 tall, left half red
+    stored[:, :20, 0] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the display is the stored image rotated 90° clockwise
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(stored).save(path, exif=exif, quality=95)
+
+    for decoded in (load_image(path), load_image(str(path)), load_image(Image.open(path))):
+        assert decoded.shape == (40, 20, 3)
+        assert decoded.dtype == np.uint8
+        # Rotating clockwise brings the stored left half to the top.
+        assert decoded[:20, :, 0].mean() > 200
+        assert decoded[20:, :, 0].mean() < 50
+
+
+def test_load_image_png_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "rocket.png"
+    Image.fromarray(photo("rocket")).save(path)
+    assert np.array_equal(load_image(path), photo("rocket"))
+
+
+def test_load_image_webp_round_trip(tmp_path: Path) -> None:
+    if not features.check("webp"):
+        pytest.skip("this Pillow build has no WebP support")
+    path = tmp_path / "chelsea.webp"
+    Image.fromarray(photo("chelsea")).save(path, lossless=True)
+    assert np.array_equal(load_image(path), photo("chelsea"))
+
+
+def test_load_image_heic_round_trip(tmp_path: Path) -> None:
+    pillow_heif = pytest.importorskip("pillow_heif")
+    path = tmp_path / "astronaut.heic"
+    try:
+        pillow_heif.from_pillow(Image.fromarray(photo("astronaut"))).save(path, quality=95)
+    except Exception as error:  # no HEVC encoder in this pillow-heif build
+        pytest.skip(f"pillow-heif cannot write HEIC here: {error}")
+    decoded = load_image(path)
+    assert decoded.shape == photo("astronaut").shape
+    assert decoded.dtype == np.uint8
+    difference = np.abs(decoded.astype(np.int16) - photo("astronaut").astype(np.int16))
+    assert difference.mean() < 6.0
+
+
+def test_load_image_drops_alpha_and_expands_grey_files(tmp_path: Path) -> None:
+    rgba = np.dstack([photo("coffee"), np.full(photo("coffee").shape[:2], 9, dtype=np.uint8)])
+    rgba_path = tmp_path / "rgba.png"
+    Image.fromarray(rgba).save(rgba_path)
+    assert np.array_equal(load_image(rgba_path), photo("coffee"))
+
+    grey = photo("coffee")[:, :, 0]
+    grey_path = tmp_path / "grey.png"
+    Image.fromarray(grey).save(grey_path)
+    assert np.array_equal(load_image(grey_path), np.repeat(grey[:, :, None], 3, axis=2))
+
+
+def test_load_image_rescales_16_bit_grey_files(tmp_path: Path) -> None:
+    values = np.array([[0, 257, 257 * 100], [65535, 128, 129]], dtype=np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(values).save(path)
+    decoded = load_image(path)
+    assert decoded.shape == (2, 3, 3)
+    assert np.array_equal(decoded[:, :, 0], [[0, 1, 100], [255, 0, 1]])
+    assert np.array_equal(decoded[:, :, 0], decoded[:, :, 2])
+
+
+def test_load_image_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nowhere.jpg"
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.jpg"):
+        load_image(path)
+
+
+def test_load_image_text_file_named_jpg(tmp_path: Path) -> None:
+    path = tmp_path / "notes.jpg"
+    path.write_text("this is not a picture\n")
+    with pytest.raises(ValueError, match=r"cannot decode image file .*notes\.jpg"):
+        load_image(path)
+
+
+def test_load_image_truncated_file(tmp_path: Path) -> None:
+    whole = tmp_path / "whole.jpg"
+    Image.fromarray(photo("astronaut")).save(whole, quality=90)
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(whole.read_bytes()[:2000])
+    with pytest.raises(ValueError, match=r"cannot decode image file .*truncated\.jpg"):
+        load_image(truncated)
+
+
+def test_load_image_directory(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not a regular file"):
+        load_image(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# load_image: arrays and PIL images
+# --------------------------------------------------------------------------------------------
+
+
+def test_load_image_returns_rgb_uint8_arrays_without_copying() -> None:
+    image = photo("coffee")
+    decoded = load_image(image)
+    assert decoded.shape == image.shape and decoded.dtype == np.uint8
+    assert np.shares_memory(decoded, image)
+
+
+def test_load_image_makes_strided_arrays_contiguous() -> None:
+    flipped = photo("coffee")[:, ::-1]
+    decoded = load_image(flipped)
+    assert decoded.flags.c_contiguous
+    assert np.array_equal(decoded, flipped)
+
+
+@pytest.mark.parametrize("shape", [(30, 40), (30, 40, 1)])
+def test_load_image_expands_grey_arrays(shape: tuple[int, ...]) -> None:
+    grey = np.arange(30 * 40, dtype=np.uint8).reshape(shape)
+    decoded = load_image(grey)
+    assert decoded.shape == (30, 40, 3)
+    for channel in range(3):
+        assert np.array_equal(decoded[:, :, channel], grey.reshape(30, 40))
+
+
+def test_load_image_drops_alpha_from_arrays() -> None:
+    rgba = np.dstack([photo("chelsea"), np.zeros(photo("chelsea").shape[:2], dtype=np.uint8)])
+    assert np.array_equal(load_image(rgba), photo("chelsea"))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_load_image_rounds_unit_float_arrays(dtype: type[np.floating]) -> None:
+    values = np.array([[0.0, 0.5, 1.0], [0.1, 0.998, 0.002]], dtype=dtype)
+    decoded = load_image(values)
+    expected = np.round(values.astype(np.float64) * 255).astype(np.uint8)
+    assert np.array_equal(decoded[:, :, 1], expected)
+    assert decoded[0, 1, 0] == 128  # round(127.5) with half-to-even
+
+
+@pytest.mark.parametrize(
+    ("array", "message"),
+    [
+        (np.zeros((4, 5, 2), dtype=np.uint8), "must have shape"),
+        (np.zeros((4, 5, 3, 1), dtype=np.uint8), "must have shape"),
+        (np.zeros((5,), dtype=np.uint8), "must have shape"),
+        (np.zeros((0, 5, 3), dtype=np.uint8), "empty"),
+        (np.zeros((4, 0), dtype=np.uint8), "empty"),
+        (np.zeros((4, 5, 3), dtype=np.uint16), "dtype uint8"),
+        (np.zeros((4, 5, 3), dtype=bool), "dtype uint8"),
+        (np.full((4, 5, 3), 2.0), r"values in \[0, 1\]"),
+        (np.full((4, 5, 3), -0.5), r"values in \[0, 1\]"),
+        (np.full((4, 5, 3), np.nan), "NaN or infinite"),
+    ],
+)
+def test_load_image_rejects_bad_arrays(array: np.ndarray, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_image(array)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "1"])
+def test_load_image_converts_pil_modes(mode: str) -> None:
+    decoded = load_image(Image.new(mode, (7, 5)))
+    assert decoded.shape == (5, 7, 3)
+    assert decoded.dtype == np.uint8
+
+
+def test_load_image_rejects_empty_pil_image() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        load_image(Image.new("RGB", (0, 5)))
+
+
+@pytest.mark.parametrize("source", [None, 42, b"bytes", [[0, 1]]])
+def test_load_image_rejects_unsupported_types(source: Any) -> None:
+    with pytest.raises(TypeError, match=r"file path, a PIL\.Image\.Image or a numpy array"):
+        load_image(source)
+
+
+# --------------------------------------------------------------------------------------------
+# image_name
+# --------------------------------------------------------------------------------------------
+
+
+def test_image_name(tmp_path: Path) -> None:
+    path = tmp_path / "IMG_0042.final.jpg"
+    Image.fromarray(photo("coffee")).save(path)
+    assert image_name(path, 0) == "IMG_0042.final"
+    assert image_name(str(path), 5) == "IMG_0042.final"
+    assert image_name(Image.open(path), 5) == "IMG_0042.final"
+    assert image_name(photo("coffee"), 3) == "view_0003"
+    assert image_name(Image.fromarray(photo("coffee")), 12) == "view_0012"
