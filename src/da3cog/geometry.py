@@ -319,7 +319,10 @@ class RayCameras:
         rotation: ``(B, S, 3, 3)``.
         translation: ``(B, S, 3)``, the confidence-weighted mean ray origin.
         focal: ``(B, S, 2)`` focal lengths (x, y) for an image spanning ``[0, 2]`` on both axes.
-        principal_point: ``(B, S, 2)`` principal point in the same ``[0, 2]`` frame.
+        principal_point: ``(B, S, 2)`` principal point in the same ``[0, 2]`` frame. As in
+            DA3's reference code, the homography is split with a QL decomposition, which is
+            exact only for a centred principal point: off-centre values (and then the rotation)
+            are approximate. DA3's rays come from centred cameras.
     """
 
     rotation: torch.Tensor
@@ -435,7 +438,9 @@ def umeyama(source: np.ndarray, target: np.ndarray) -> Similarity:
     variance = (np.linalg.norm(centred_source) ** 2) / count
     covariance = centred_target.T @ centred_source / count
     u, d, vt = np.linalg.svd(covariance)
-    if np.count_nonzero(d > np.finfo(d.dtype).eps) < 2:
+    # Relative test: rounding leaves the second singular value of collinear points at about
+    # 1e-16 of the first, above any absolute epsilon once coordinates are large.
+    if d[1] <= 1e-9 * d[0]:
         raise ValueError("degenerate point configuration: similarity is not determined")
     sign = np.eye(3)
     if np.linalg.det(u) * np.linalg.det(vt) < 0.0:

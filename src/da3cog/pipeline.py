@@ -4,6 +4,7 @@ conditioning and scale alignment, re-anchoring and output resolution."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -329,21 +330,22 @@ class DepthAnything3:
         if resolution == "processing":
             image = processed_rgb
         else:
+            # The region of the input the network saw, snapped outwards-in to whole pixels.
             x0, y0, x1, y1 = geometry.input_crop_box
-            left, top = round(x0), round(y0)
-            out_w, out_h = round(x1) - left, round(y1) - top
-            image = input_rgb[top : top + out_h, left : left + out_w]
-            proc_h, proc_w = depth.shape
-            intrinsics = intrinsics.copy()
-            intrinsics[0] *= out_w / proc_w
-            intrinsics[1] *= out_h / proc_h
-            depth = _resize_map(depth, (out_h, out_w))
-            confidence = _resize_map(confidence, (out_h, out_w))
+            left, top = math.ceil(x0 - 1e-6), math.ceil(y0 - 1e-6)
+            right, bottom = math.floor(x1 + 1e-6), math.floor(y1 + 1e-6)
+            image = input_rgb[top:bottom, left:right]
+            intrinsics = np.asarray(geometry.intrinsics_to_input(intrinsics.astype(np.float64)))
+            intrinsics[0, 2] -= left
+            intrinsics[1, 2] -= top
+            depth, confidence = _resample_to_input(
+                np.stack([depth, confidence]), geometry, (top, left), (bottom - top, right - left)
+            )
         return ViewPrediction(
             name=name,
             depth=_frozen(depth.astype(np.float32)),
             confidence=_frozen(confidence.astype(np.float32)),
-            image=_frozen(image),
+            image=_frozen(np.array(image, copy=True)),
             extrinsics=_frozen(homogeneous),
             intrinsics=_frozen(intrinsics.astype(np.float32)),
             input_size=geometry.input_size,
@@ -351,9 +353,26 @@ class DepthAnything3:
         )
 
 
-def _resize_map(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resample of a ``(h, w)`` map to ``size``, sampling at pixel centres."""
-    if values.shape == size:
-        return values
-    tensor = torch.from_numpy(np.ascontiguousarray(values))[None, None]
-    return F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+def _resample_to_input(
+    maps: np.ndarray,
+    geometry: ViewGeometry,
+    origin: tuple[int, int],
+    size: tuple[int, int],
+) -> np.ndarray:
+    """Bilinearly sample processing-resolution maps ``(C, h, w)`` at the centres of the input
+    pixels ``origin + [0, size)`` (row, col), through the view's exact input->processing map."""
+    proc_h, proc_w = maps.shape[-2:]
+    rows = torch.arange(size[0], dtype=torch.float64) + origin[0] + 0.5
+    cols = torch.arange(size[1], dtype=torch.float64) + origin[1] + 0.5
+    # Continuous processing coordinates, then grid_sample's [-1, 1] (align_corners=False).
+    v = (rows * geometry.scale_y - geometry.offset_y) / proc_h * 2 - 1
+    u = (cols * geometry.scale_x - geometry.offset_x) / proc_w * 2 - 1
+    grid = torch.stack(torch.meshgrid(u, v, indexing="xy"), dim=-1)[None].float()
+    sampled = F.grid_sample(
+        torch.from_numpy(np.ascontiguousarray(maps))[None].float(),
+        grid,
+        mode="bilinear",
+        padding_mode="border",
+        align_corners=False,
+    )
+    return sampled[0].numpy()

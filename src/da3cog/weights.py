@@ -71,7 +71,7 @@ def resolve_checkpoint(source: str | os.PathLike[str], cache_dir: Path | None = 
     key = ALIASES.get(name.lower(), name.lower())
     if key in PRESETS:
         name = PRESETS[key].hub_repos[0]
-    if name.count("/") != 1 or path.suffix:
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise CheckpointError(
             f"{source!r} is neither a checkpoint folder, a preset "
             f"({', '.join(sorted(PRESETS))}) nor a Hub id like 'depth-anything/DA3-BASE'"

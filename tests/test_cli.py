@@ -1,0 +1,249 @@
+"""The ``da3cog`` command, run in-process on the small random-weight checkpoint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from da3cog.cli import main
+
+Photo = Callable[[str], np.ndarray]
+PROCESS_RES = "112"
+
+
+@pytest.fixture
+def images(tmp_path: Path, photo: Photo) -> list[Path]:
+    """Two 512x512 PNGs: an RGB photo and a greyscale one."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    paths = [folder / "astronaut.png", folder / "camera.png"]
+    for path in paths:
+        Image.fromarray(photo(path.stem)).save(path)
+    return paths
+
+
+def predict_args(model: Path, out: Path, images: list[Path], *extra: str) -> list[str]:
+    return [
+        "predict",
+        *map(str, images),
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--process-res",
+        PROCESS_RES,
+        "--device",
+        "cpu",
+        *extra,
+    ]
+
+
+def read_cameras(out: Path) -> dict:
+    return json.loads((out / "cameras.json").read_text())
+
+
+def test_predict_writes_depth_confidence_and_cameras(
+    small_checkpoint: Path,
+    images: list[Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "out"
+    assert main(predict_args(small_checkpoint, out, images)) == 0
+
+    expected = {
+        "depth_0000_astronaut.npy",
+        "confidence_0000_astronaut.npy",
+        "depth_0001_camera.npy",
+        "confidence_0001_camera.npy",
+        "cameras.json",
+    }
+    assert {path.name for path in out.iterdir()} == expected
+    # No staging folder or temporary file is left beside the output.
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["images", "out"]
+    printed = capsys.readouterr()
+    assert sorted(Path(line).name for line in printed.out.splitlines()) == sorted(expected)
+    assert "[da3cog] running da3-small" in printed.err
+
+    for index, stem in enumerate(("astronaut", "camera")):
+        for kind in ("depth", "confidence"):
+            array = np.load(out / f"{kind}_{index:04d}_{stem}.npy")
+            assert array.dtype == np.float32
+            assert array.shape == (512, 512)
+            assert np.isfinite(array).all() and (array > 0).all()
+
+    document = read_cameras(out)
+    assert document["model"]["preset"] == "da3-small"
+    assert document["is_metric"] is False
+    assert document["output_resolution"] == "input"
+    assert document["conventions"]["world_frame"] == "camera of the first view"
+    assert document["processing_size"] == {"height": 112, "width": 112}
+    assert [view["name"] for view in document["views"]] == ["astronaut", "camera"]
+    for index, view in enumerate(document["views"]):
+        assert view["index"] == index
+        assert (view["width"], view["height"]) == (512, 512)
+        K = np.array(view["K"])
+        world_to_camera = np.array(view["world_to_camera"])
+        camera_to_world = np.array(view["camera_to_world"])
+        assert K.shape == (3, 3) and K[0, 0] > 0 and K[1, 1] > 0
+        np.testing.assert_array_equal(K[2], [0, 0, 1])
+        assert world_to_camera.shape == camera_to_world.shape == (4, 4)
+        np.testing.assert_allclose(world_to_camera @ camera_to_world, np.eye(4), atol=1e-6)
+        np.testing.assert_allclose(camera_to_world, np.linalg.inv(world_to_camera), atol=1e-6)
+    assert document["views"][0]["world_to_camera"] == np.eye(4).tolist()
+
+
+def test_non_empty_out_folder_is_refused_and_left_untouched(
+    small_checkpoint: Path,
+    images: list[Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(predict_args(small_checkpoint, out, images)) == 2
+    assert [path.name for path in out.iterdir()] == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "mine"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["images", "out"]
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_an_empty_existing_out_folder_is_used(
+    small_checkpoint: Path, images: list[Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(predict_args(small_checkpoint, out, images[:1])) == 0
+    assert (out / "cameras.json").is_file()
+    assert np.load(out / "depth_0000_astronaut.npy").shape == (512, 512)
+
+
+def test_missing_image_exits_2_naming_the_path(
+    small_checkpoint: Path,
+    images: list[Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    missing = tmp_path / "images" / "no_such_photo.jpg"
+    out = tmp_path / "out"
+    assert main(predict_args(small_checkpoint, out, [images[0], missing])) == 2
+    err = capsys.readouterr().err
+    assert "da3cog: error:" in err
+    assert str(missing) in err
+    assert not out.exists()
+
+
+def test_unknown_model_exits_2(
+    images: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(predict_args(tmp_path / "not a model", tmp_path / "out", images)) == 2
+    assert "neither a checkpoint folder" in capsys.readouterr().err
+
+
+def write_cameras(path: Path, extrinsics: np.ndarray, intrinsics: np.ndarray) -> Path:
+    path.write_text(
+        json.dumps({"extrinsics": extrinsics.tolist(), "intrinsics": intrinsics.tolist()})
+    )
+    return path
+
+
+def two_posed_cameras() -> tuple[np.ndarray, np.ndarray]:
+    extrinsics = np.tile(np.eye(4), (2, 1, 1))
+    angle = np.deg2rad(20.0)
+    extrinsics[1, :3, :3] = [
+        [np.cos(angle), 0, -np.sin(angle)],
+        [0, 1, 0],
+        [np.sin(angle), 0, np.cos(angle)],
+    ]
+    extrinsics[1, :3, 3] = [-0.8, 0.1, 0.2]
+    intrinsics = np.array([[[600.0, 0, 256], [0, 600, 250], [0, 0, 1]]] * 2)
+    return extrinsics, intrinsics
+
+
+def test_cameras_json_conditions_on_poses(
+    small_checkpoint: Path, images: list[Path], tmp_path: Path
+) -> None:
+    extrinsics, intrinsics = two_posed_cameras()
+    cameras = write_cameras(tmp_path / "cams.json", extrinsics, intrinsics)
+    out = tmp_path / "out"
+    assert main(predict_args(small_checkpoint, out, images, "--cameras", str(cameras))) == 0
+    document = read_cameras(out)
+    assert document["conventions"]["world_frame"] == "the user's input frame"
+    for view, given_extrinsics, given_intrinsics in zip(
+        document["views"], extrinsics, intrinsics, strict=True
+    ):
+        np.testing.assert_allclose(view["world_to_camera"], given_extrinsics, atol=1e-6)
+        np.testing.assert_allclose(
+            view["camera_to_world"], np.linalg.inv(given_extrinsics), atol=1e-6
+        )
+        np.testing.assert_allclose(view["K"], given_intrinsics, rtol=1e-5)
+    depth = np.load(out / "depth_0000_astronaut.npy")
+    assert depth.shape == (512, 512) and np.isfinite(depth).all()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"extrinsics": []}', "expected JSON with 'extrinsics' and 'intrinsics'"),
+        ("not json", "expected JSON with 'extrinsics' and 'intrinsics'"),
+    ],
+)
+def test_bad_cameras_json_exits_2(
+    small_checkpoint: Path,
+    images: list[Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    content: str,
+    message: str,
+) -> None:
+    cameras = tmp_path / "cams.json"
+    cameras.write_text(content)
+    out = tmp_path / "out"
+    assert main(predict_args(small_checkpoint, out, images, "--cameras", str(cameras))) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(cameras) in err
+    assert not out.exists()
+
+
+def test_cameras_json_with_the_wrong_count_exits_2(
+    small_checkpoint: Path,
+    images: list[Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    extrinsics, intrinsics = two_posed_cameras()
+    cameras = write_cameras(tmp_path / "cams.json", extrinsics[:1], intrinsics[:1])
+    out = tmp_path / "out"
+    assert main(predict_args(small_checkpoint, out, images, "--cameras", str(cameras))) == 2
+    assert "got 1 extrinsics for 2 images" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_module_help_exits_0() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "da3cog.cli", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "predict" in result.stdout
+    assert "usage: da3cog" in result.stdout
+
+
+def test_predict_help_lists_the_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["predict", "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--model", "--out", "--process-res", "--cameras", "--seed", "--ray-pose"):
+        assert option in out

@@ -1,0 +1,376 @@
+"""da3cog.weights and da3cog.model.presets: strict checkpoint loading, tied tensors, checkpoint
+resolution (offline), preset lookup and parameter counts against upstream."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from da3cog.model.network import build_network
+from da3cog.model.presets import ALIASES, PRESETS, get_preset
+from da3cog.weights import (
+    CONFIG_NAME,
+    TIED_KEYS,
+    WEIGHTS_NAME,
+    CheckpointError,
+    LoadedModel,
+    load_model,
+    resolve_checkpoint,
+)
+
+TIED_ORIGIN = "head.scratch.output_conv2_aux.0.2.weight"
+TIED_LEVELS = [f"head.scratch.output_conv2_aux.{level}.2.weight" for level in (1, 2, 3)]
+# A key that every preset has, used to corrupt checkpoints.
+SOME_KEY = "backbone.pretrained.blocks.3.attn.qkv.weight"
+
+
+def file_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}
+
+
+@pytest.fixture(scope="module")
+def checkpoint_tensors(small_checkpoint: Path) -> dict[str, torch.Tensor]:
+    return file_tensors(small_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def loaded(small_checkpoint: Path) -> LoadedModel:
+    return load_model(small_checkpoint, device="cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading a good checkpoint
+# --------------------------------------------------------------------------------------------
+
+
+def test_load_model_reports_preset_and_source(loaded: LoadedModel, small_checkpoint: Path) -> None:
+    assert loaded.preset is PRESETS["da3-small"]
+    assert loaded.source == small_checkpoint
+    assert loaded.model_id == str(small_checkpoint)
+    assert not loaded.network.training
+    assert not any(p.requires_grad for p in loaded.network.parameters())
+    assert all(p.device.type == "cpu" for p in loaded.network.parameters())
+
+
+def test_every_parameter_equals_the_safetensors_tensor(
+    loaded: LoadedModel, checkpoint_tensors: dict[str, torch.Tensor]
+) -> None:
+    state = loaded.network.state_dict()
+    assert SOME_KEY in state
+    assert all(key.startswith("model.") for key in checkpoint_tensors)
+    provided = {key.removeprefix("model."): value for key, value in checkpoint_tensors.items()}
+    assert set(provided) == set(state) - set(TIED_KEYS)
+    for key, tensor in state.items():
+        expected = provided[TIED_KEYS.get(key, key)]
+        assert tensor.dtype == torch.float32, key
+        assert torch.equal(tensor, expected), key
+
+
+def test_the_shared_ray_head_layernorm_is_one_tensor(
+    loaded: LoadedModel, checkpoint_tensors: dict[str, torch.Tensor]
+) -> None:
+    state = loaded.network.state_dict()
+    origin = state[TIED_ORIGIN]
+    assert torch.equal(origin, checkpoint_tensors["model." + TIED_ORIGIN])
+    # The random init of the oracle makes the tied tensor distinguishable from a default init.
+    assert not torch.equal(origin, torch.ones_like(origin))
+    for key in TIED_LEVELS:
+        assert state[key].data_ptr() == origin.data_ptr(), key
+        assert torch.equal(state[key], checkpoint_tensors["model." + TIED_ORIGIN]), key
+        bias = key.replace(".weight", ".bias")
+        assert state[bias].data_ptr() == state[TIED_ORIGIN.replace(".weight", ".bias")].data_ptr()
+
+
+def test_load_model_casts_to_the_requested_dtype(
+    small_checkpoint: Path, checkpoint_tensors: dict[str, torch.Tensor]
+) -> None:
+    half = load_model(small_checkpoint, dtype=torch.bfloat16)
+    state = half.network.state_dict()
+    assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.bfloat16}
+    assert torch.equal(state[SOME_KEY], checkpoint_tensors["model." + SOME_KEY].to(torch.bfloat16))
+
+
+# --------------------------------------------------------------------------------------------
+# Strict loading of corrupted checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def rewrite_checkpoint(
+    small_checkpoint: Path, checkpoint_tensors: dict[str, torch.Tensor], tmp_path: Path
+) -> Iterator[Callable[[dict[str, torch.Tensor]], Path]]:
+    """Write a copy of the small checkpoint with a modified tensor dict; removes it after."""
+    folder = tmp_path / "checkpoint"
+
+    def write(tensors: dict[str, torch.Tensor]) -> Path:
+        folder.mkdir()
+        shutil.copy(small_checkpoint / CONFIG_NAME, folder / CONFIG_NAME)
+        save_file(tensors, str(folder / WEIGHTS_NAME))
+        return folder
+
+    yield write
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def renamed(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    changed = dict(tensors)
+    changed["model.backbone.pretrained.blocks.3.attn.qkv.weights"] = changed.pop(
+        "model." + SOME_KEY
+    )
+    return changed
+
+
+def removed(key: str) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    def change(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in tensors.items() if k != "model." + key}
+
+    return change
+
+
+def extra(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {**tensors, "model.head.scratch.extra_layer.weight": torch.zeros(3)}
+
+
+def wrong_shape(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    original = tensors["model." + SOME_KEY]
+    return {**tensors, "model." + SOME_KEY: torch.zeros(original.shape[0], original.shape[1] + 1)}
+
+
+def unprefixed(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    changed = dict(tensors)
+    changed[SOME_KEY] = changed.pop("model." + SOME_KEY)
+    return changed
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "names"),
+    [
+        (renamed, ["missing keys", SOME_KEY, "unexpected keys", SOME_KEY + "s"]),
+        (removed(SOME_KEY), ["missing keys", SOME_KEY]),
+        (extra, ["unexpected keys", "head.scratch.extra_layer.weight"]),
+        (wrong_shape, ["shape mismatches", SOME_KEY, "(1152, 385)", "(1152, 384)"]),
+        (removed(TIED_ORIGIN), ["missing keys", TIED_ORIGIN]),
+        (unprefixed, ["unexpected key", repr(SOME_KEY)]),
+    ],
+    ids=["renamed", "removed", "extra", "wrong-shape", "tied-origin-removed", "no-prefix"],
+)
+def test_strict_loading_names_the_offending_key(
+    rewrite_checkpoint: Callable[[dict[str, torch.Tensor]], Path],
+    checkpoint_tensors: dict[str, torch.Tensor],
+    corrupt: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    names: list[str],
+) -> None:
+    folder = rewrite_checkpoint(corrupt(checkpoint_tensors))
+    with pytest.raises(CheckpointError) as raised:
+        load_model(folder)
+    message = str(raised.value)
+    for name in names:
+        assert name in message
+
+
+def test_strict_loading_does_not_list_the_tied_levels_as_missing(
+    rewrite_checkpoint: Callable[[dict[str, torch.Tensor]], Path],
+    checkpoint_tensors: dict[str, torch.Tensor],
+) -> None:
+    folder = rewrite_checkpoint(removed(SOME_KEY)(checkpoint_tensors))
+    with pytest.raises(CheckpointError) as raised:
+        load_model(folder)
+    assert not any(key in str(raised.value) for key in TIED_KEYS)
+
+
+def write_config(folder: Path, small_checkpoint: Path, config: object) -> Path:
+    folder.mkdir()
+    (folder / WEIGHTS_NAME).symlink_to(small_checkpoint / WEIGHTS_NAME)
+    (folder / CONFIG_NAME).write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"name": "da3-small"}, "has no 'model_name' entry"),
+        ({"model_name": 3}, "has no 'model_name' entry"),
+        (["da3-small"], "has no 'model_name' entry"),
+        ({"model_name": "da3-tiny"}, "unknown model preset 'da3-tiny'"),
+    ],
+    ids=["no-model-name", "non-string", "not-an-object", "unknown-model-name"],
+)
+def test_bad_config_json_is_a_checkpoint_error(
+    tmp_path: Path, small_checkpoint: Path, config: object, message: str
+) -> None:
+    folder = write_config(tmp_path / "checkpoint", small_checkpoint, config)
+    with pytest.raises(CheckpointError, match=message) as raised:
+        load_model(folder)
+    assert str(folder / CONFIG_NAME) in str(raised.value)
+
+
+def test_unparsable_config_json_is_a_checkpoint_error(
+    tmp_path: Path, small_checkpoint: Path
+) -> None:
+    folder = write_config(tmp_path / "checkpoint", small_checkpoint, {})
+    (folder / CONFIG_NAME).write_text("{not json")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_model(folder)
+
+
+def test_a_checkpoint_of_another_preset_is_rejected(tmp_path: Path, small_checkpoint: Path) -> None:
+    folder = write_config(tmp_path / "checkpoint", small_checkpoint, {"model_name": "da3-base"})
+    with pytest.raises(CheckpointError, match="shape mismatches"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("missing", [WEIGHTS_NAME, CONFIG_NAME])
+def test_folder_lacking_a_file_is_a_checkpoint_error_naming_it(
+    tmp_path: Path, small_checkpoint: Path, missing: str
+) -> None:
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    present = CONFIG_NAME if missing == WEIGHTS_NAME else WEIGHTS_NAME
+    (folder / present).symlink_to(small_checkpoint / present)
+    with pytest.raises(CheckpointError, match=missing) as raised:
+        load_model(folder)
+    assert str(folder) in str(raised.value)
+    with pytest.raises(CheckpointError, match=missing):
+        resolve_checkpoint(folder)
+
+
+# --------------------------------------------------------------------------------------------
+# Resolving sources
+# --------------------------------------------------------------------------------------------
+
+
+def test_resolve_checkpoint_returns_a_local_folder_as_is(small_checkpoint: Path) -> None:
+    assert resolve_checkpoint(small_checkpoint) == small_checkpoint
+    assert resolve_checkpoint(str(small_checkpoint)) == small_checkpoint
+
+
+@pytest.fixture
+def offline_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Hub access switched off (the env var and the constant huggingface_hub read at import)
+    and an empty cache folder."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.delenv("DA3COG_CACHE_DIR", raising=False)
+    return cache
+
+
+@pytest.mark.parametrize("source", ["depth-anything/DA3-SMALL", "small", "DA3-Small"])
+def test_hub_source_while_offline_explains_how_to_pass_a_folder(
+    offline_hub: Path, source: str
+) -> None:
+    with pytest.raises(CheckpointError) as raised:
+        resolve_checkpoint(source, cache_dir=offline_hub)
+    message = str(raised.value)
+    assert "depth-anything/DA3-SMALL" in message
+    assert "pass the folder" in message
+    assert "config.json and model.safetensors" in message
+    assert not any(offline_hub.iterdir())
+
+
+def test_cache_dir_defaults_to_the_environment_variable(
+    offline_hub: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import da3cog.weights
+
+    monkeypatch.setenv("DA3COG_CACHE_DIR", str(offline_hub))
+    seen: list[Path | None] = []
+
+    def fake_snapshot_download(
+        repo_id: str, allow_patterns: list[str], cache_dir: Path | None
+    ) -> str:
+        seen.append(cache_dir)
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
+    with pytest.raises(CheckpointError, match="could not fetch depth-anything/DA3-BASE"):
+        da3cog.weights.resolve_checkpoint("base")
+    assert seen == [offline_hub]
+
+
+@pytest.mark.parametrize("repo", ["depth-anything/DA3-LARGE-1.1", "depth-anything/DA3-GIANT-1.1"])
+def test_official_hub_ids_with_a_dot_are_treated_as_hub_ids(offline_hub: Path, repo: str) -> None:
+    with pytest.raises(CheckpointError, match=f"could not fetch {repo}"):
+        resolve_checkpoint(repo, cache_dir=offline_hub)
+
+
+@pytest.mark.parametrize(
+    "source", ["not a model", "da3-tiny", "a/b/c", "weights.safetensors", "/no/such/folder/x"]
+)
+def test_nonsense_sources_are_checkpoint_errors(offline_hub: Path, source: str) -> None:
+    with pytest.raises(CheckpointError, match="neither a checkpoint folder") as raised:
+        resolve_checkpoint(source, cache_dir=offline_hub)
+    assert repr(source) in str(raised.value)
+    for preset in PRESETS:
+        assert preset in str(raised.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Presets and parameter counts
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("alias", "name"), sorted(ALIASES.items()))
+def test_get_preset_accepts_names_and_aliases_case_insensitively(alias: str, name: str) -> None:
+    assert get_preset(alias) is PRESETS[name]
+    assert get_preset(name) is PRESETS[name]
+    assert get_preset(name.upper()) is PRESETS[name]
+    assert get_preset(alias.title()) is PRESETS[name]
+
+
+def test_get_preset_unknown_name_lists_the_known_presets() -> None:
+    with pytest.raises(ValueError, match="unknown model preset 'da3-huge'") as raised:
+        get_preset("da3-huge")
+    for known in [*PRESETS, *ALIASES]:
+        assert known in str(raised.value)
+
+
+def test_every_preset_names_its_official_hub_repo() -> None:
+    for name, preset in PRESETS.items():
+        assert preset.name == name
+        assert preset.hub_repos[0] == f"depth-anything/{name.upper()}"
+
+
+def unique_parameter_count(module: torch.nn.Module) -> int:
+    # named_parameters() yields a shared parameter once.
+    return sum(parameter.numel() for parameter in module.parameters())
+
+
+def meta_parameter_count(name: str) -> int:
+    with torch.device("meta"):
+        network = build_network(get_preset(name))
+    assert all(p.is_meta for p in network.parameters())
+    return unique_parameter_count(network)
+
+
+@pytest.mark.parametrize(
+    ("name", "millions"),
+    [("da3-small", 34.3), ("da3-base", 135.4), ("da3-large", 410.9), ("da3-giant", 1355.7)],
+)
+def test_parameter_counts_built_on_the_meta_device(name: str, millions: float) -> None:
+    """Measured from upstream: small 34.3M, base 135.4M, large 410.9M, giant 1.36B."""
+    assert round(meta_parameter_count(name) / 1e5) / 10 == millions
+
+
+@pytest.mark.parametrize("name", ["da3-small", "da3-base"])
+def test_parameter_counts_equal_upstream(name: str) -> None:
+    from oracle import build_upstream
+
+    upstream = build_upstream(name)
+    assert meta_parameter_count(name) == unique_parameter_count(upstream)
+
+
+def test_parameter_count_of_giant_rounds_to_1_36_billion() -> None:
+    assert round(meta_parameter_count("da3-giant") / 1e7) / 100 == 1.36
