@@ -7,6 +7,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -e ".[test]"
 python -m pip install -q --no-deps depth-anything-3==0.1.1 evo==1.38.1
+# Independent readers for the exporter tests (tests/test_export_*.py) and the Khronos glTF
+# validator (Node.js, into the git-ignored .cache/npm); with DA3COG_REQUIRE_EXPORT_TOOLS=1 a
+# missing one fails those tests instead of skipping them.
+python -m pip install -q plyfile==1.1.5 trimesh==4.12.2 pycolmap==4.2.1 jsonschema==4.26.0
+npm install --prefix .cache/npm --no-save --no-audit --no-fund --loglevel=error \
+  gltf-validator@2.0.0-dev.3.10
+export DA3COG_REQUIRE_EXPORT_TOOLS=1
 ruff check .
 set +e
 python -m pytest -q "$@"

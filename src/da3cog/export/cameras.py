@@ -1,13 +1,18 @@
-"""Cameras as JSON: per view the image name, size, K, world-to-camera and camera-to-world."""
+"""Cameras as JSON: ``cameras.json`` (per view the image name, size, K, world-to-camera and
+camera-to-world, OpenCV axes) and a nerfstudio-style ``transforms.json`` with the images it
+points at."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from da3cog.export.files import write_atomically
+from da3cog.export.files import ManifestEntry, all_or_nothing, view_file_name
+from da3cog.export.points import require_cameras, world_to_camera
 from da3cog.geometry import invert_rigid_np
 from da3cog.pipeline import Prediction
 
@@ -17,11 +22,29 @@ CONVENTIONS = {
     "intrinsics": "pixels of the view's width x height, pixel centres at +0.5",
     "depth": "z along the optical axis",
 }
+CAMERAS_SCHEMA_FILE = "cameras.schema.json"
+# OpenCV camera axes -> OpenGL / nerfstudio camera axes (x right, y up, z back).
+OPENCV_TO_OPENGL_CAMERA = np.diag([1.0, -1.0, -1.0, 1.0])
+
+
+def _matrix(array: np.ndarray | None) -> list | None:
+    return None if array is None else np.asarray(array, dtype=float).tolist()
 
 
 def cameras_document(prediction: Prediction) -> dict:
-    """The cameras JSON document as a dict."""
-    world = "the user's input frame" if prediction.pose_conditioned else "camera of the first view"
+    """The cameras JSON document as a dict. ``K`` / ``world_to_camera`` / ``camera_to_world``
+    are null for views without intrinsics / poses (single-view models estimate none)."""
+    if prediction.pose_conditioned:
+        world = "the user's input frame"
+    elif all(view.extrinsics is None for view in prediction.views):
+        world = "none: no camera poses were estimated (each view is in its own camera frame)"
+    else:
+        world = "camera of the first view"
+    optional = {
+        key: getattr(prediction, key)
+        for key in ("cameras_estimated", "intrinsics_source", "focal_source", "metric_scale")
+        if hasattr(prediction, key)
+    }
     return {
         "model": {"id": prediction.model_id, "preset": prediction.model_preset},
         "conventions": {
@@ -36,24 +59,118 @@ def cameras_document(prediction: Prediction) -> dict:
             "width": prediction.processing_size[1],
         },
         "notes": list(prediction.notes),
+        **optional,
         "views": [
             {
                 "index": index,
                 "name": view.name,
                 "width": view.width,
                 "height": view.height,
-                "K": np.asarray(view.intrinsics, dtype=float).tolist(),
-                "world_to_camera": np.asarray(view.extrinsics, dtype=float).tolist(),
-                "camera_to_world": invert_rigid_np(
-                    np.asarray(view.extrinsics, dtype=float)
-                ).tolist(),
+                # null where the model estimated no camera (single-view models) and none was
+                # given or read from EXIF: see Prediction.cameras_estimated.
+                "K": _matrix(view.intrinsics),
+                "world_to_camera": _matrix(view.extrinsics),
+                "camera_to_world": (
+                    None
+                    if view.extrinsics is None
+                    else invert_rigid_np(np.asarray(view.extrinsics, dtype=float)).tolist()
+                ),
             }
             for index, view in enumerate(prediction.views)
         ],
     }
 
 
-def export_cameras_json(prediction: Prediction, folder: Path) -> Path:
+@functools.cache
+def cameras_schema() -> dict[str, Any]:
+    """The JSON schema (draft 2020-12) of ``cameras.json``, shipped beside this module."""
+    return json.loads(Path(__file__).with_name(CAMERAS_SCHEMA_FILE).read_text(encoding="utf-8"))
+
+
+def cameras_json_files(prediction: Prediction, folder: Path) -> list[ManifestEntry]:
     """Write ``cameras.json``."""
     text = json.dumps(cameras_document(prediction), indent=2)
-    return write_atomically(folder / "cameras.json", lambda target: target.write_text(text))
+    with all_or_nothing() as batch:
+        batch.write(
+            folder / "cameras.json",
+            lambda target: target.write_text(text, encoding="utf-8"),
+            "cameras_json",
+            schema=CAMERAS_SCHEMA_FILE,
+        )
+    return batch.entries
+
+
+def export_cameras_json(prediction: Prediction, folder: Path) -> Path:
+    """Write ``cameras.json``."""
+    return cameras_json_files(prediction, folder)[0].path
+
+
+def image_file_name(index: int, name: str) -> str:
+    """``image_0000_<name>.png``: the view's image as written next to ``transforms.json``."""
+    return view_file_name("image", index, name, ".png")
+
+
+def transforms_document(prediction: Prediction) -> dict:
+    """nerfstudio's ``transforms.json``: per frame ``file_path``, ``transform_matrix``
+    (camera-to-world, OpenGL camera axes: x right, y up, z back), ``fl_x fl_y cx cy w h``
+    (pixels, pixel centres at +0.5 as in COLMAP and nerfstudio)."""
+    require_cameras(prediction, "transforms.json")
+    frames = []
+    for index, view in enumerate(prediction.views):
+        camera_to_world = invert_rigid_np(world_to_camera(view))
+        intrinsics = np.asarray(view.intrinsics, dtype=np.float64)
+        frames.append(
+            {
+                "file_path": image_file_name(index, view.name),
+                "transform_matrix": (camera_to_world @ OPENCV_TO_OPENGL_CAMERA).tolist(),
+                "fl_x": float(intrinsics[0, 0]),
+                "fl_y": float(intrinsics[1, 1]),
+                "cx": float(intrinsics[0, 2]),
+                "cy": float(intrinsics[1, 2]),
+                "w": view.width,
+                "h": view.height,
+                "colmap_im_id": index + 1,
+            }
+        )
+    return {
+        "camera_model": "OPENCV",
+        "k1": 0.0,
+        "k2": 0.0,
+        "p1": 0.0,
+        "p2": 0.0,
+        "frames": frames,
+        "da3cog": {
+            "world_frame": "world of cameras.json (OpenCV axes); camera axes converted to OpenGL",
+            "units": "metres" if prediction.is_metric else "relative",
+            "model": prediction.model_id,
+        },
+    }
+
+
+def transforms_json_files(prediction: Prediction, folder: Path) -> list[ManifestEntry]:
+    """Write ``transforms.json`` and the ``image_0000_<name>.png`` files it points at (needs
+    cameras: see :func:`da3cog.export.points.camera_problem`)."""
+    from PIL import Image
+
+    text = json.dumps(transforms_document(prediction), indent=2)
+    with all_or_nothing() as batch:
+        for index, view in enumerate(prediction.views):
+
+            def save(target: Path, image: np.ndarray = view.image) -> None:
+                Image.fromarray(np.asarray(image, dtype=np.uint8)).save(
+                    target, format="PNG", compress_level=1
+                )
+
+            batch.write(folder / image_file_name(index, view.name), save, "image", index)
+        batch.write(
+            folder / "transforms.json",
+            lambda target: target.write_text(text, encoding="utf-8"),
+            "transforms_json",
+            convention="nerfstudio: camera_to_world, OpenGL camera axes",
+        )
+    return batch.entries
+
+
+def export_transforms_json(prediction: Prediction, folder: Path) -> list[Path]:
+    """Write ``transforms.json`` and its images (see :func:`transforms_json_files`)."""
+    return [entry.path for entry in transforms_json_files(prediction, folder)]

@@ -1,11 +1,26 @@
-"""Writing files completely or not at all."""
+"""Writing files completely or not at all, file naming and manifest entries."""
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files readable by their owner only; finished files get the usual mode.
+_FILE_MODE = 0o666 & ~_current_umask()
 
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
@@ -16,8 +31,99 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     os.close(handle)
     try:
         write(Path(temporary))
+        os.chmod(temporary, _FILE_MODE)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_bytes_atomically(path: Path, payload: bytes | bytearray | memoryview) -> Path:
+    """:func:`write_atomically` for an in-memory payload."""
+    return write_atomically(path, lambda target: target.write_bytes(payload))
+
+
+def write_text_atomically(path: Path, text: str) -> Path:
+    """:func:`write_atomically` for UTF-8 text."""
+    return write_atomically(path, lambda target: target.write_text(text, encoding="utf-8"))
+
+
+def json_number(value: float) -> float | None:
+    """``value`` for a JSON document: None where it is NaN or infinite (not valid JSON)."""
+    return float(value) if math.isfinite(value) else None
+
+
+_UNSAFE = re.compile(r"[^\w.\-]+")
+
+
+def safe_name(name: str) -> str:
+    """A view name made safe for a file name: runs of characters other than letters, digits,
+    ``.``, ``-`` and ``_`` become ``_``; no leading dot; never empty."""
+    cleaned = _UNSAFE.sub("_", name).lstrip(".")
+    return cleaned or "view"
+
+
+def view_file_name(kind: str, index: int, name: str, suffix: str) -> str:
+    """``depth_0003_IMG_42.png``: the kind, the view index (unique) and the view's name."""
+    return f"{kind}_{index:04d}_{safe_name(name)}{suffix}"
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """One written file: its path, its role and, for per-view files, the view.
+
+    Attributes:
+        path: the file.
+        role: what it is (``depth_npy``, ``depth_png16``, ``point_cloud``...).
+        view: index of the view it belongs to, or None for files about the whole prediction.
+        details: format details a reader needs, e.g. ``{"scale": ...}`` for 16-bit depth PNGs.
+    """
+
+    path: Path
+    role: str
+    view: int | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class FileBatch:
+    """Collects the files one exporter writes; see :func:`all_or_nothing`."""
+
+    def __init__(self) -> None:
+        self.entries: list[ManifestEntry] = []
+        self.created_folders: list[Path] = []
+
+    def write(
+        self,
+        path: Path,
+        write: Callable[[Path], None],
+        role: str,
+        view: int | None = None,
+        **details: Any,
+    ) -> Path:
+        """Write ``path`` atomically (see :func:`write_atomically`) and record it."""
+        missing = [parent for parent in (path.parent, *path.parent.parents) if not parent.exists()]
+        self.created_folders.extend(missing)
+        write_atomically(path, write)
+        self.entries.append(ManifestEntry(path, role, view, details))
+        return path
+
+    @property
+    def paths(self) -> list[Path]:
+        return [entry.path for entry in self.entries]
+
+
+@contextmanager
+def all_or_nothing() -> Iterator[FileBatch]:
+    """A batch of files that all exist at the end, or, when anything raises, none of them:
+    each file is written atomically and the ones already written are removed on failure."""
+    batch = FileBatch()
+    try:
+        yield batch
+    except BaseException:
+        for entry in reversed(batch.entries):
+            entry.path.unlink(missing_ok=True)
+        for folder in sorted(set(batch.created_folders), key=lambda f: -len(f.parts)):
+            with suppress(OSError):
+                folder.rmdir()
+        raise

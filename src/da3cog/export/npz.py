@@ -1,0 +1,197 @@
+"""The whole :class:`Prediction` as one ``.npz`` bundle, and back.
+
+Per-pixel maps: ``depth`` ``(N, H, W)`` float32, ``confidence``, ``images`` ``(N, H, W, 3)``
+uint8 and ``sky`` (bool, models with a sky head) when all views have one size; otherwise
+``depth_0000``, ``confidence_0000``, ``image_0000``, ``sky_0000``... per view (``layout`` says
+which). Maps a model does not predict are absent (``has_confidence``, ``has_sky``).
+
+Cameras: ``extrinsics`` ``(N, 4, 4)`` world-to-camera (OpenCV), ``intrinsics`` ``(N, 3, 3)``;
+views without them (single-view models) hold NaN there and False in ``has_extrinsics`` /
+``has_intrinsics`` ``(N,)``.
+
+Per view: ``names``, ``input_sizes`` ``(N, 2)`` (height, width), ``crop_boxes`` ``(N, 4)``.
+Flags: ``is_metric``, ``model_id``, ``model_preset``, ``processing_size``,
+``output_resolution``, ``pose_conditioned``, ``reference_view`` (-1 for none), ``notes``, and
+where the pipeline has them ``cameras_estimated``, ``intrinsics_source`` / ``focal_source``
+("" for none), ``metric_scale`` (NaN for none); ``format_version``. 3D Gaussians are not stored
+(their export is a separate format). No pickled objects: ``np.load(path)`` reads it as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from da3cog.export.files import ManifestEntry, all_or_nothing
+from da3cog.pipeline import Prediction, ViewPrediction
+
+NPZ_NAME = "prediction.npz"
+NPZ_FORMAT_VERSION = 1
+_MAPS = (("depth", "depth", np.float32), ("confidence", "confidence", np.float32))
+_MAPS += (("image", "images", np.uint8), ("sky", "sky", np.bool_))
+_CAMERA_FLAGS = ("cameras_estimated", "intrinsics_source", "focal_source", "metric_scale")
+
+
+def _camera_stack(views: tuple[ViewPrediction, ...], key: str, shape: tuple[int, int]):
+    present = np.array([getattr(v, key) is not None for v in views])
+    stacked = np.stack(
+        [
+            np.full(shape, np.nan, np.float32)
+            if getattr(v, key) is None
+            else np.asarray(getattr(v, key), np.float32)
+            for v in views
+        ]
+    )
+    return stacked, present
+
+
+def prediction_arrays(prediction: Prediction) -> dict[str, np.ndarray]:
+    """The bundle's arrays (copies; see the module docstring)."""
+    views = prediction.views
+    extrinsics, has_extrinsics = _camera_stack(views, "extrinsics", (4, 4))
+    intrinsics, has_intrinsics = _camera_stack(views, "intrinsics", (3, 3))
+    arrays: dict[str, np.ndarray] = {
+        "format_version": np.array(NPZ_FORMAT_VERSION),
+        "extrinsics": extrinsics,
+        "intrinsics": intrinsics,
+        "has_extrinsics": has_extrinsics,
+        "has_intrinsics": has_intrinsics,
+        "names": np.array([v.name for v in views], dtype=str),
+        "input_sizes": np.array([v.input_size for v in views], dtype=np.int64),
+        "crop_boxes": np.array([v.crop_box for v in views], dtype=np.float64),
+        "is_metric": np.array(prediction.is_metric),
+        "model_id": np.array(prediction.model_id),
+        "model_preset": np.array(prediction.model_preset),
+        "processing_size": np.array(prediction.processing_size, dtype=np.int64),
+        "output_resolution": np.array(prediction.output_resolution),
+        "pose_conditioned": np.array(prediction.pose_conditioned),
+        "reference_view": np.array(
+            -1 if prediction.reference_view is None else prediction.reference_view
+        ),
+        "notes": np.array(list(prediction.notes), dtype=str).reshape(-1),
+    }
+    for flag in _CAMERA_FLAGS:
+        if hasattr(prediction, flag):
+            value = getattr(prediction, flag)
+            if flag == "metric_scale":
+                arrays[flag] = np.array(np.nan if value is None else float(value))
+            elif flag == "cameras_estimated":
+                arrays[flag] = np.array(bool(value))
+            else:
+                arrays[flag] = np.array("" if value is None else str(value))
+    stacked = len({v.depth.shape for v in views}) == 1
+    arrays["layout"] = np.array("stacked" if stacked else "per_view")
+    for attribute, stacked_key, dtype in _MAPS:
+        maps = [getattr(v, attribute, None) for v in views]
+        present = all(m is not None for m in maps)
+        if attribute in ("confidence", "sky"):
+            arrays[f"has_{attribute}"] = np.array(present)
+        if not present:
+            continue
+        if stacked:
+            arrays[stacked_key] = np.stack([np.asarray(m, dtype=dtype) for m in maps])
+        else:
+            for index, array in enumerate(maps):
+                arrays[f"{attribute}_{index:04d}"] = np.asarray(array, dtype=dtype)
+    return arrays
+
+
+def npz_files(
+    prediction: Prediction, folder: Path, *, compress: bool = True
+) -> list[ManifestEntry]:
+    """Write ``prediction.npz`` (zip-deflated when ``compress``)."""
+    arrays = prediction_arrays(prediction)
+    save = np.savez_compressed if compress else np.savez
+
+    def write(target: Path) -> None:
+        with target.open("wb") as handle:  # a handle: np.savez would append ".npz" to a name
+            save(handle, allow_pickle=False, **arrays)
+
+    with all_or_nothing() as batch:
+        batch.write(folder / NPZ_NAME, write, "npz", layout=str(arrays["layout"]))
+    return batch.entries
+
+
+def export_npz(prediction: Prediction, folder: Path, *, compress: bool = True) -> list[Path]:
+    """Write ``prediction.npz`` (see :func:`npz_files`)."""
+    return [entry.path for entry in npz_files(prediction, folder, compress=compress)]
+
+
+def _frozen(array: np.ndarray | None) -> np.ndarray | None:
+    if array is None:
+        return None
+    array = np.ascontiguousarray(array)
+    array.flags.writeable = False
+    return array
+
+
+def load_npz(path: Path) -> Prediction:
+    """Read a bundle written by :func:`export_npz` back into a :class:`Prediction`."""
+    with np.load(path, allow_pickle=False) as archive:
+        bundle = {key: archive[key] for key in archive.files}
+    version = int(bundle["format_version"])
+    if version != NPZ_FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported bundle format_version {version}")
+    stacked = str(bundle["layout"]) == "stacked"
+
+    def per_view(attribute: str, stacked_key: str, index: int) -> np.ndarray | None:
+        if stacked:
+            return _frozen(bundle[stacked_key][index]) if stacked_key in bundle else None
+        key = f"{attribute}_{index:04d}"
+        return _frozen(bundle[key]) if key in bundle else None
+
+    view_fields = {f.name for f in dataclasses.fields(ViewPrediction)}
+    views = []
+    for index, name in enumerate(bundle["names"].tolist()):
+        maps = {attribute: per_view(attribute, key, index) for attribute, key, _ in _MAPS}
+        extra: dict[str, Any] = {}
+        if "sky" in view_fields:
+            extra["sky"] = maps["sky"]
+        elif maps["sky"] is not None:
+            raise ValueError(f"{path}: has sky masks, which this da3cog version cannot hold")
+        views.append(
+            ViewPrediction(
+                name=str(name),
+                depth=maps["depth"],
+                confidence=maps["confidence"],
+                image=maps["image"],
+                extrinsics=_frozen(bundle["extrinsics"][index])
+                if bundle["has_extrinsics"][index]
+                else None,
+                intrinsics=_frozen(bundle["intrinsics"][index])
+                if bundle["has_intrinsics"][index]
+                else None,
+                input_size=(
+                    int(bundle["input_sizes"][index][0]),
+                    int(bundle["input_sizes"][index][1]),
+                ),
+                crop_box=tuple(float(value) for value in bundle["crop_boxes"][index]),
+                **extra,
+            )
+        )
+    prediction_fields = {f.name for f in dataclasses.fields(Prediction)}
+    flags: dict[str, Any] = {}
+    for flag in _CAMERA_FLAGS:
+        if flag in bundle and flag in prediction_fields:
+            value = bundle[flag].item()
+            if flag == "metric_scale":
+                value = None if np.isnan(value) else float(value)
+            elif flag != "cameras_estimated":
+                value = str(value) or None
+            flags[flag] = value
+    reference = int(bundle["reference_view"])
+    return Prediction(
+        views=tuple(views),
+        is_metric=bool(bundle["is_metric"]),
+        model_id=str(bundle["model_id"]),
+        model_preset=str(bundle["model_preset"]),
+        processing_size=(int(bundle["processing_size"][0]), int(bundle["processing_size"][1])),
+        output_resolution=str(bundle["output_resolution"]),
+        pose_conditioned=bool(bundle["pose_conditioned"]),
+        reference_view=None if reference < 0 else reference,
+        notes=tuple(str(note) for note in bundle["notes"].tolist()),
+        **flags,
+    )

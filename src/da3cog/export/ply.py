@@ -1,0 +1,129 @@
+"""The fused point cloud as a binary little-endian PLY (numpy only)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from da3cog.export.files import ManifestEntry, all_or_nothing, json_number
+from da3cog.export.points import (
+    DEFAULT_CONFIDENCE_PERCENTILE,
+    DEFAULT_MAX_POINTS,
+    DEFAULT_SEED,
+    PointCloud,
+    fuse_points,
+)
+from da3cog.pipeline import Prediction
+
+PLY_NAME = "point_cloud.ply"
+
+
+def ply_bytes(
+    points: PointCloud, *, confidence: bool = True, comments: tuple[str, ...] = ()
+) -> bytes:
+    """A binary little-endian PLY with vertex ``x y z`` (float), ``nx ny nz`` (float, when the
+    cloud has normals), ``red green blue`` (uchar) and ``confidence`` (float, when asked for and
+    the model predicts confidence)."""
+    fields: list[tuple[str, str, np.ndarray]] = [
+        ("x", "<f4", points.xyz[:, 0]),
+        ("y", "<f4", points.xyz[:, 1]),
+        ("z", "<f4", points.xyz[:, 2]),
+    ]
+    if points.normals is not None:
+        fields += [
+            (name, "<f4", points.normals[:, axis]) for axis, name in enumerate(("nx", "ny", "nz"))
+        ]
+    fields += [
+        (name, "u1", points.rgb[:, axis]) for axis, name in enumerate(("red", "green", "blue"))
+    ]
+    if confidence and points.confidence is not None:
+        fields.append(("confidence", "<f4", points.confidence))
+    record = np.empty(len(points), dtype=[(name, kind) for name, kind, _ in fields])
+    for name, _, values in fields:
+        record[name] = values
+    ply_type = {"<f4": "float", "u1": "uchar"}
+    header = [
+        "ply",
+        "format binary_little_endian 1.0",
+        *(f"comment {' '.join(line.split())}" for line in comments),
+        f"element vertex {len(points)}",
+        *(f"property {ply_type[kind]} {name}" for name, kind, _ in fields),
+        "end_header",
+    ]
+    return ("\n".join(header) + "\n").encode("ascii") + record.tobytes()
+
+
+def point_cloud_files(
+    prediction: Prediction,
+    folder: Path,
+    *,
+    confidence_percentile: float = DEFAULT_CONFIDENCE_PERCENTILE,
+    max_points: int | None = DEFAULT_MAX_POINTS,
+    seed: int = DEFAULT_SEED,
+    normals: bool = False,
+    ply_confidence: bool = True,
+    drop_sky: bool = True,
+    points: PointCloud | None = None,
+) -> list[ManifestEntry]:
+    """Write ``point_cloud.ply``: all views fused in the world frame (see
+    :func:`da3cog.export.points.fuse_points`; ``points`` reuses a cloud already fused)."""
+    if points is None:
+        points = fuse_points(
+            prediction,
+            confidence_percentile=confidence_percentile,
+            max_points=max_points,
+            seed=seed,
+            normals=normals,
+            drop_sky=drop_sky,
+        )
+    elif normals and points.normals is None:
+        raise ValueError("normals=True needs a point cloud fused with normals=True")
+    if not normals and points.normals is not None:
+        points = dataclasses.replace(points, normals=None)
+    unit = "metres" if prediction.is_metric else "relative units"
+    comments = (
+        f"da3cog {prediction.model_id} ({prediction.model_preset}), {len(prediction)} view(s)",
+        "frame: world of cameras.json, OpenCV axes (x right, y down, z forward), " + unit,
+        f"confidence threshold {points.confidence_threshold!r}",
+    )
+    payload = ply_bytes(points, confidence=ply_confidence, comments=comments)
+    with all_or_nothing() as batch:
+        batch.write(
+            folder / PLY_NAME,
+            lambda target: target.write_bytes(payload),
+            "point_cloud",
+            points=len(points),
+            confidence_threshold=json_number(points.confidence_threshold),
+            normals=points.normals is not None,
+            frame="world, OpenCV axes",
+        )
+    return batch.entries
+
+
+def export_ply(
+    prediction: Prediction,
+    folder: Path,
+    *,
+    confidence_percentile: float = DEFAULT_CONFIDENCE_PERCENTILE,
+    max_points: int | None = DEFAULT_MAX_POINTS,
+    seed: int = DEFAULT_SEED,
+    normals: bool = False,
+    ply_confidence: bool = True,
+    drop_sky: bool = True,
+    points: PointCloud | None = None,
+) -> list[Path]:
+    """Write ``point_cloud.ply`` (see :func:`point_cloud_files`)."""
+    entries = point_cloud_files(
+        prediction,
+        folder,
+        confidence_percentile=confidence_percentile,
+        max_points=max_points,
+        seed=seed,
+        normals=normals,
+        ply_confidence=ply_confidence,
+        drop_sky=drop_sky,
+        points=points,
+    )
+    return [entry.path for entry in entries]

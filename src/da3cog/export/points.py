@@ -1,0 +1,210 @@
+"""All views' depth fused into one coloured point cloud in the world frame, and the camera
+checks every geometric exporter shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from da3cog.geometry import depth_to_world_points, invert_rigid_np
+from da3cog.pipeline import Prediction, ViewPrediction
+
+DEFAULT_CONFIDENCE_PERCENTILE = 40.0
+DEFAULT_MAX_POINTS = 1_000_000
+DEFAULT_SEED = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Cameras (single-view models may predict none)
+# --------------------------------------------------------------------------------------------
+
+
+def camera_problem(prediction: Prediction) -> str | None:
+    """Why the views cannot be placed in one world frame, or None when they can.
+
+    Every view needs intrinsics; extrinsics may be missing only for a lone view (its camera
+    frame is then the world frame)."""
+    for index, view in enumerate(prediction.views):
+        if view.intrinsics is None:
+            return (
+                f"view {index} ({view.name}) has no intrinsics: the model estimated no camera "
+                "and none were given (pass intrinsics, or use an image with an EXIF focal length)"
+            )
+    if len(prediction.views) > 1 and any(view.extrinsics is None for view in prediction.views):
+        return (
+            "the views have no camera poses (this model estimates none), so they are not in one "
+            "world frame: export them one prediction at a time, or use an any-view model"
+        )
+    return None
+
+
+def require_cameras(prediction: Prediction, what: str) -> None:
+    """Raise ValueError when :func:`camera_problem` finds one; ``what`` names the export."""
+    problem = camera_problem(prediction)
+    if problem is not None:
+        raise ValueError(f"{what} needs cameras: {problem}")
+
+
+def world_to_camera(view: ViewPrediction) -> np.ndarray:
+    """``(4, 4)`` float64 world-to-camera; the identity for a (lone) view without extrinsics."""
+    if view.extrinsics is None:
+        return np.eye(4)
+    return np.asarray(view.extrinsics, dtype=np.float64)
+
+
+def sky_mask(view: ViewPrediction) -> np.ndarray | None:
+    """The view's sky mask (models with a sky head), or None."""
+    sky = getattr(view, "sky", None)
+    return None if sky is None else np.asarray(sky, dtype=bool)
+
+
+def surface_mask(view: ViewPrediction, drop_sky: bool = True) -> np.ndarray:
+    """Pixels with a finite positive depth (and, with ``drop_sky``, not sky)."""
+    depth = np.asarray(view.depth)
+    valid = np.isfinite(depth) & (depth > 0)
+    sky = sky_mask(view) if drop_sky else None
+    return valid if sky is None else valid & ~sky
+
+
+# --------------------------------------------------------------------------------------------
+# Fusion
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PointCloud:
+    """Points in the prediction's world frame (OpenCV axes, depth's unit).
+
+    Attributes:
+        xyz: ``(P, 3)`` float32.
+        rgb: ``(P, 3)`` uint8 colour of the source pixel.
+        confidence: ``(P,)`` float32 confidence of the source pixel, or None when the model
+            predicts no confidence (then nothing was filtered by confidence).
+        view: ``(P,)`` int32 index of the source view.
+        pixel: ``(P, 2)`` int32 ``(col, row)`` of the source pixel in its view (its centre is at
+            ``(col + 0.5, row + 0.5)``).
+        normals: ``(P, 3)`` float32 unit normals facing the source camera, or None.
+        confidence_threshold: the confidence below which pixels were dropped.
+    """
+
+    xyz: np.ndarray
+    rgb: np.ndarray
+    confidence: np.ndarray | None
+    view: np.ndarray
+    pixel: np.ndarray
+    normals: np.ndarray | None
+    confidence_threshold: float
+
+    def __len__(self) -> int:
+        return len(self.xyz)
+
+
+def _has_confidence(prediction: Prediction) -> bool:
+    return all(view.confidence is not None for view in prediction.views)
+
+
+def confidence_threshold(prediction: Prediction, percentile: float, drop_sky: bool = True) -> float:
+    """Confidence at ``percentile`` of all views' surface pixels (:func:`surface_mask`);
+    -inf for percentile 0 or a model without confidence."""
+    if not 0.0 <= percentile <= 100.0:
+        raise ValueError(f"confidence_percentile must be within [0, 100], got {percentile}")
+    if percentile == 0.0 or not _has_confidence(prediction):
+        return -np.inf
+    pooled = np.concatenate(
+        [view.confidence[surface_mask(view, drop_sky)] for view in prediction.views]
+    )
+    pooled = pooled[np.isfinite(pooled)]
+    return float(np.percentile(pooled, percentile)) if pooled.size else np.inf
+
+
+def _normals(world: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """Unit normals of a ``(H, W, 3)`` grid of points from central differences, turned to face
+    ``centre``; zero where undetermined."""
+    if min(world.shape[:2]) < 2:
+        return np.zeros_like(world)
+    d_row, d_col = np.gradient(world, axis=(0, 1))
+    normals = np.cross(d_col, d_row)
+    length = np.linalg.norm(normals, axis=-1, keepdims=True)
+    normals = np.divide(normals, length, out=np.zeros_like(normals), where=length > 0)
+    facing = np.sum(normals * (centre - world), axis=-1, keepdims=True)
+    return np.where(facing < 0, -normals, normals).astype(np.float32)
+
+
+def fuse_points(
+    prediction: Prediction,
+    *,
+    confidence_percentile: float = DEFAULT_CONFIDENCE_PERCENTILE,
+    max_points: int | None = DEFAULT_MAX_POINTS,
+    seed: int = DEFAULT_SEED,
+    normals: bool = False,
+    drop_sky: bool = True,
+) -> PointCloud:
+    """Back-project every view (:func:`da3cog.geometry.depth_to_world_points`) and keep the
+    pixels with valid depth, not sky (with ``drop_sky``, for models with a sky mask) and with
+    confidence at or above the ``confidence_percentile`` of those pixels over all views
+    (default: drop the lowest 40%; no confidence filter for models without confidence). When
+    more than ``max_points`` remain, a uniform subsample seeded by ``seed`` is kept (in view,
+    then row-major pixel order). Raises ValueError when the views have no shared cameras
+    (:func:`camera_problem`)."""
+    if max_points is not None and max_points < 1:
+        raise ValueError(f"max_points must be at least 1 (or None for no cap), got {max_points}")
+    require_cameras(prediction, "a point cloud")
+    threshold = confidence_threshold(prediction, confidence_percentile, drop_sky)
+    with_confidence = _has_confidence(prediction)
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("xyz", "rgb", "conf", "view", "pix")}
+    normal_parts: list[np.ndarray] = []
+    for index, view in enumerate(prediction.views):
+        valid = surface_mask(view, drop_sky=False)
+        keep = surface_mask(view, drop_sky)
+        if with_confidence:
+            keep &= view.confidence >= threshold
+        if not keep.any():
+            continue
+        extrinsics = world_to_camera(view)
+        world = depth_to_world_points(
+            torch.from_numpy(np.array(view.depth, dtype=np.float32)),
+            torch.from_numpy(np.array(view.intrinsics, dtype=np.float32)),
+            torch.from_numpy(extrinsics.astype(np.float32)),
+        ).numpy()
+        rows, cols = np.nonzero(keep)
+        parts["xyz"].append(world[rows, cols])
+        parts["rgb"].append(view.image[rows, cols])
+        if with_confidence:
+            parts["conf"].append(view.confidence[rows, cols])
+        parts["view"].append(np.full(len(rows), index, dtype=np.int32))
+        parts["pix"].append(np.stack([cols, rows], axis=-1).astype(np.int32))
+        if normals:
+            centre = invert_rigid_np(extrinsics)[:3, 3]
+            grid = np.where(valid[..., None], world, np.nan)
+            normal_grid = np.nan_to_num(_normals(grid, centre.astype(np.float32)), nan=0.0)
+            normal_parts.append(normal_grid[rows, cols])
+
+    def joined(key: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+        if not parts[key]:
+            return np.zeros(shape, dtype=dtype)
+        return np.concatenate(parts[key]).astype(dtype, copy=False)
+
+    xyz = joined("xyz", (0, 3), np.float32)
+    rgb = joined("rgb", (0, 3), np.uint8)
+    conf = joined("conf", (0,), np.float32) if with_confidence else None
+    view_index = joined("view", (0,), np.int32)
+    pixel = joined("pix", (0, 2), np.int32)
+    normal = None
+    if normals:
+        normal = np.concatenate(normal_parts) if normal_parts else np.zeros((0, 3), np.float32)
+    if max_points is not None and len(xyz) > max_points:
+        chosen = np.sort(np.random.default_rng(seed).choice(len(xyz), max_points, replace=False))
+        xyz, rgb, view_index, pixel = xyz[chosen], rgb[chosen], view_index[chosen], pixel[chosen]
+        conf = conf[chosen] if conf is not None else None
+        normal = normal[chosen] if normal is not None else None
+    return PointCloud(
+        xyz=xyz,
+        rgb=rgb,
+        confidence=conf,
+        view=view_index,
+        pixel=pixel,
+        normals=normal,
+        confidence_threshold=threshold,
+    )
