@@ -63,7 +63,10 @@ def test_predict_writes_depth_confidence_and_cameras(
         "confidence_0000_astronaut.npy",
         "depth_0001_camera.npy",
         "confidence_0001_camera.npy",
+        "depth_vis_0000_astronaut.png",
+        "depth_vis_0001_camera.png",
         "cameras.json",
+        "manifest.json",
     }
     assert {path.name for path in out.iterdir()} == expected
     # No staging folder or temporary file is left beside the output.
@@ -247,3 +250,24 @@ def test_predict_help_lists_the_options(capsys: pytest.CaptureFixture[str]) -> N
     out = capsys.readouterr().out
     for option in ("--model", "--out", "--process-res", "--cameras", "--seed", "--ray-pose"):
         assert option in out
+
+
+def test_export_option_selects_the_files(
+    small_checkpoint: Path, images: list[Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    args = predict_args(small_checkpoint, out, images, "--export", "ply", "glb", "cameras_json")
+    assert main(args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    roles = {entry["role"] for entry in manifest["files"]}
+    assert {"point_cloud", "glb_scene", "cameras_json"} <= roles
+    assert not list(out.glob("depth_*.npy"))
+
+
+def test_unknown_export_format_is_rejected(
+    small_checkpoint: Path, images: list[Path], tmp_path: Path
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(predict_args(small_checkpoint, tmp_path / "out", images, "--export", "obj"))
+    assert exit_info.value.code == 2
+    assert not (tmp_path / "out").exists()

@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+DEFAULT_EXPORTS = ("depth_npy", "depth_vis", "cameras_json")
+
 
 def _parser() -> argparse.ArgumentParser:
+    from da3cog.export.manifest import FORMATS
     from da3cog.io import PROCESS_METHODS
     from da3cog.model.presets import ALIASES
     from da3cog.model.reference_view import REFERENCE_STRATEGIES
@@ -63,6 +64,14 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     predict.add_argument(
+        "--export",
+        nargs="+",
+        choices=(*FORMATS, "all"),
+        default=list(DEFAULT_EXPORTS),
+        metavar="FORMAT",
+        help=f"files to write: {', '.join(FORMATS)} or all (default: {' '.join(DEFAULT_EXPORTS)})",
+    )
+    predict.add_argument(
         "--seed", type=int, default=42, help="seed for the RANSAC steps (default 42)"
     )
     predict.add_argument(
@@ -95,8 +104,7 @@ def _fresh_output(folder: Path) -> None:
 
 
 def predict(args: argparse.Namespace) -> list[Path]:
-    from da3cog.export.cameras import export_cameras_json
-    from da3cog.export.depth import export_depth_npy
+    from da3cog.export.manifest import export_all
     from da3cog.pipeline import DepthAnything3, InferenceOptions
 
     _fresh_output(args.out)
@@ -117,20 +125,14 @@ def predict(args: argparse.Namespace) -> list[Path]:
         options=options,
         progress=lambda message: print(f"[da3cog] {message}", file=sys.stderr),
     )
-    # Write into a sibling staging folder and move it into place: no half-written results.
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=args.out.parent, prefix=f".{args.out.name}."))
-    try:
-        written = [*export_depth_npy(prediction, staging), export_cameras_json(prediction, staging)]
-        if args.out.exists():
-            args.out.rmdir()
-        staging.rename(args.out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    print(f"[da3cog] writing {', '.join(args.export)}", file=sys.stderr)
+    # The point-cloud subsample is the only seeded export step.
+    seeded = {"ply", "glb", "colmap", "colmap_text", "colmap_binary", "all"}
+    export_options = {"seed": args.seed} if seeded & set(args.export) else {}
+    manifest = export_all(prediction, args.out, args.export, **export_options)
     for note in prediction.notes:
         print(f"[da3cog] note: {note}", file=sys.stderr)
-    return [args.out / path.name for path in written]
+    return manifest.paths
 
 
 def main(argv: list[str] | None = None) -> int:
