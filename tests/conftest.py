@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 import skimage.data
+import torch
 
 if TYPE_CHECKING:
     from da3cog.pipeline import DepthAnything3
@@ -33,6 +34,26 @@ def small_model(small_checkpoint: Path) -> DepthAnything3:
     from da3cog.pipeline import DepthAnything3
 
     return DepthAnything3.from_pretrained(small_checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def small_zoo_checkpoint(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Callable[[str], tuple[Path, torch.nn.Module]]:
+    """``small_zoo_checkpoint("nested-small")``: a Hub-layout folder of one of
+    ``oracle.small_configs`` written by upstream with seeded random weights, and upstream's
+    network; made once per session."""
+    from oracle import save_checkpoint
+
+    made: dict[str, tuple[Path, torch.nn.Module]] = {}
+
+    def get(name: str) -> tuple[Path, torch.nn.Module]:
+        if name not in made:
+            folder = tmp_path_factory.mktemp("small-zoo") / name
+            made[name] = (folder, save_checkpoint(name, folder, seed=11).model.eval())
+        return made[name]
+
+    return get
 
 
 @functools.cache

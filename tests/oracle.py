@@ -18,12 +18,57 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 
+def _object(path: str, name: str) -> dict:
+    return {"__object__": {"path": f"depth_anything_3.model.{path}", "name": name,
+                           "args": "as_params"}}
+
+
+def small_configs() -> dict[str, dict]:
+    """Upstream configs of ViT-S stand-ins for the big presets, derived from the official
+    yaml files with only the sizes changed (ours: ``small_zoo.py``):
+
+    * ``small-gs``: da3-small plus da3-giant's GS head (at da3-small's head size) and adapter;
+    * ``metric-small``: da3metric-large (= da3mono-large) on a ViT-S;
+    * ``nested-small``: upstream's nested network over those two.
+    """
+    from depth_anything_3.cfg import load_config
+    from depth_anything_3.registry import MODEL_REGISTRY
+    from omegaconf import OmegaConf
+
+    def official(name: str) -> dict:
+        return OmegaConf.to_container(load_config(MODEL_REGISTRY[name]))
+
+    small, giant, metric = official("da3-small"), official("da3-giant"), official("da3metric-large")
+    small_head = {"features": 64, "out_channels": [48, 96, 192, 384]}
+    small_gs = {
+        **small,
+        "gs_head": {**giant["gs_head"], "dim_in": small["head"]["dim_in"], **small_head},
+        "gs_adapter": giant["gs_adapter"],
+    }
+    metric_small = {
+        **metric,
+        "net": {**metric["net"], "name": "vits", "out_layers": [2, 5, 8, 11]},
+        "head": {**metric["head"], "dim_in": 384, **small_head},
+    }
+    nested = {
+        **_object("da3", "NestedDepthAnything3Net"),
+        "anyview": small_gs,
+        "metric": metric_small,
+    }
+    return {"small-gs": small_gs, "metric-small": metric_small, "nested-small": nested}
+
+
 def build_upstream(model_name: str) -> nn.Module:
+    """An official preset (upstream's registry names) or one of :func:`small_configs`."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from depth_anything_3.cfg import create_object, load_config
         from depth_anything_3.registry import MODEL_REGISTRY
+        from omegaconf import OmegaConf
 
+        small = small_configs()
+        if model_name in small:
+            return create_object(OmegaConf.create(small[model_name])).eval()
         return create_object(load_config(MODEL_REGISTRY[model_name])).eval()
 
 

@@ -21,8 +21,11 @@ from da3cog.weights import (
     WEIGHTS_NAME,
     CheckpointError,
     LoadedModel,
+    assign_weights,
     load_model,
+    read_preset,
     resolve_checkpoint,
+    tied_keys,
 )
 
 TIED_ORIGIN = "head.scratch.output_conv2_aux.0.2.weight"
@@ -227,6 +230,100 @@ def test_a_checkpoint_of_another_preset_is_rejected(tmp_path: Path, small_checkp
         load_model(folder)
 
 
+@pytest.mark.parametrize(
+    ("model_name", "names"),
+    [
+        ("da3nested-giant-large", ["missing keys", "da3.backbone.", "da3_metric.head.scratch."]),
+        ("da3metric-large", ["unexpected keys", "head.scratch.output_conv1_aux."]),
+    ],
+)
+def test_a_small_checkpoint_named_as_another_family_is_rejected(
+    tmp_path: Path, small_checkpoint: Path, model_name: str, names: list[str]
+) -> None:
+    folder = write_config(tmp_path / "checkpoint", small_checkpoint, {"model_name": model_name})
+    with pytest.raises(CheckpointError) as raised:
+        load_model(folder)
+    for name in names:
+        assert name in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "model_name", ["da3mono-large", "da3metric-large", "da3nested-giant-large"]
+)
+def test_official_config_json_names_the_new_presets(
+    tmp_path: Path, small_checkpoint: Path, model_name: str
+) -> None:
+    folder = write_config(tmp_path / "checkpoint", small_checkpoint, {"model_name": model_name})
+    assert read_preset(folder) is PRESETS[model_name]
+
+
+# --------------------------------------------------------------------------------------------
+# The nested layout: two sub-networks, model.da3.* and model.da3_metric.*
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nested_folder(small_zoo_checkpoint: Callable[[str], tuple[Path, torch.nn.Module]]) -> Path:
+    folder, _ = small_zoo_checkpoint("nested-small")
+    return folder
+
+
+def test_nested_checkpoint_loads_both_sub_networks_strictly(nested_folder: Path) -> None:
+    from small_zoo import NESTED_SMALL, load_small
+
+    tensors = file_tensors(nested_folder)
+    assert {key.split(".")[1] for key in tensors} == {"da3", "da3_metric"}
+    network = load_small(nested_folder, NESTED_SMALL)
+    tied = tied_keys(network)
+    assert tied == {f"da3.{key}": f"da3.{origin}" for key, origin in TIED_KEYS.items()}
+    state = network.state_dict()
+    provided = {key.removeprefix("model."): value for key, value in tensors.items()}
+    assert set(provided) == set(state) - set(tied)
+    for key, tensor in state.items():
+        assert torch.equal(tensor, provided[tied.get(key, key)]), key
+    origin = state["da3." + TIED_ORIGIN]
+    for key in TIED_LEVELS:
+        assert state["da3." + key].data_ptr() == origin.data_ptr()
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "names"),
+    [
+        (removed("da3_metric.head.scratch.sky_output_conv2.2.bias"),
+         ["missing keys", "da3_metric.head.scratch.sky_output_conv2.2.bias"]),
+        (removed("da3." + TIED_ORIGIN), ["missing keys", "da3." + TIED_ORIGIN]),
+        (lambda t: {**t, "model.da3_metric.cam_dec.fc_t.weight": torch.zeros(3, 3)},
+         ["unexpected keys", "da3_metric.cam_dec.fc_t.weight"]),
+        (lambda t: {k.replace("model.da3_metric.", "model.metric."): v for k, v in t.items()},
+         ["missing keys", "da3_metric.backbone.", "unexpected keys", "metric.backbone."]),
+    ],
+    ids=["metric-key-removed", "tied-origin-removed", "extra", "renamed-branch"],
+)
+def test_nested_strict_loading_names_the_offending_key(
+    nested_folder: Path,
+    corrupt: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    names: list[str],
+) -> None:
+    from small_zoo import NESTED_SMALL
+
+    state = {
+        key.removeprefix("model."): value
+        for key, value in corrupt(file_tensors(nested_folder)).items()
+    }
+    with torch.device("meta"):
+        network = build_network(NESTED_SMALL)
+    with pytest.raises(CheckpointError) as raised:
+        assign_weights(network, state)
+    for name in names:
+        assert name in str(raised.value)
+
+
+def test_single_view_networks_tie_nothing() -> None:
+    with torch.device("meta"):
+        assert tied_keys(build_network(PRESETS["da3metric-large"])) == {}
+        assert tied_keys(build_network(PRESETS["da3-small"])) == TIED_KEYS
+
+
 @pytest.mark.parametrize("missing", [WEIGHTS_NAME, CONFIG_NAME])
 def test_folder_lacking_a_file_is_a_checkpoint_error_naming_it(
     tmp_path: Path, small_checkpoint: Path, missing: str
@@ -357,10 +454,19 @@ def meta_parameter_count(name: str) -> int:
 
 @pytest.mark.parametrize(
     ("name", "millions"),
-    [("da3-small", 34.3), ("da3-base", 135.4), ("da3-large", 410.9), ("da3-giant", 1355.7)],
+    [
+        ("da3-small", 34.3),
+        ("da3-base", 135.4),
+        ("da3-large", 410.9),
+        ("da3-giant", 1355.7),
+        ("da3mono-large", 334.2),
+        ("da3metric-large", 334.2),
+        ("da3nested-giant-large", 1689.8),
+    ],
 )
 def test_parameter_counts_built_on_the_meta_device(name: str, millions: float) -> None:
-    """Measured from upstream: small 34.3M, base 135.4M, large 410.9M, giant 1.36B."""
+    """Measured from upstream: small 34.3M, base 135.4M, large 410.9M, giant 1.36B, mono and
+    metric large 334,171,394, nested giant-large 1,689,845,519."""
     assert round(meta_parameter_count(name) / 1e5) / 10 == millions
 
 
@@ -370,6 +476,15 @@ def test_parameter_counts_equal_upstream(name: str) -> None:
 
     upstream = build_upstream(name)
     assert meta_parameter_count(name) == unique_parameter_count(upstream)
+
+
+@pytest.mark.parametrize(
+    ("name", "count"),
+    [("da3metric-large", 334_171_394), ("da3nested-giant-large", 1_689_845_519)],
+)
+def test_parameter_counts_of_the_new_families_equal_upstream(name: str, count: int) -> None:
+    """Upstream's counts (counted on its networks, too large to build in CI)."""
+    assert meta_parameter_count(name) == count
 
 
 def test_parameter_count_of_giant_rounds_to_1_36_billion() -> None:

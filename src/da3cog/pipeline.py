@@ -23,8 +23,17 @@ from da3cog.geometry import (
     normalize_pose_conditioning,
     trajectory_scale,
 )
-from da3cog.io import ImageSource, ViewGeometry, image_name, load_image, prepare_images
-from da3cog.model.network import NetworkOutput
+from da3cog.io import (
+    ImageSource,
+    ViewGeometry,
+    exif_focal,
+    image_name,
+    load_image,
+    prepare_images,
+)
+from da3cog.model.gaussian_adapter import build_gaussians
+from da3cog.model.metric import SKY_THRESHOLD, canonical_to_metric
+from da3cog.model.network import NetworkOutput, gaussian_models
 from da3cog.model.reference_view import ReferenceStrategy, check_strategy
 from da3cog.weights import LoadedModel, load_model
 
@@ -32,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 OutputResolution = Literal["input", "processing"]
 OUTPUT_RESOLUTIONS: tuple[str, ...] = ("input", "processing")
+CameraSource = Literal["predicted", "user intrinsics", "exif"]
 
 
 def _frozen(array: np.ndarray) -> np.ndarray:
@@ -47,25 +57,34 @@ class ViewPrediction:
     Attributes:
         name: short name of the input (file stem or ``view_0003``).
         depth: ``(H, W)`` float32 z-depth along the optical axis; metres when the prediction
-            is metric, otherwise a relative unit shared by all views of the request.
-        confidence: ``(H, W)`` float32, > 1, higher is more reliable.
+            is metric, otherwise a relative unit shared by all views of the request. Models
+            with a sky mask give sky pixels a far value.
+        confidence: ``(H, W)`` float32, > 1, higher is more reliable; None for the
+            single-view models (mono, metric), which predict none.
         image: ``(H, W, 3)`` uint8 RGB the depth map is aligned with.
         extrinsics: ``(4, 4)`` float32 world-to-camera, OpenCV axes (x right, y down, z
-            forward), same unit as depth.
-        intrinsics: ``(3, 3)`` float32 in pixels of this ``H x W`` image, pixel centres at +0.5.
+            forward), same unit as depth; None when no camera was estimated or given (see
+            :attr:`Prediction.cameras_estimated`).
+        intrinsics: ``(3, 3)`` float32 in pixels of this ``H x W`` image, pixel centres at
+            +0.5; None when none was estimated, given or read from EXIF (see
+            :attr:`Prediction.intrinsics_source`).
         input_size: ``(height, width)`` of the image as given.
         crop_box: ``(x0, y0, x1, y1)``: the part of the input image this view covers, in input
             pixels (the whole image unless a crop resize method or mixed sizes cropped it).
+        sky: ``(H, W)`` bool, True on sky: the pixels whose depth holds the far value (sky
+            score >= 0.3, the threshold the depth post-processing uses; upstream's own
+            Prediction.sky thresholds at 0.5 instead). None for models without a sky head.
     """
 
     name: str
     depth: np.ndarray
-    confidence: np.ndarray
+    confidence: np.ndarray | None
     image: np.ndarray
-    extrinsics: np.ndarray
-    intrinsics: np.ndarray
+    extrinsics: np.ndarray | None
+    intrinsics: np.ndarray | None
     input_size: tuple[int, int]
     crop_box: tuple[float, float, float, float]
+    sky: np.ndarray | None = None
 
     @property
     def height(self) -> int:
@@ -77,14 +96,58 @@ class ViewPrediction:
 
 
 @dataclass(frozen=True)
+class Gaussians:
+    """3D Gaussians, one per pixel of every view at the processing resolution, in the world
+    frame and unit of the :class:`Prediction` they belong to (read-only float32 arrays).
+
+    ``G = views x height x width`` (``grid``), ordered view by view, then row by row.
+
+    Attributes:
+        means: ``(G, 3)`` centres.
+        scales: ``(G, 3)`` standard deviations along the Gaussian's own axes (not log).
+        rotations: ``(G, 4)`` unit quaternions, scalar first ``(w, x, y, z)``: the order 3DGS
+            PLY files (``rot_0..rot_3``) and gsplat read (upstream's values, see
+            :mod:`da3cog.model.gaussian_adapter`).
+        harmonics: ``(G, 3, 9)`` RGB spherical-harmonic coefficients up to degree 2, world
+            frame, 3DGS basis and order (``[..., 0]`` is the DC term).
+        opacities: ``(G,)`` in (0, 1).
+        grid: ``(views, height, width)``.
+    """
+
+    means: np.ndarray
+    scales: np.ndarray
+    rotations: np.ndarray
+    harmonics: np.ndarray
+    opacities: np.ndarray
+    grid: tuple[int, int, int]
+
+    def __len__(self) -> int:
+        return int(self.means.shape[0])
+
+
+@dataclass(frozen=True)
 class Prediction:
-    """Depth and cameras for every view of one request.
+    """Depth (and cameras, sky and Gaussians where the model has them) for every view of one
+    request.
 
     World frame: the first view's camera (its extrinsics are the identity), or the user's own
     frame when the request gave extrinsics (then the poses are the user's and depth is scaled
-    to their unit). ``is_metric`` says whether depth is in metres; any-view models predict
-    relative depth. ``notes`` records anything a user should know about how the result was
-    made (for example a scale that could not be aligned).
+    to their unit). Single-view models (mono, metric) estimate no cameras: then
+    ``cameras_estimated`` is False, every view's extrinsics is None and its intrinsics are the
+    user's or EXIF's (``intrinsics_source``) or None; views are not registered to each other.
+
+    Attributes:
+        is_metric: depth (and camera translations, Gaussians) in metres. Never set without a
+            focal length: ``focal_source`` says which one made the depth metric.
+        focal_source: ``"predicted"`` (nested models: the any-view branch's focal),
+            ``"user intrinsics"`` or ``"exif"`` (metric model), None when depth is relative.
+        cameras_estimated: the model predicted cameras (any-view and nested models).
+        intrinsics_source: where the views' intrinsics come from: ``"predicted"``, ``"user
+            intrinsics"``, ``"exif"`` or None (no intrinsics).
+        metric_scale: nested models: the factor that took the any-view depth to metres.
+        gaussians: the per-pixel 3D Gaussians when requested (giant and nested models).
+        notes: anything a user should know about how the result was made (a scale that could
+            not be aligned, why depth is not metric...).
     """
 
     views: tuple[ViewPrediction, ...]
@@ -96,19 +159,24 @@ class Prediction:
     pose_conditioned: bool
     reference_view: int | None
     notes: tuple[str, ...] = field(default=())
+    cameras_estimated: bool = True
+    intrinsics_source: CameraSource | None = "predicted"
+    focal_source: CameraSource | None = None
+    metric_scale: float | None = None
+    gaussians: Gaussians | None = None
 
     def __len__(self) -> int:
         return len(self.views)
 
     @property
-    def extrinsics(self) -> np.ndarray:
-        """``(N, 4, 4)`` world-to-camera."""
-        return np.stack([v.extrinsics for v in self.views])
+    def extrinsics(self) -> np.ndarray | None:
+        """``(N, 4, 4)`` world-to-camera, or None without cameras."""
+        return self._stack_optional("extrinsics")
 
     @property
-    def intrinsics(self) -> np.ndarray:
-        """``(N, 3, 3)``, each in pixels of its own view's depth map."""
-        return np.stack([v.intrinsics for v in self.views])
+    def intrinsics(self) -> np.ndarray | None:
+        """``(N, 3, 3)``, each in pixels of its own view's depth map, or None."""
+        return self._stack_optional("intrinsics")
 
     @property
     def depth(self) -> np.ndarray:
@@ -116,8 +184,19 @@ class Prediction:
         return self._stack("depth")
 
     @property
-    def confidence(self) -> np.ndarray:
-        return self._stack("confidence")
+    def confidence(self) -> np.ndarray | None:
+        """``(N, H, W)``, or None for models without confidence."""
+        return self._stack_optional("confidence")
+
+    @property
+    def sky(self) -> np.ndarray | None:
+        """``(N, H, W)`` bool, or None for models without a sky mask."""
+        return self._stack_optional("sky")
+
+    def _stack_optional(self, name: str) -> np.ndarray | None:
+        if any(getattr(v, name) is None for v in self.views):
+            return None
+        return self._stack(name)
 
     def _stack(self, name: str) -> np.ndarray:
         shapes = {getattr(v, name).shape for v in self.views}
@@ -142,7 +221,9 @@ class InferenceOptions:
         output_resolution: ``input`` (each view at its input size, intrinsics rescaled) or
             ``processing`` (the network's resolution).
         align_to_input_scale: with user extrinsics, rescale depth to their unit (as upstream).
-        seed: seeds the ray RANSAC and the pose-alignment RANSAC, so a request is repeatable.
+        seed: seeds every random step (ray and pose-alignment RANSAC, the sky and metric-scale
+            quantile sampling), so a request is repeatable.
+        infer_gaussians: also predict per-pixel 3D Gaussians (models with a Gaussian head).
     """
 
     process_res: int = 504
@@ -152,6 +233,7 @@ class InferenceOptions:
     output_resolution: OutputResolution = "input"
     align_to_input_scale: bool = True
     seed: int = 42
+    infer_gaussians: bool = False
 
     def __post_init__(self) -> None:
         check_strategy(self.reference_strategy)
@@ -218,22 +300,27 @@ class DepthAnything3:
         Args:
             images: paths, PIL images or ``(H, W, 3)`` uint8 arrays, one per view.
             extrinsics: optional ``(N, 3|4, 4)`` world-to-camera poses (OpenCV axes) to
-                condition on; needs ``intrinsics``.
-            intrinsics: ``(N, 3, 3)`` pixel intrinsics of the input images.
+                condition on; needs ``intrinsics``. Any-view models only.
+            intrinsics: ``(N, 3, 3)`` pixel intrinsics of the input images. Any-view models
+                take them with extrinsics; single-view models take them alone (the metric
+                model's focal length; otherwise reported as the views' intrinsics). Without
+                them, single-view models read focal lengths from EXIF.
             options: processing options (defaults: :class:`InferenceOptions`).
             progress: called with a short message at each stage.
+
+        With ``options.infer_gaussians`` the Gaussians follow the returned cameras: each view's
+        Gaussians are placed with that view's Prediction extrinsics and (processing-resolution)
+        intrinsics and the Prediction's depth unit, so with given poses they follow the
+        user's poses and intrinsics, and otherwise the predicted cameras anchored to the first
+        view (upstream keeps its predicted cameras even when given poses).
         """
         options = options or InferenceOptions()
+        preset = self.loaded.preset
         report = progress or (lambda message: logger.info("%s", message))
         if isinstance(images, (str, os.PathLike, np.ndarray)) or not len(images):
             raise ValueError("images must be a non-empty list of paths, PIL images or arrays")
         count = len(images)
-        if extrinsics is not None and intrinsics is None:
-            raise ValueError("pose conditioning needs intrinsics as well as extrinsics")
-        if intrinsics is not None and extrinsics is None:
-            raise ValueError(
-                "intrinsics alone are not used by any-view models: give extrinsics too, or neither"
-            )
+        self._check_request(extrinsics, intrinsics, options)
         user_extrinsics = check_extrinsics(extrinsics, count) if extrinsics is not None else None
         user_intrinsics = check_intrinsics(intrinsics, count) if intrinsics is not None else None
 
@@ -241,60 +328,118 @@ class DepthAnything3:
         report(f"decoding {count} image(s)")
         names = [image_name(source, index) for index, source in enumerate(images)]
         arrays = [load_image(source) for source in images]
+        notes: list[str] = []
+        intrinsics_source: CameraSource | None = None
+        if user_intrinsics is not None:
+            intrinsics_source = "user intrinsics"
+        elif not preset.cameras:
+            user_intrinsics, reason = _exif_intrinsics(images, arrays)
+            if user_intrinsics is not None:
+                intrinsics_source = "exif"
+            elif preset.canonical_metric:
+                notes.append(
+                    "depth is not metric: the metric model needs a focal length and none was "
+                    f"given or found in EXIF ({reason}); depth is the model's canonical output "
+                    "(metres only for a 300-pixel focal length at the processing resolution)"
+                )
+                logger.warning("%s", notes[-1])
         report("preprocessing")
         batch = prepare_images(arrays, options.process_res, options.resize_method, user_intrinsics)
         generator = torch.Generator(device=self.device).manual_seed(options.seed)
 
+        posed = user_extrinsics is not None and batch.intrinsics is not None
         conditioning = None
-        if user_extrinsics is not None and batch.intrinsics is not None:
+        if posed:
             conditioning = normalize_pose_conditioning(
                 torch.from_numpy(user_extrinsics).float()[None].to(self.device)
             )
-        report(f"running {self.loaded.preset.name} on {count} view(s) at {batch.processing_size}")
+        report(f"running {preset.name} on {count} view(s) at {batch.processing_size}")
         output: NetworkOutput = self.network(
             batch.images[None].to(self.device),
             conditioning,
             batch.intrinsics[None].to(self.device) if conditioning is not None else None,
             reference_strategy=options.reference_strategy,
             pose_from_rays=options.pose_from_rays,
+            infer_gaussians=options.infer_gaussians,
             generator=generator,
             autocast_dtype=self.autocast_dtype,
         )
         report("postprocessing")
-        depth = output.depth[0].float().cpu().numpy()
-        confidence = output.depth_conf[0].float().cpu().numpy()
-        predicted_extrinsics = output.extrinsics[0].float().cpu()
-        notes: list[str] = []
-        if user_extrinsics is not None and batch.intrinsics is not None:
-            extrinsics_out = user_extrinsics.astype(np.float32)
-            intrinsics_out = batch.intrinsics.numpy()
-            if options.align_to_input_scale:
-                # Scale taking the user's trajectory onto the network's (upstream's direction:
-                # Umeyama is not symmetric under noise), so depth / scale is in user units.
-                scale = trajectory_scale(
-                    user_extrinsics, predicted_extrinsics.double().numpy(), seed=options.seed
-                )
-                if scale is None:
-                    notes.append(
-                        "the input cameras do not determine a scale (one view or coincident "
-                        "centres): depth keeps the network's relative unit"
-                    )
-                else:
-                    depth = depth / scale
+        depth = output.depth[0].float().cpu()
+        confidence = _numpy_or_none(output.depth_conf)
+        sky = _numpy_or_none(output.sky)
+        is_metric = False
+        focal_source: CameraSource | None = None
+        metric_scale: float | None = None
+        # Factor taking the network's depth unit to the Prediction's (Gaussians follow it).
+        unit = 1.0
+        extrinsics_out: np.ndarray | None
+        intrinsics_out: np.ndarray | None
+        if not preset.cameras:
+            extrinsics_out = None
+            intrinsics_out = batch.intrinsics.numpy() if batch.intrinsics is not None else None
+            if preset.canonical_metric and batch.intrinsics is not None:
+                # Focal lengths in pixels of the processing image: what the network saw.
+                depth = canonical_to_metric(depth, batch.intrinsics)
+                is_metric, focal_source = True, intrinsics_source
         else:
-            extrinsics_out = anchor_to_first_view(predicted_extrinsics).numpy()
-            intrinsics_out = output.intrinsics[0].float().cpu().numpy()
+            intrinsics_source = "user intrinsics" if posed else "predicted"
+            if preset.is_nested and output.metric_scales is not None:
+                metric_scale = output.metric_scales[0]
+                if metric_scale is None:
+                    notes.append(
+                        "depth is not metric: too few non-sky pixels to fit the metric scale; "
+                        "depth and cameras keep the any-view model's relative unit"
+                    )
+                    logger.warning("%s", notes[-1])
+                else:
+                    is_metric, focal_source = True, "predicted"
+            predicted_extrinsics = output.extrinsics[0].float().cpu()
+            if posed:
+                extrinsics_out = user_extrinsics.astype(np.float32)
+                intrinsics_out = batch.intrinsics.numpy()
+                if options.align_to_input_scale:
+                    # Scale taking the user's trajectory onto the network's (upstream's
+                    # direction: Umeyama is not symmetric under noise), so depth / scale is in
+                    # user units.
+                    scale = trajectory_scale(
+                        user_extrinsics, predicted_extrinsics.double().numpy(), seed=options.seed
+                    )
+                    if scale is None:
+                        notes.append(
+                            "the input cameras do not determine a scale (one view or coincident "
+                            "centres): depth keeps the network's relative unit"
+                        )
+                    else:
+                        depth = depth / scale
+                        unit = 1.0 / scale
+                        if is_metric:
+                            notes.append(
+                                "depth is in the unit of the given extrinsics, not the metric "
+                                "model's metres (align_to_input_scale)"
+                            )
+                            is_metric, focal_source = False, None
+            else:
+                extrinsics_out = anchor_to_first_view(predicted_extrinsics).numpy()
+                intrinsics_out = output.intrinsics[0].float().cpu().numpy()
 
+        gaussians = (
+            _gaussians(output, extrinsics_out, intrinsics_out, unit)
+            if options.infer_gaussians
+            else None
+        )
+        depth_np = depth.numpy()
         views = tuple(
             self._view(
                 names[index],
                 arrays[index],
                 batch.views[index],
                 batch.rgb[index],
-                depth[index],
-                confidence[index],
-                extrinsics_out[index],
-                intrinsics_out[index],
+                depth_np[index],
+                None if confidence is None else confidence[index],
+                None if sky is None else sky[index],
+                None if extrinsics_out is None else extrinsics_out[index],
+                None if intrinsics_out is None else intrinsics_out[index],
                 options.output_resolution,
             )
             for index in range(count)
@@ -303,15 +448,48 @@ class DepthAnything3:
         report(f"done in {time.perf_counter() - started:.2f}s")
         return Prediction(
             views=views,
-            is_metric=False,
+            is_metric=is_metric,
             model_id=self.loaded.model_id,
-            model_preset=self.loaded.preset.name,
+            model_preset=preset.name,
             processing_size=batch.processing_size,
             output_resolution=options.output_resolution,
-            pose_conditioned=user_extrinsics is not None,
+            pose_conditioned=posed,
             reference_view=int(reference[0]) if reference is not None else None,
             notes=tuple(notes),
+            cameras_estimated=preset.cameras,
+            intrinsics_source=intrinsics_source,
+            focal_source=focal_source,
+            metric_scale=metric_scale,
+            gaussians=gaussians,
         )
+
+    def _check_request(
+        self,
+        extrinsics: np.ndarray | None,
+        intrinsics: np.ndarray | None,
+        options: InferenceOptions,
+    ) -> None:
+        """Reject what the model cannot do before any image is decoded."""
+        preset = self.loaded.preset
+        if not preset.cameras:
+            if extrinsics is not None:
+                raise ValueError(
+                    f"{preset.name} is a single-view model: it takes no camera poses (give "
+                    "intrinsics alone to set focal lengths)"
+                )
+            if options.pose_from_rays:
+                raise ValueError(f"{preset.name} is a single-view model: it estimates no poses")
+        elif extrinsics is not None and intrinsics is None:
+            raise ValueError("pose conditioning needs intrinsics as well as extrinsics")
+        elif intrinsics is not None and extrinsics is None:
+            raise ValueError(
+                "intrinsics alone are not used by any-view models: give extrinsics too, or neither"
+            )
+        if options.infer_gaussians and not preset.has_gaussian_head:
+            raise ValueError(
+                f"{preset.name} has no Gaussian head; models with one: "
+                f"{', '.join(gaussian_models())}"
+            )
 
     def _view(
         self,
@@ -320,13 +498,17 @@ class DepthAnything3:
         geometry: ViewGeometry,
         processed_rgb: np.ndarray,
         depth: np.ndarray,
-        confidence: np.ndarray,
-        extrinsics: np.ndarray,
-        intrinsics: np.ndarray,
+        confidence: np.ndarray | None,
+        sky: np.ndarray | None,
+        extrinsics: np.ndarray | None,
+        intrinsics: np.ndarray | None,
         resolution: OutputResolution,
     ) -> ViewPrediction:
-        homogeneous = np.eye(4, dtype=np.float32)
-        homogeneous[:3, :] = extrinsics[:3, :]
+        homogeneous = None
+        if extrinsics is not None:
+            homogeneous = np.eye(4, dtype=np.float32)
+            homogeneous[:3, :] = extrinsics[:3, :]
+        maps = [m for m in (depth, confidence, sky) if m is not None]
         if resolution == "processing":
             image = processed_rgb
         else:
@@ -335,22 +517,85 @@ class DepthAnything3:
             left, top = math.ceil(x0 - 1e-6), math.ceil(y0 - 1e-6)
             right, bottom = math.floor(x1 + 1e-6), math.floor(y1 + 1e-6)
             image = input_rgb[top:bottom, left:right]
-            intrinsics = np.asarray(geometry.intrinsics_to_input(intrinsics.astype(np.float64)))
-            intrinsics[0, 2] -= left
-            intrinsics[1, 2] -= top
-            depth, confidence = _resample_to_input(
-                np.stack([depth, confidence]), geometry, (top, left), (bottom - top, right - left)
+            if intrinsics is not None:
+                intrinsics = np.asarray(
+                    geometry.intrinsics_to_input(intrinsics.astype(np.float64))
+                )
+                intrinsics[0, 2] -= left
+                intrinsics[1, 2] -= top
+            maps = list(
+                _resample_to_input(
+                    np.stack(maps), geometry, (top, left), (bottom - top, right - left)
+                )
             )
+        depth = maps.pop(0)
+        confidence = maps.pop(0) if confidence is not None else None
+        # The sky score is resampled like depth, then thresholded as the network did.
+        sky_mask = maps.pop(0) >= SKY_THRESHOLD if sky is not None else None
         return ViewPrediction(
             name=name,
             depth=_frozen(depth.astype(np.float32)),
-            confidence=_frozen(confidence.astype(np.float32)),
+            confidence=None if confidence is None else _frozen(confidence.astype(np.float32)),
             image=_frozen(np.array(image, copy=True)),
-            extrinsics=_frozen(homogeneous),
-            intrinsics=_frozen(intrinsics.astype(np.float32)),
+            extrinsics=None if homogeneous is None else _frozen(homogeneous),
+            intrinsics=None if intrinsics is None else _frozen(intrinsics.astype(np.float32)),
             input_size=geometry.input_size,
             crop_box=geometry.input_crop_box,
+            sky=None if sky_mask is None else _frozen(sky_mask),
         )
+
+
+def _numpy_or_none(tensor: torch.Tensor | None) -> np.ndarray | None:
+    """First scene of a ``(B, S, ...)`` tensor as float32 numpy, or None."""
+    return None if tensor is None else tensor[0].float().cpu().numpy()
+
+
+def _exif_intrinsics(
+    images: Sequence[ImageSource], arrays: Sequence[np.ndarray]
+) -> tuple[np.ndarray | None, str]:
+    """``(N, 3, 3)`` input-pixel intrinsics from every view's EXIF focal length (principal
+    point at the image centre), or None and the reason when a view has none."""
+    matrices = []
+    for index, (source, array) in enumerate(zip(images, arrays, strict=True)):
+        focal = exif_focal(source)
+        if isinstance(focal, str):
+            return None, f"view {index}: {focal}"
+        height, width = array.shape[:2]
+        matrices.append([[focal.fx, 0.0, width / 2], [0.0, focal.fy, height / 2], [0, 0, 1]])
+    return np.array(matrices, dtype=np.float64), ""
+
+
+def _gaussians(
+    output: NetworkOutput,
+    extrinsics: np.ndarray | None,
+    intrinsics: np.ndarray | None,
+    unit: float,
+) -> Gaussians:
+    """The network's Gaussians placed with the Prediction's cameras (processing resolution)
+    and in its depth unit (``unit``: Prediction unit per network unit)."""
+    parameters = output.gaussian_parameters
+    if parameters is None or extrinsics is None or intrinsics is None:
+        raise RuntimeError("the network returned no Gaussian parameters or cameras")
+    device = parameters.raw.device
+    parameters = parameters.rescaled(torch.full((1,), unit, device=device))
+    world = build_gaussians(
+        parameters,
+        torch.from_numpy(np.asarray(extrinsics, dtype=np.float32))[None].to(device),
+        torch.from_numpy(np.asarray(intrinsics, dtype=np.float32))[None].to(device),
+    )
+    _, views, height, width = parameters.depth.shape
+
+    def flat(x: torch.Tensor, *shape: int) -> np.ndarray:
+        return _frozen(x[0].float().cpu().numpy().reshape(views * height * width, *shape))
+
+    return Gaussians(
+        means=flat(world.means, 3),
+        scales=flat(world.scales, 3),
+        rotations=flat(world.rotations, 4),
+        harmonics=flat(world.harmonics, 3, 9),
+        opacities=flat(world.opacities),
+        grid=(views, height, width),
+    )
 
 
 def _resample_to_input(

@@ -1,10 +1,11 @@
 """Find, build and strictly load DA3 checkpoints.
 
 A checkpoint is a folder in the official Hub layout: ``config.json`` (``{"model_name":
-"da3-large"}``) and ``model.safetensors`` with keys ``model.<module path>``. The network is
-built on the meta device and the safetensors tensors are assigned straight into it, so no
-memory is spent on a random initialisation. Loading is strict: every missing or unexpected key
-is an error, except the short allowlist below.
+"da3-large"}``) and ``model.safetensors`` with keys ``model.<module path>``; nested checkpoints
+hold two sub-networks, ``model.da3.*`` (any-view) and ``model.da3_metric.*`` (metric). The
+network is built on the meta device and the safetensors tensors are assigned straight into it,
+so no memory is spent on a random initialisation. Loading is strict: every missing or
+unexpected key is an error, except the short allowlist below.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
-from da3cog.model.network import DepthAnything3Network, build_network
+from da3cog.model.dual_dpt import DualDPTHead
+from da3cog.model.network import Network, build_network
 from da3cog.model.presets import ALIASES, PRESETS, ModelPreset, get_preset
 
 logger = logging.getLogger(__name__)
@@ -32,11 +35,21 @@ CACHE_ENV = "DA3COG_CACHE_DIR"
 # Keys the official files legitimately lack, each tied to the key that carries its tensor.
 # The ray head shares one LayerNorm across its four levels; safetensors stores a shared tensor
 # under a single name (level 0), so levels 1-3 are tied to it rather than left at their init.
-TIED_KEYS: dict[str, str] = {
-    f"head.scratch.output_conv2_aux.{level}.2.{name}": f"head.scratch.output_conv2_aux.0.2.{name}"
+# Relative to a DualDPT head; :func:`tied_keys` places them under every such head of a network
+# (``head.`` for an any-view network, ``da3.head.`` inside a nested one).
+_TIED_IN_DUAL_DPT: dict[str, str] = {
+    f"scratch.output_conv2_aux.{level}.2.{name}": f"scratch.output_conv2_aux.0.2.{name}"
     for level in (1, 2, 3)
     for name in ("weight", "bias")
 }
+TIED_KEYS: dict[str, str] = {f"head.{k}": f"head.{v}" for k, v in _TIED_IN_DUAL_DPT.items()}
+"""The allowlist for a single any-view network."""
+
+
+def tied_keys(network: nn.Module) -> dict[str, str]:
+    """The allowlist for ``network``: the tied levels of each of its DualDPT heads."""
+    heads = [name for name, module in network.named_modules() if isinstance(module, DualDPTHead)]
+    return {f"{head}.{k}": f"{head}.{v}" for head in heads for k, v in _TIED_IN_DUAL_DPT.items()}
 
 
 class CheckpointError(RuntimeError):
@@ -47,7 +60,7 @@ class CheckpointError(RuntimeError):
 class LoadedModel:
     """A ready network with where it came from."""
 
-    network: DepthAnything3Network
+    network: Network
     preset: ModelPreset
     model_id: str
     source: Path
@@ -133,9 +146,14 @@ def _read_state_dict(path: Path, device: torch.device) -> dict[str, torch.Tensor
     return state
 
 
-def check_keys(expected: dict[str, torch.Tensor], provided: dict[str, torch.Tensor]) -> None:
-    """Raise CheckpointError naming every missing, unexpected or mis-shaped key."""
-    missing = sorted(k for k in expected if k not in provided and k not in TIED_KEYS)
+def check_keys(
+    expected: dict[str, torch.Tensor],
+    provided: dict[str, torch.Tensor],
+    tied: dict[str, str] = TIED_KEYS,
+) -> None:
+    """Raise CheckpointError naming every missing, unexpected or mis-shaped key; keys in
+    ``tied`` may be missing."""
+    missing = sorted(k for k in expected if k not in provided and k not in tied)
     unexpected = sorted(k for k in provided if k not in expected)
     wrong_shape = sorted(
         f"{k}: checkpoint {tuple(provided[k].shape)} vs model {tuple(expected[k].shape)}"
@@ -153,6 +171,24 @@ def check_keys(expected: dict[str, torch.Tensor], provided: dict[str, torch.Tens
         raise CheckpointError("checkpoint does not match the architecture: " + " | ".join(problems))
 
 
+def assign_weights(
+    network: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32
+) -> None:
+    """Strictly load ``state`` (keys without the ``model.`` prefix) into ``network`` (built on
+    the meta device or not) by assignment, tying the allowlisted keys, cast to ``dtype``; the
+    network ends in eval mode without gradients."""
+    expected = network.state_dict()
+    tied = tied_keys(network)
+    check_keys(expected, state, tied)
+    state = dict(state)
+    for key, origin in tied.items():
+        if key in expected and key not in state:
+            state[key] = state[origin]
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    network.load_state_dict(state, strict=True, assign=True)
+    network.eval().requires_grad_(False)
+
+
 def load_model(
     source: str | os.PathLike[str],
     *,
@@ -167,15 +203,7 @@ def load_model(
     preset = read_preset(folder)
     with torch.device("meta"):
         network = build_network(preset)
-    expected = network.state_dict()
-    state = _read_state_dict(folder / WEIGHTS_NAME, device)
-    check_keys(expected, state)
-    for tied, origin in TIED_KEYS.items():
-        if tied in expected and tied not in state:
-            state[tied] = state[origin]
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    network.load_state_dict(state, strict=True, assign=True)
-    network.eval().requires_grad_(False)
+    assign_weights(network, _read_state_dict(folder / WEIGHTS_NAME, device), dtype)
     logger.info(
         "loaded %s (%s) from %s in %.2fs",
         preset.name,

@@ -1,5 +1,6 @@
 """Image input: decoding user images and preparing the network's input batch."""
 
+from da3cog.io.exif import ExifFocal, exif_focal
 from da3cog.io.images import ImageSource, image_name, load_image
 from da3cog.io.preprocess import (
     IMAGENET_MEAN,
@@ -20,9 +21,11 @@ __all__ = [
     "MIN_PROCESS_RES",
     "PATCH_SIZE",
     "PROCESS_METHODS",
+    "ExifFocal",
     "ImageSource",
     "PreparedBatch",
     "ViewGeometry",
+    "exif_focal",
     "image_name",
     "load_image",
     "prepare_images",

@@ -1,8 +1,9 @@
-"""The DA3 any-view network: backbone + DualDPT head + camera encoder / decoder."""
+"""The DA3 networks: any-view (backbone + DualDPT head + camera encoder / decoder + optional GS
+head), single-view (backbone + DPT head with sky) and nested (one of each, metric-scaled)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -10,9 +11,17 @@ from torch import nn
 from da3cog.geometry import cameras_from_rays, invert_rigid
 from da3cog.model.backbone import Backbone, BackboneOutput
 from da3cog.model.camera import CameraDecoder, CameraEncoder, decode_pose
+from da3cog.model.dpt_head import DPTHead, DPTOutput
 from da3cog.model.dual_dpt import DualDPTHead, DualDPTOutput
+from da3cog.model.gaussian_adapter import GaussianParameters, Gaussians, build_gaussians
 from da3cog.model.gaussian_head import GaussianHead
-from da3cog.model.presets import ModelPreset
+from da3cog.model.metric import (
+    canonical_to_metric,
+    fill_sky_far,
+    fill_sky_relative,
+    fit_metric_scale,
+)
+from da3cog.model.presets import PRESETS, ModelPreset
 from da3cog.model.reference_view import ReferenceStrategy, check_strategy
 
 # Images per head call: bounds the head's activation memory for long sequences.
@@ -24,38 +33,113 @@ class NetworkOutput:
     """Raw network predictions for ``B`` scenes of ``S`` views at processing size ``H x W``.
 
     Attributes:
-        depth: ``(B, S, H, W)`` z-depth, relative scale.
-        depth_conf: ``(B, S, H, W)`` confidence (> 1, higher is better).
+        depth: ``(B, S, H, W)`` z-depth. Any-view and mono models: relative scale; metric
+            model: canonical (metres for a 300-pixel focal, see :mod:`da3cog.model.metric`);
+            nested models: metres for every scene whose ``metric_scales`` entry is set,
+            relative otherwise. Single-view and nested models give sky pixels a far value.
+        depth_conf: ``(B, S, H, W)`` confidence (> 1, higher is better; nested: 1 on sky), or
+            None for single-view models, which predict none.
         extrinsics: ``(B, S, 3, 4)`` world-to-camera, OpenCV axes, in the network's own world
-            frame (not anchored to any view).
-        intrinsics: ``(B, S, 3, 3)`` in pixels of the ``H x W`` processing image.
-        rays: ``(B, S, h, w, 6)`` ray map (direction, origin), ``h, w`` = 8 x patch grid.
-        ray_conf: ``(B, S, h, w)`` ray confidence.
+            frame (not anchored to any view), depth's unit; None for single-view models.
+        intrinsics: ``(B, S, 3, 3)`` in pixels of the ``H x W`` processing image; None for
+            single-view models.
+        rays: ``(B, S, h, w, 6)`` ray map (direction, origin), ``h, w`` = 8 x patch grid; None
+            for single-view models.
+        ray_conf: ``(B, S, h, w)`` ray confidence; None for single-view models.
         head: the head's pre-activation outputs, views flattened (diagnostics and parity).
         backbone: the backbone's outputs (diagnostics and parity).
+        sky: ``(B, S, H, W)`` sky score (sky where >= ``SKY_THRESHOLD``) for single-view and
+            nested models (from the metric branch), else None.
+        gaussian_parameters: the GS head's per-pixel outputs and the depth they sit on, when
+            Gaussians were requested.
+        gaussians: world-space Gaussians built with ``extrinsics`` and ``intrinsics`` (the
+            predicted cameras, even when poses were given for conditioning), in depth's unit;
+            when requested.
+        metric_scales: nested models: per scene the factor that took the any-view depth to
+            metres (applied to depth, extrinsic translations and Gaussians), or None where it
+            could not be fitted (too few non-sky pixels); None for other models.
+        metric: nested models: the metric branch's own output (canonical depth, sky).
     """
 
     depth: torch.Tensor
-    depth_conf: torch.Tensor
-    extrinsics: torch.Tensor
-    intrinsics: torch.Tensor
-    rays: torch.Tensor
-    ray_conf: torch.Tensor
-    head: DualDPTOutput
+    depth_conf: torch.Tensor | None
+    extrinsics: torch.Tensor | None
+    intrinsics: torch.Tensor | None
+    rays: torch.Tensor | None
+    ray_conf: torch.Tensor | None
+    head: DualDPTOutput | DPTOutput
     backbone: BackboneOutput
+    sky: torch.Tensor | None = None
+    gaussian_parameters: GaussianParameters | None = None
+    gaussians: Gaussians | None = None
+    metric_scales: tuple[float | None, ...] | None = None
+    metric: NetworkOutput | None = None
+
+
+def gaussian_models() -> list[str]:
+    """Names of the presets whose checkpoints carry a Gaussian head."""
+    return [name for name, preset in PRESETS.items() if preset.has_gaussian_head]
+
+
+def _check_request(
+    preset: ModelPreset,
+    extrinsics: torch.Tensor | None,
+    intrinsics: torch.Tensor | None,
+    pose_from_rays: bool,
+    infer_gaussians: bool,
+) -> None:
+    if (extrinsics is None) != (intrinsics is None):
+        raise ValueError("pose conditioning needs both extrinsics and intrinsics")
+    if extrinsics is not None and not preset.cameras:
+        raise ValueError(f"{preset.name} is a single-view model: it takes no camera poses")
+    if pose_from_rays and not preset.cameras:
+        raise ValueError(f"{preset.name} is a single-view model: it has no ray map to pose from")
+    if infer_gaussians and not preset.has_gaussian_head:
+        raise ValueError(
+            f"{preset.name} has no Gaussian head; models with one: {', '.join(gaussian_models())}"
+        )
+
+
+def _run_in_chunks(
+    head: nn.Module, features: list[torch.Tensor], *args: torch.Tensor | int
+) -> object:
+    """Run a head over images in chunks of ``_HEAD_CHUNK`` and concatenate its outputs: a
+    dataclass of tensors (fields concatenated) or a tuple of tensors."""
+    count = features[0].shape[0]
+    chunks = []
+    for start in range(0, count, _HEAD_CHUNK):
+        part = slice(start, start + _HEAD_CHUNK)
+        chunk_args = [a[part] if isinstance(a, torch.Tensor) else a for a in args]
+        chunks.append(head([f[part] for f in features], *chunk_args))
+    first = chunks[0]
+    if isinstance(first, tuple):
+        return tuple(torch.cat(parts) for parts in zip(*chunks, strict=True))
+    return type(first)(
+        *(torch.cat([getattr(c, name) for c in chunks]) for name in first.__dataclass_fields__)
+    )
 
 
 class DepthAnything3Network(nn.Module):
-    """Tensors in, :class:`NetworkOutput` out; no files, no device picking."""
+    """Tensors in, :class:`NetworkOutput` out; no files, no device picking.
+
+    One class for the any-view presets (DualDPT head, camera encoder / decoder, optional GS
+    head) and the single-view ones (DPT head with sky, no cameras)."""
 
     def __init__(self, preset: ModelPreset) -> None:
         super().__init__()
+        if preset.is_nested:
+            raise ValueError(f"{preset.name} is nested: build it with build_network")
         self.preset = preset
         spec = preset.backbone
         self.backbone = Backbone(spec)
-        self.head = DualDPTHead(spec.feature_dim, preset.head, spec.patch_size)
-        self.cam_enc = CameraEncoder(preset.camera_encoder_dim)
-        self.cam_dec = CameraDecoder(preset.camera_decoder_dim)
+        self.head: DualDPTHead | DPTHead = (
+            DualDPTHead(spec.feature_dim, preset.head, spec.patch_size)
+            if preset.head_kind == "dual_dpt"
+            else DPTHead(spec.feature_dim, preset.head, spec.patch_size)
+        )
+        if preset.cameras:
+            self.cam_enc = CameraEncoder(preset.camera_encoder_dim)
+            self.cam_dec = CameraDecoder(preset.camera_decoder_dim)
         self.gs_head = (
             GaussianHead(spec.feature_dim, preset.gaussian_head, spec.patch_size)
             if preset.gaussian_head is not None
@@ -70,6 +154,7 @@ class DepthAnything3Network(nn.Module):
         *,
         reference_strategy: ReferenceStrategy = "saddle_balanced",
         pose_from_rays: bool = False,
+        infer_gaussians: bool = False,
         generator: torch.Generator | None = None,
         autocast_dtype: torch.dtype | None = None,
     ) -> NetworkOutput:
@@ -78,18 +163,22 @@ class DepthAnything3Network(nn.Module):
         Args:
             images: ``(B, S, 3, H, W)`` ImageNet-normalised, H and W multiples of 14.
             extrinsics: optional ``(B, S, 4, 4)`` world-to-camera poses to condition on,
-                normalised as :func:`da3cog.geometry.normalize_pose_conditioning` does.
+                normalised as :func:`da3cog.geometry.normalize_pose_conditioning` does
+                (any-view models only).
             intrinsics: ``(B, S, 3, 3)`` pixels of the processing image; required with
                 extrinsics.
             reference_strategy: how a reference view is chosen for >= 3 unposed views.
             pose_from_rays: recover cameras from the ray map (RANSAC) instead of the camera
                 decoder.
-            generator: RNG for the ray RANSAC; seed it for reproducible poses.
+            infer_gaussians: also run the GS head and build Gaussians with the predicted
+                cameras (models with a Gaussian head only).
+            generator: RNG for the ray RANSAC and the sky quantile sampling; seed it for
+                reproducible results.
             autocast_dtype: run the backbone under autocast with this dtype (heads stay fp32).
         """
+        preset = self.preset
         check_strategy(reference_strategy)
-        if (extrinsics is None) != (intrinsics is None):
-            raise ValueError("pose conditioning needs both extrinsics and intrinsics")
+        _check_request(preset, extrinsics, intrinsics, pose_from_rays, infer_gaussians)
         height, width = images.shape[-2:]
         batch, views = images.shape[:2]
         camera_tokens = (
@@ -105,19 +194,28 @@ class DepthAnything3Network(nn.Module):
             backbone = self.backbone(images, camera_tokens, reference_strategy)
 
         features = [f.float().flatten(0, 1) for f in backbone.features]
-        chunks = [
-            self.head([f[start : start + _HEAD_CHUNK] for f in features], height, width)
-            for start in range(0, batch * views, _HEAD_CHUNK)
-        ]
-        head = DualDPTOutput(
-            *(
-                torch.cat([getattr(c, name) for c in chunks])
-                for name in DualDPTOutput.__dataclass_fields__
-            )
-        )
+        head = _run_in_chunks(self.head, features, height, width)
 
         def per_view(x: torch.Tensor) -> torch.Tensor:
             return x.reshape(batch, views, *x.shape[1:])
+
+        if isinstance(head, DPTOutput):
+            depth = per_view(torch.exp(head.depth_logits))
+            sky = per_view(torch.relu(head.sky_logits))
+            depth = torch.stack(
+                [fill_sky_relative(depth[b], sky[b], generator) for b in range(batch)]
+            )
+            return NetworkOutput(
+                depth=depth,
+                depth_conf=None,
+                extrinsics=None,
+                intrinsics=None,
+                rays=None,
+                ray_conf=None,
+                head=head,
+                backbone=backbone,
+                sky=sky,
+            )
 
         rays = per_view(head.rays)
         ray_conf = per_view(torch.exp(head.ray_conf_logits) + 1)
@@ -135,8 +233,22 @@ class DepthAnything3Network(nn.Module):
             pose_encoding = self.cam_dec(backbone.camera_tokens[-1].float())
             extrinsics_out, intrinsics_out = decode_pose(pose_encoding, (height, width))
 
+        depth = per_view(torch.exp(head.depth_logits))
+        parameters = gaussians = None
+        if infer_gaussians and self.gs_head is not None:
+            raw, opacities = _run_in_chunks(
+                self.gs_head, features, images.flatten(0, 1).float()
+            )
+            parameters = GaussianParameters(
+                raw=per_view(raw),
+                opacities=per_view(opacities),
+                depth=depth,
+                unit_scale=torch.ones(batch, device=depth.device),
+            )
+            gaussians = build_gaussians(parameters, extrinsics_out, intrinsics_out)
+
         return NetworkOutput(
-            depth=per_view(torch.exp(head.depth_logits)),
+            depth=depth,
             depth_conf=per_view(torch.exp(head.depth_conf_logits) + 1),
             extrinsics=extrinsics_out,
             intrinsics=intrinsics_out,
@@ -144,6 +256,91 @@ class DepthAnything3Network(nn.Module):
             ray_conf=ray_conf,
             head=head,
             backbone=backbone,
+            gaussian_parameters=parameters,
+            gaussians=gaussians,
+        )
+
+
+class NestedDepthAnything3Network(nn.Module):
+    """An any-view network (``da3``) and a metric one (``da3_metric``) on the same images: the
+    any-view depth, cameras and Gaussians are scaled to metres by a least-squares fit to the
+    metric depth (made metric with the any-view predicted focal length), and sky pixels get a
+    far value. Attribute names match the official checkpoints (``model.da3.*``,
+    ``model.da3_metric.*``)."""
+
+    def __init__(self, preset: ModelPreset) -> None:
+        super().__init__()
+        if preset.metric_branch is None:
+            raise ValueError(f"{preset.name} is not a nested preset")
+        self.preset = preset
+        self.da3 = DepthAnything3Network(preset.anyview_branch)
+        self.da3_metric = DepthAnything3Network(preset.metric_branch)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        extrinsics: torch.Tensor | None = None,
+        intrinsics: torch.Tensor | None = None,
+        *,
+        reference_strategy: ReferenceStrategy = "saddle_balanced",
+        pose_from_rays: bool = False,
+        infer_gaussians: bool = False,
+        generator: torch.Generator | None = None,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> NetworkOutput:
+        """Arguments as :meth:`DepthAnything3Network.forward`; poses condition the any-view
+        branch only. The metric scale uses the *predicted* focal lengths, also when intrinsics
+        were given (as upstream). Random draws come from ``generator`` in upstream's order."""
+        output = self.da3(
+            images,
+            extrinsics,
+            intrinsics,
+            reference_strategy=reference_strategy,
+            pose_from_rays=pose_from_rays,
+            infer_gaussians=infer_gaussians,
+            generator=generator,
+            autocast_dtype=autocast_dtype,
+        )
+        metric = self.da3_metric(images, generator=generator, autocast_dtype=autocast_dtype)
+        if output.depth_conf is None or output.extrinsics is None or output.intrinsics is None:
+            raise RuntimeError("the any-view branch returned no confidence or cameras")
+        if metric.sky is None:
+            raise RuntimeError("the metric branch returned no sky score")
+        metric_depth = canonical_to_metric(metric.depth, output.intrinsics)
+        depth, confidence = output.depth.clone(), output.depth_conf.clone()
+        extrinsics_out = output.extrinsics.clone()
+        factors = torch.ones(depth.shape[0], device=depth.device)
+        scales: list[float | None] = []
+        for scene in range(depth.shape[0]):
+            scale = fit_metric_scale(
+                depth[scene], confidence[scene], metric_depth[scene], metric.sky[scene], generator
+            )
+            scales.append(None if scale is None else float(scale))
+            if scale is None:
+                continue
+            factors[scene] = scale
+            depth[scene] = depth[scene] * scale
+            extrinsics_out[scene, ..., :3, 3] = extrinsics_out[scene, ..., :3, 3] * scale
+            depth[scene], confidence[scene] = fill_sky_far(
+                depth[scene], confidence[scene], metric.sky[scene], generator
+            )
+
+        parameters = gaussians = None
+        if output.gaussian_parameters is not None:
+            # One frame: the Gaussians follow the metric depth and cameras (upstream leaves
+            # them in the any-view unit and rescales at render time).
+            parameters = output.gaussian_parameters.rescaled(factors)
+            gaussians = build_gaussians(parameters, extrinsics_out, output.intrinsics)
+        return replace(
+            output,
+            depth=depth,
+            depth_conf=confidence,
+            extrinsics=extrinsics_out,
+            sky=metric.sky,
+            gaussian_parameters=parameters,
+            gaussians=gaussians,
+            metric_scales=tuple(scales),
+            metric=metric,
         )
 
 
@@ -153,7 +350,12 @@ def _bottom_row(pose: torch.Tensor) -> torch.Tensor:
     return row
 
 
-def build_network(preset: ModelPreset) -> DepthAnything3Network:
+Network = DepthAnything3Network | NestedDepthAnything3Network
+
+
+def build_network(preset: ModelPreset) -> Network:
     """Build the network for a preset on the current default device (use ``torch.device("meta")``
     as a context to build without allocating weights)."""
+    if preset.is_nested:
+        return NestedDepthAnything3Network(preset).eval()
     return DepthAnything3Network(preset).eval()

@@ -1,4 +1,5 @@
-"""DA3 variants as data: one frozen preset per official any-view checkpoint family.
+"""DA3 variants as data: one frozen preset per official checkpoint family (any-view, mono,
+metric and nested).
 
 A preset fixes every architectural number; :func:`da3cog.model.network.build_network` turns
 it into modules. Parameter counts are what the code builds (see tests/test_presets.py).
@@ -6,7 +7,7 @@ it into modules. Parameter counts are what the code builds (see tests/test_prese
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 FeedForward = Literal["mlp", "swiglu"]
@@ -50,20 +51,54 @@ class DPTSpec:
     out_channels: tuple[int, int, int, int]
 
 
+HeadKind = Literal["dual_dpt", "dpt"]
+HEAD_KINDS: tuple[str, ...] = ("dual_dpt", "dpt")
+
+
 @dataclass(frozen=True)
 class ModelPreset:
     """One DA3 architecture.
 
-    ``gaussian_head``: the 3D Gaussian DPT head shipped in the giant checkpoints (its weights
-    load with the model; Gaussians are decoded by the Gaussian issue's adapter).
+    ``head_kind``: ``dual_dpt`` for the any-view models (depth + confidence and a ray map +
+    confidence from two fusion chains) or ``dpt`` for the single-view models (depth and a sky
+    score, no confidence). ``cameras``: the camera encoder (pose conditioning in) and decoder
+    (cameras out) are part of the model; only any-view models have them.
+    ``canonical_metric``: the depth output is metric for a 300-pixel focal length at the
+    processing resolution (metres = output x focal / 300). ``gaussian_head``: the 3D Gaussian
+    DPT head of the giant checkpoints. ``metric_branch``: nested models run this metric network
+    beside the any-view one described by the other fields, and fit the any-view depth to it.
     """
 
     name: str
     backbone: BackboneSpec
     head: DPTSpec
+    head_kind: HeadKind = "dual_dpt"
+    cameras: bool = True
+    canonical_metric: bool = False
     gaussian_head: DPTSpec | None = None
+    metric_branch: ModelPreset | None = None
     license: str = "Apache-2.0"
     hub_repos: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.head_kind not in HEAD_KINDS:
+            raise ValueError(f"{self.name}: head_kind must be one of {HEAD_KINDS}")
+        if self.cameras != (self.head_kind == "dual_dpt"):
+            # The camera decoder reads camera tokens, which only the any-view backbone makes.
+            raise ValueError(f"{self.name}: only dual_dpt (any-view) presets have cameras")
+        if self.gaussian_head is not None and self.head_kind != "dual_dpt":
+            raise ValueError(f"{self.name}: the Gaussian head needs the any-view cameras")
+        branch = self.metric_branch
+        if branch is not None and (
+            self.head_kind != "dual_dpt"
+            or branch.metric_branch is not None
+            or branch.head_kind != "dpt"
+            or not branch.canonical_metric
+        ):
+            raise ValueError(
+                f"{self.name}: a nested preset pairs an any-view network with a single-view "
+                "canonical-metric one"
+            )
 
     @property
     def camera_encoder_dim(self) -> int:
@@ -73,6 +108,69 @@ class ModelPreset:
     def camera_decoder_dim(self) -> int:
         return self.backbone.feature_dim
 
+    @property
+    def is_nested(self) -> bool:
+        return self.metric_branch is not None
+
+    @property
+    def has_sky(self) -> bool:
+        """Whether predictions carry a sky score (single-view heads; nested via its branch)."""
+        return self.head_kind == "dpt" or self.is_nested
+
+    @property
+    def has_gaussian_head(self) -> bool:
+        return self.gaussian_head is not None
+
+    @property
+    def anyview_branch(self) -> ModelPreset:
+        """A nested preset's any-view network alone (the preset itself otherwise)."""
+        if self.metric_branch is None:
+            return self
+        return replace(self, name=f"{self.name}/anyview", metric_branch=None, hub_repos=())
+
+
+_GIANT_BACKBONE = BackboneSpec(
+    embed_dim=1536,
+    depth=40,
+    num_heads=24,
+    out_layers=(19, 27, 33, 39),
+    alt_start=13,
+    qknorm_start=13,
+    rope_start=13,
+    feed_forward="swiglu",
+)
+_LARGE_HEAD = DPTSpec(features=256, out_channels=(256, 512, 1024, 1024))
+# The single-view large models: a plain DINOv2 ViT-L (no cross-view attention, no camera token,
+# no RoPE / QK-norm, no local+global concatenation) and a DPT head with a sky branch.
+# DA3MONO-LARGE and DA3METRIC-LARGE share this architecture exactly; they differ in training
+# and so in what their depth means.
+_SINGLE_VIEW_LARGE_BACKBONE = BackboneSpec(
+    embed_dim=1024,
+    depth=24,
+    num_heads=16,
+    out_layers=(4, 11, 17, 23),
+    alt_start=-1,
+    qknorm_start=-1,
+    rope_start=-1,
+    cat_token=False,
+)
+METRIC_LARGE = ModelPreset(
+    name="da3metric-large",
+    backbone=_SINGLE_VIEW_LARGE_BACKBONE,
+    head=_LARGE_HEAD,
+    head_kind="dpt",
+    cameras=False,
+    canonical_metric=True,
+    hub_repos=("depth-anything/DA3METRIC-LARGE",),
+)
+GIANT = ModelPreset(
+    name="da3-giant",
+    backbone=_GIANT_BACKBONE,
+    head=_LARGE_HEAD,
+    gaussian_head=_LARGE_HEAD,
+    license="CC-BY-NC-4.0",
+    hub_repos=("depth-anything/DA3-GIANT", "depth-anything/DA3-GIANT-1.1"),
+)
 
 PRESETS: dict[str, ModelPreset] = {
     preset.name: preset
@@ -120,22 +218,24 @@ PRESETS: dict[str, ModelPreset] = {
             license="CC-BY-NC-4.0",
             hub_repos=("depth-anything/DA3-LARGE", "depth-anything/DA3-LARGE-1.1"),
         ),
+        GIANT,
         ModelPreset(
-            name="da3-giant",
-            backbone=BackboneSpec(
-                embed_dim=1536,
-                depth=40,
-                num_heads=24,
-                out_layers=(19, 27, 33, 39),
-                alt_start=13,
-                qknorm_start=13,
-                rope_start=13,
-                feed_forward="swiglu",
+            name="da3mono-large",
+            backbone=_SINGLE_VIEW_LARGE_BACKBONE,
+            head=_LARGE_HEAD,
+            head_kind="dpt",
+            cameras=False,
+            hub_repos=("depth-anything/DA3MONO-LARGE",),
+        ),
+        METRIC_LARGE,
+        replace(
+            GIANT,
+            name="da3nested-giant-large",
+            metric_branch=METRIC_LARGE,
+            hub_repos=(
+                "depth-anything/DA3NESTED-GIANT-LARGE",
+                "depth-anything/DA3NESTED-GIANT-LARGE-1.1",
             ),
-            head=DPTSpec(features=256, out_channels=(256, 512, 1024, 1024)),
-            gaussian_head=DPTSpec(features=256, out_channels=(256, 512, 1024, 1024)),
-            license="CC-BY-NC-4.0",
-            hub_repos=("depth-anything/DA3-GIANT", "depth-anything/DA3-GIANT-1.1"),
         ),
     )
 }
@@ -146,6 +246,9 @@ ALIASES: dict[str, str] = {
     "base": "da3-base",
     "large": "da3-large",
     "giant": "da3-giant",
+    "mono": "da3mono-large",
+    "metric": "da3metric-large",
+    "nested": "da3nested-giant-large",
 }
 
 
