@@ -196,7 +196,13 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     cache_dir: Path | None = None,
 ) -> LoadedModel:
-    """Resolve, build and strictly load a DA3 checkpoint onto ``device`` in ``dtype``."""
+    """Resolve, build and strictly load a DA3 checkpoint onto ``device`` in ``dtype``.
+
+    On the CPU in the checkpoint's own dtype, the parameters are copy-on-write memory maps of
+    ``model.safetensors`` (no copy at load; pages are read on first use). The file must then
+    stay unchanged while the model lives: Hub cache blobs are immutable, but do not overwrite a
+    local checkpoint in place under a running model.
+    """
     started = time.perf_counter()
     device = torch.device(device)
     folder = resolve_checkpoint(source, cache_dir)
