@@ -11,6 +11,9 @@ python -m pip install -q --no-deps depth-anything-3==0.1.1 evo==1.38.1
 # validator (Node.js, into the git-ignored .cache/npm); with DA3COG_REQUIRE_EXPORT_TOOLS=1 a
 # missing one fails those tests instead of skipping them.
 python -m pip install -q plyfile==1.1.5 trimesh==4.12.2 pycolmap==4.2.1 jsonschema==4.26.0
+# The Replicate model's tests run the real cog server (coglet) at the version cog.yaml pins;
+# PyYAML reads cog.yaml for the config-schema test.
+python -m pip install -q -e ".[cog]" pyyaml==6.0.4
 npm install --prefix .cache/npm --no-save --no-audit --no-fund --loglevel=error \
   gltf-validator@2.0.0-dev.3.10
 export DA3COG_REQUIRE_EXPORT_TOOLS=1

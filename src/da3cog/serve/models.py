@@ -1,0 +1,217 @@
+"""Where the server's checkpoints come from, and which ones stay on the GPU.
+
+Weights: ``$DA3COG_WEIGHTS_DIR/<preset>/`` (``config.json`` + ``model.safetensors``, e.g.
+``da3-giant/``) when that folder exists, which needs no network; otherwise the preset's
+official Hub repo, downloaded with huggingface_hub (hf-xet) into ``$DA3COG_CACHE_DIR`` (or the
+Hugging Face cache).
+
+Models: loaded on first use and kept. On a GPU, loading or bringing back a model first moves
+the least recently used others to CPU memory until the free GPU memory holds the new one plus
+a working reserve (``$DA3COG_GPU_RESERVE_GB``, default 8), so any sequence of requests fits
+while the common case keeps everything resident.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from da3cog.model.presets import PRESETS
+from da3cog.pipeline import DepthAnything3, InferenceOptions
+from da3cog.weights import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    CheckpointError,
+    LoadedModel,
+    default_cache_dir,
+    load_model,
+    resolve_checkpoint,
+)
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_DIR_ENV = "DA3COG_WEIGHTS_DIR"
+GPU_RESERVE_ENV = "DA3COG_GPU_RESERVE_GB"
+DEFAULT_GPU_RESERVE_GB = 8.0
+
+
+def weights_dir() -> Path | None:
+    """``$DA3COG_WEIGHTS_DIR`` if set."""
+    value = os.environ.get(WEIGHTS_DIR_ENV)
+    return Path(value).expanduser() if value else None
+
+
+def hub_repo(preset: str) -> str:
+    return PRESETS[preset].hub_repos[0]
+
+
+def checkpoint_folder(preset: str) -> Path:
+    """A local checkpoint folder for ``preset``: the override folder if it exists, else a Hub
+    download. CheckpointError names the repo and the override folder to use offline."""
+    override_root = weights_dir()
+    if override_root is not None:
+        folder = override_root / preset
+        if folder.is_dir():
+            missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / n).is_file()]
+            if missing:
+                raise CheckpointError(f"{folder} lacks {', '.join(missing)}")
+            return folder
+    try:
+        return resolve_checkpoint(preset, default_cache_dir())
+    except CheckpointError as error:
+        where = (
+            f"{override_root / preset}"
+            if override_root is not None
+            else f"${WEIGHTS_DIR_ENV}/{preset}"
+        )
+        raise CheckpointError(
+            f"could not load {preset} from the Hugging Face Hub repo {hub_repo(preset)} "
+            f"({error}). To run without network, put its {CONFIG_NAME} and {WEIGHTS_NAME} in "
+            f"{where} (set {WEIGHTS_DIR_ENV})."
+        ) from error
+
+
+def load_preset(preset: str, device: torch.device) -> LoadedModel:
+    """Resolve and strictly load ``preset`` onto ``device``, reporting its Hub id."""
+    folder = checkpoint_folder(preset)
+    loaded = load_model(folder, device=device)
+    return dataclasses.replace(loaded, model_id=hub_repo(preset))
+
+
+def free_gpu_bytes(device: torch.device) -> int:
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free)
+
+
+def warm_up(model: DepthAnything3) -> float:
+    """One small two-view request so the first real one pays no kernel selection or
+    allocator growth; returns the seconds it took."""
+    started = time.perf_counter()
+    generator = np.random.default_rng(0)
+    views = [generator.integers(0, 255, (140, 186, 3), dtype=np.uint8) for _ in range(2)]
+    model.predict(views, options=InferenceOptions(process_res=140), progress=lambda _: None)
+    return time.perf_counter() - started
+
+
+class ModelCache:
+    """Loaded models by preset, at most what fits on the GPU resident, the rest in CPU memory.
+
+    Args:
+        device: where models run.
+        loader: ``loader(preset, device) -> LoadedModel`` (:func:`load_preset`).
+        free_bytes: free memory on ``device`` (None: unbounded, as on the CPU).
+        reserve_bytes: memory kept free beside the weights for activations.
+        offload_device: where evicted models wait.
+        needed_bytes: ``needed_bytes(preset)``: device memory a preset's weights take before
+            it is loaded (default: its safetensors file, else an estimate).
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        *,
+        loader: Callable[[str, torch.device], LoadedModel] = load_preset,
+        free_bytes: Callable[[], int] | None = None,
+        reserve_bytes: int = 0,
+        offload_device: torch.device | None = None,
+        needed_bytes: Callable[[str], int] | None = None,
+    ) -> None:
+        self.device = device
+        self.loader = loader
+        self.free_bytes = free_bytes
+        self.reserve_bytes = reserve_bytes
+        self.offload_device = offload_device or torch.device("cpu")
+        self.needed_bytes = needed_bytes or _checkpoint_bytes
+        # Most recently used last.
+        self._resident: OrderedDict[str, DepthAnything3] = OrderedDict()
+        self._offloaded: dict[str, DepthAnything3] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> ModelCache:
+        """GPU: bounded by free memory with the configured reserve; CPU: unbounded."""
+        if device.type != "cuda":
+            return cls(device)
+        reserve = float(os.environ.get(GPU_RESERVE_ENV, DEFAULT_GPU_RESERVE_GB))
+        return cls(
+            device,
+            free_bytes=lambda: free_gpu_bytes(device),
+            reserve_bytes=int(reserve * 1024**3),
+        )
+
+    @property
+    def resident(self) -> list[str]:
+        """Presets on the device, least recently used first."""
+        return list(self._resident)
+
+    @property
+    def offloaded(self) -> list[str]:
+        return sorted(self._offloaded)
+
+    def get(self, preset: str, progress: Callable[[str], None] | None = None) -> DepthAnything3:
+        """The model for ``preset`` on the device, loading it on first use."""
+        report = progress or (lambda message: logger.info("%s", message))
+        with self._lock:
+            if preset in self._resident:
+                self._resident.move_to_end(preset)
+                return self._resident[preset]
+            if preset in self._offloaded:
+                model = self._offloaded.pop(preset)
+                self._make_room(_weight_bytes(model), keep=preset, report=report)
+                report(f"moving {preset} back to {self.device}")
+                model = DepthAnything3(model.loaded, self.device)
+            else:
+                self._make_room(self.needed_bytes(preset), keep=preset, report=report)
+                report(f"loading {preset}")
+                started = time.perf_counter()
+                model = DepthAnything3(self.loader(preset, self.device), self.device)
+                report(f"loaded {preset} in {time.perf_counter() - started:.1f}s")
+            self._resident[preset] = model
+            return model
+
+    def _make_room(self, needed: int, keep: str, report: Callable[[str], None]) -> None:
+        """Offload least recently used models until ``needed`` + reserve bytes are free."""
+        if self.free_bytes is None:
+            return
+        while self._resident and self.free_bytes() < needed + self.reserve_bytes:
+            victim, model = self._resident.popitem(last=False)
+            report(f"moving {victim} to {self.offload_device} to make room for {keep}")
+            self._offloaded[victim] = DepthAnything3(model.loaded, self.offload_device)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def _weight_bytes(model: DepthAnything3) -> int:
+    return sum(p.numel() * p.element_size() for p in model.network.parameters())
+
+
+def _checkpoint_bytes(preset: str) -> int:
+    """Size of the weights before loading them: the safetensors file when it is local
+    already, else an estimate from the preset's float32 parameter count."""
+    override_root = weights_dir()
+    if override_root is not None:
+        weights = override_root / preset / WEIGHTS_NAME
+        if weights.is_file():
+            return weights.stat().st_size
+    return _ESTIMATED_PARAMETERS.get(preset, 2_000_000_000) * 4
+
+
+# Parameter counts the code builds (README, tests/test_presets.py), for the memory check.
+_ESTIMATED_PARAMETERS: dict[str, int] = {
+    "da3-small": 34_300_000,
+    "da3-base": 135_400_000,
+    "da3-large": 410_900_000,
+    "da3-giant": 1_360_000_000,
+    "da3mono-large": 334_200_000,
+    "da3metric-large": 334_200_000,
+    "da3nested-giant-large": 1_690_000_000,
+}

@@ -1,0 +1,290 @@
+"""Check a request and decide how to run it, before any image is decoded or model loaded.
+
+Everything here is cheap and runs first, so a request that cannot work fails with a message
+that says why (and what would work) instead of after minutes on the GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from da3cog.model.presets import PRESETS, ModelPreset
+from da3cog.serve.inputs import INPUTS_BY_NAME, REQUIRED
+
+# The any-view preset behind each model_size.
+SIZE_PRESETS: dict[str, str] = {
+    "giant": "da3-giant",
+    "large": "da3-large",
+    "base": "da3-base",
+    "small": "da3-small",
+}
+NESTED_PRESET = "da3nested-giant-large"
+METRIC_PRESET = "da3metric-large"
+
+# export_format -> the da3cog exporters it asks for (see da3cog.export.manifest.FORMATS).
+EXPORT_FORMATS_MAP: dict[str, tuple[str, ...]] = {
+    "glb": ("glb",),
+    "ply": ("ply",),
+    "npz": ("npz",),
+    "colmap": ("colmap",),
+    "all": ("all",),
+    "none": (),
+}
+# Formats that place points in space: they need intrinsics for every view.
+POINT_FORMATS = frozenset({"glb", "ply", "colmap"})
+
+
+class RequestError(ValueError):
+    """The request cannot be run as given; the message says why and what would work."""
+
+
+@dataclass(frozen=True)
+class RequestValues:
+    """The inputs of one request, as ``Runner.run`` received them (see
+    :mod:`da3cog.serve.inputs` for their meaning)."""
+
+    image: Path
+    images: tuple[Path, ...] = ()
+    mode: str = "multi-view"
+    model_size: str = "giant"
+    metric: bool = False
+    export_format: str = "glb"
+    cameras: Path | None = None
+    process_resolution: int = 504
+    output_resolution: str = "input"
+    confidence_percentile: float = 40.0
+    max_points: int = 1_000_000
+    render_video: bool = False
+    video_fps: float = 2.0
+    max_frames: int = 32
+    seed: int = 42
+
+    def as_document(self) -> dict[str, Any]:
+        """JSON-ready values for the manifest (file inputs by name only)."""
+        document: dict[str, Any] = {}
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, Path):
+                value = value.name
+            elif isinstance(value, tuple):
+                value = [v.name for v in value]
+            document[item.name] = value
+        return document
+
+
+def check_values(values: RequestValues) -> None:
+    """Enforce the choices and bounds of :data:`da3cog.serve.inputs.INPUTS` (the cog server
+    checks them already; this covers direct callers)."""
+    for item in fields(values):
+        spec = INPUTS_BY_NAME[item.name]
+        value = getattr(values, item.name)
+        if spec.default is REQUIRED and value is None:
+            raise RequestError(f"{item.name} is required")
+        if spec.choices is not None and value not in spec.choices:
+            raise RequestError(
+                f"{item.name} must be one of {', '.join(spec.choices)}, got {value!r}"
+            )
+        if spec.ge is not None or spec.le is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise RequestError(f"{item.name} must be a number, got {value!r}")
+            if not math.isfinite(value) or not spec.ge <= value <= spec.le:
+                raise RequestError(
+                    f"{item.name} must be between {spec.ge} and {spec.le}, got {value!r}"
+                )
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which checkpoint answers a request.
+
+    Attributes:
+        preset: the preset name (``da3-giant``...), also the cache key and the folder name
+            under ``$DA3COG_WEIGHTS_DIR``.
+        reason: one line for the logs and the manifest.
+    """
+
+    preset: str
+    reason: str
+
+    @property
+    def spec(self) -> ModelPreset:
+        return PRESETS[self.preset]
+
+
+def gaussian_models_text() -> str:
+    return (
+        "model_size=giant (DA3-GIANT), or model_size=giant with metric=true (DA3NESTED-GIANT-LARGE)"
+    )
+
+
+def choose_model(mode: str, model_size: str, metric: bool) -> ModelChoice:
+    """The checkpoint for ``mode`` / ``model_size`` / ``metric``, or RequestError.
+
+    Decisions (documented in the README): metric depth comes from DA3NESTED-GIANT-LARGE for
+    model_size=giant in any mode, and from DA3METRIC-LARGE for model_size=large in monocular
+    mode (a single-view model); nothing is switched silently, because a switch changes the
+    licence, the cost and what the result means. gaussian-splat needs a Gaussian head, which
+    only the giant checkpoints have.
+    """
+    if model_size not in SIZE_PRESETS:
+        raise RequestError(f"model_size must be one of {', '.join(SIZE_PRESETS)}")
+    if metric:
+        if model_size == "giant":
+            choice = ModelChoice(
+                NESTED_PRESET,
+                "metric=true with model_size=giant: DA3NESTED-GIANT-LARGE (giant any-view "
+                "network scaled to metres by its metric branch)",
+            )
+        elif model_size == "large" and mode == "monocular":
+            choice = ModelChoice(
+                METRIC_PRESET,
+                "metric=true with model_size=large in monocular mode: DA3METRIC-LARGE "
+                "(single-view, metres from the focal length)",
+            )
+        else:
+            raise RequestError(
+                f"metric depth is not available for model_size={model_size} in mode={mode}: "
+                "use model_size=giant (DA3NESTED-GIANT-LARGE, any mode) or model_size=large "
+                "with mode=monocular (DA3METRIC-LARGE, needs focal lengths from `cameras` or "
+                "EXIF)"
+            )
+    else:
+        choice = ModelChoice(SIZE_PRESETS[model_size], f"model_size={model_size}")
+    if mode == "gaussian-splat" and not choice.spec.has_gaussian_head:
+        raise RequestError(
+            f"mode=gaussian-splat needs a model with a Gaussian head, and model_size="
+            f"{model_size} has none: use {gaussian_models_text()}"
+        )
+    return choice
+
+
+@dataclass(frozen=True)
+class UserCameras:
+    """Cameras from the ``cameras`` input, one per view.
+
+    Attributes:
+        intrinsics: ``(N, 3, 3)`` in pixels of the input images, or None.
+        extrinsics: ``(N, 4, 4)`` world-to-camera, or None.
+    """
+
+    intrinsics: np.ndarray | None
+    extrinsics: np.ndarray | None
+
+    def for_view(self, index: int) -> UserCameras:
+        """The cameras of one view (monocular mode runs views one at a time)."""
+        pick = slice(index, index + 1)
+        return UserCameras(
+            None if self.intrinsics is None else self.intrinsics[pick],
+            None if self.extrinsics is None else self.extrinsics[pick],
+        )
+
+
+def _matrices(value: Any, what: str, shapes: tuple[tuple[int, int], ...]) -> np.ndarray:
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise RequestError(f"cameras: {what} must be numbers ({error})") from error
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3 or tuple(array.shape[1:]) not in shapes:
+        wanted = " or ".join(f"N x {r} x {c}" for r, c in shapes)
+        raise RequestError(f"cameras: {what} must be {wanted}, got shape {array.shape}")
+    if not np.isfinite(array).all():
+        raise RequestError(f"cameras: {what} holds NaN or infinite values")
+    return array
+
+
+def read_cameras(path: Path, view_count: int) -> UserCameras:
+    """Parse the ``cameras`` JSON for ``view_count`` views.
+
+    Accepted: ``{"intrinsics": ..., "extrinsics": ...}`` (either may be missing; one 3 x 3
+    intrinsics matrix is shared by all views), or da3cog's own ``cameras.json`` (``views`` with
+    ``K`` and ``world_to_camera``)."""
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RequestError(f"cameras: not a readable JSON file ({error})") from error
+    if not isinstance(document, dict):
+        raise RequestError("cameras: expected a JSON object")
+    if "views" in document and not ({"intrinsics", "extrinsics"} & document.keys()):
+        views = document["views"]
+        if not isinstance(views, list) or not all(isinstance(v, dict) for v in views):
+            raise RequestError("cameras: 'views' must be a list of objects")
+        intrinsics_list = [view.get("K") for view in views]
+        extrinsics_list = [view.get("world_to_camera") for view in views]
+        document = {
+            "intrinsics": None if None in intrinsics_list else intrinsics_list,
+            "extrinsics": None if None in extrinsics_list else extrinsics_list,
+        }
+    raw_intrinsics, raw_extrinsics = document.get("intrinsics"), document.get("extrinsics")
+    if raw_intrinsics is None and raw_extrinsics is None:
+        raise RequestError("cameras: give 'intrinsics' and/or 'extrinsics'")
+    intrinsics = extrinsics = None
+    if raw_intrinsics is not None:
+        intrinsics = _matrices(raw_intrinsics, "intrinsics", ((3, 3),))
+        if len(intrinsics) == 1 and view_count > 1:
+            intrinsics = np.repeat(intrinsics, view_count, axis=0)
+        if len(intrinsics) != view_count:
+            raise RequestError(
+                f"cameras: {len(intrinsics)} intrinsics for {view_count} views (give one "
+                "3 x 3 matrix for all views, or one per view)"
+            )
+    if raw_extrinsics is not None:
+        extrinsics = _matrices(raw_extrinsics, "extrinsics", ((3, 4), (4, 4)))
+        if len(extrinsics) != view_count:
+            raise RequestError(
+                f"cameras: {len(extrinsics)} extrinsics for {view_count} views (one per view)"
+            )
+        if extrinsics.shape[1] == 3:
+            bottom = np.broadcast_to([0.0, 0.0, 0.0, 1.0], (len(extrinsics), 1, 4))
+            extrinsics = np.concatenate([extrinsics, bottom], axis=1)
+    return UserCameras(intrinsics, extrinsics)
+
+
+def check_cameras(cameras: UserCameras | None, preset: ModelPreset) -> None:
+    """What each kind of model does with the given cameras (the pipeline's own rules)."""
+    if cameras is None:
+        return
+    if not preset.cameras:
+        if cameras.extrinsics is not None:
+            raise RequestError(
+                f"{preset.name} is a single-view model: it takes no camera poses; give "
+                "'intrinsics' alone to set its focal lengths"
+            )
+    elif cameras.intrinsics is None:
+        raise RequestError("pose-conditioned depth needs 'intrinsics' as well as 'extrinsics'")
+    elif cameras.extrinsics is None:
+        raise RequestError(
+            "'intrinsics' alone are used only by the metric model (model_size=large, "
+            "metric=true, mode=monocular); any-view models need 'extrinsics' too"
+        )
+
+
+def check_formats(
+    values: RequestValues,
+    preset: ModelPreset,
+    cameras: UserCameras | None,
+    views_without_focal: list[str],
+) -> None:
+    """Point formats need intrinsics for every view: single-view models only have them from
+    ``cameras`` or EXIF (``views_without_focal``: views with neither)."""
+    formats = set(EXPORT_FORMATS_MAP[values.export_format])
+    if preset.cameras or not formats & POINT_FORMATS:
+        return
+    if cameras is not None and cameras.intrinsics is not None:
+        return
+    if views_without_focal:
+        listed = ", ".join(views_without_focal[:5])
+        more = "..." if len(views_without_focal) > 5 else ""
+        raise RequestError(
+            f"export_format={values.export_format} places points in space, which needs focal "
+            f"lengths, and {preset.name} estimates none: view(s) {listed}{more} have no EXIF "
+            "focal length. Give 'intrinsics' in `cameras`, choose export_format npz or none, "
+            "or use model_size=giant with metric=true"
+        )

@@ -1,0 +1,358 @@
+"""The pieces of da3cog.serve on their own: request planning, cameras, zips, video, the
+Gaussian PLY and fly-through, the model cache and the request folders."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from da3cog.serve.request import (
+    RequestError,
+    RequestValues,
+    UserCameras,
+    check_cameras,
+    check_formats,
+    check_values,
+    choose_model,
+    read_cameras,
+)
+
+# --------------------------------------------------------------------------------------------
+# Which model answers, and what is refused before any work
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mode", "size", "metric", "preset"),
+    [
+        ("multi-view", "giant", False, "da3-giant"),
+        ("monocular", "small", False, "da3-small"),
+        ("gaussian-splat", "giant", False, "da3-giant"),
+        ("gaussian-splat", "giant", True, "da3nested-giant-large"),
+        ("multi-view", "giant", True, "da3nested-giant-large"),
+        ("monocular", "large", True, "da3metric-large"),
+    ],
+)
+def test_model_choice(mode: str, size: str, metric: bool, preset: str) -> None:
+    assert choose_model(mode, size, metric).preset == preset
+
+
+@pytest.mark.parametrize(
+    ("mode", "size", "metric", "message"),
+    [
+        ("gaussian-splat", "large", False, "model_size=giant"),
+        ("gaussian-splat", "small", False, "Gaussian head"),
+        ("multi-view", "large", True, "mode=monocular"),
+        ("monocular", "base", True, "model_size=giant"),
+    ],
+)
+def test_impossible_combinations_say_what_works(
+    mode: str, size: str, metric: bool, message: str
+) -> None:
+    with pytest.raises(RequestError, match=message):
+        choose_model(mode, size, metric)
+
+
+def test_values_are_checked_like_the_server_does(tmp_path: Path) -> None:
+    values = RequestValues(image=tmp_path / "a.png")
+    check_values(values)
+    for change in (
+        {"mode": "stereo"},
+        {"process_resolution": 14},
+        {"confidence_percentile": float("nan")},
+        {"seed": -1},
+        {"max_frames": True},
+    ):
+        with pytest.raises(RequestError):
+            check_values(replace(values, **change))
+
+
+def test_cameras_json_forms(tmp_path: Path) -> None:
+    k = [[100.0, 0, 50], [0, 100.0, 40], [0, 0, 1]]
+    path = tmp_path / "cameras.json"
+    path.write_text(json.dumps({"intrinsics": k}))
+    shared = read_cameras(path, 3)
+    assert shared.intrinsics.shape == (3, 3, 3) and shared.extrinsics is None
+    pose = np.eye(4)[:3].tolist()
+    path.write_text(json.dumps({"intrinsics": [k, k], "extrinsics": [pose, pose]}))
+    both = read_cameras(path, 2)
+    assert both.extrinsics.shape == (2, 4, 4) and np.allclose(both.extrinsics[:, 3], [0, 0, 0, 1])
+    assert both.for_view(1).intrinsics.shape == (1, 3, 3)
+    # da3cog's own cameras.json goes back in.
+    path.write_text(json.dumps({"views": [{"K": k, "world_to_camera": np.eye(4).tolist()}]}))
+    assert read_cameras(path, 1).extrinsics.shape == (1, 4, 4)
+    for document, message in (
+        ({"intrinsics": [k, k]}, "2 intrinsics for 3 views"),
+        ({"extrinsics": [pose]}, "1 extrinsics for 3 views"),
+        ({"intrinsics": [[1, 2], [3, 4]]}, "3 x 3"),
+        ({"nothing": 1}, "intrinsics"),
+    ):
+        path.write_text(json.dumps(document))
+        with pytest.raises(RequestError, match=message):
+            read_cameras(path, 3)
+    path.write_text("{not json")
+    with pytest.raises(RequestError, match="JSON"):
+        read_cameras(path, 1)
+
+
+def test_cameras_and_formats_per_model() -> None:
+    any_view = choose_model("multi-view", "giant", False).spec
+    single_view = choose_model("monocular", "large", True).spec
+    k = np.eye(3)[None]
+    pose = np.eye(4)[None]
+    check_cameras(UserCameras(k, pose), any_view)
+    check_cameras(UserCameras(k, None), single_view)
+    with pytest.raises(RequestError, match="extrinsics"):
+        check_cameras(UserCameras(k, None), any_view)
+    with pytest.raises(RequestError, match="single-view"):
+        check_cameras(UserCameras(k, pose), single_view)
+    values = RequestValues(image=Path("a.png"), export_format="glb")
+    with pytest.raises(RequestError, match="focal"):
+        check_formats(values, single_view, None, ["a"])
+    check_formats(values, single_view, UserCameras(k, None), ["a"])
+    check_formats(replace(values, export_format="npz"), single_view, None, ["a"])
+
+
+# --------------------------------------------------------------------------------------------
+# Views from zips and videos
+# --------------------------------------------------------------------------------------------
+
+
+def _png(picture: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_zip_members_are_never_trusted_as_paths(tmp_path: Path) -> None:
+    from da3cog.serve.media import gather_views
+
+    picture = np.zeros((8, 8, 3), dtype=np.uint8)
+    archive = tmp_path / "views.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        bundle.writestr("../../escape.png", _png(picture))
+        bundle.writestr("b/frame.png", _png(picture))
+        bundle.writestr("a/frame.png", _png(picture))
+        bundle.writestr(".hidden/x.png", _png(picture))
+    views, kind = gather_views(
+        archive, (), tmp_path / "out", video_fps=1, max_frames=1, max_views=8, progress=print
+    )
+    assert kind == "zip"
+    # Sorted by member name; "../" and hidden members are skipped, equal names kept apart.
+    assert [v.parent.name for v in views] == ["0000", "0001"]
+    assert [v.stem for v in views] == ["frame", "frame"]
+    assert all((tmp_path / "out") in v.parents for v in views)
+    assert not (tmp_path.parent / "escape.png").exists()
+    with pytest.raises(RequestError, match="at most 1 views"):
+        gather_views(
+            archive, (), tmp_path / "out2", video_fps=1, max_frames=1, max_views=1, progress=print
+        )
+
+
+def test_video_frames_are_sampled_on_a_time_grid(tmp_path: Path) -> None:
+    from da3cog.serve.video import encode_mp4, sample_video_frames
+
+    frames = [np.full((32, 48, 3), 10 * i, dtype=np.uint8) for i in range(20)]
+    clip = tmp_path / "clip.mp4"
+    assert encode_mp4(iter(frames), clip, fps=10) == 20
+    sampled = sample_video_frames(clip, tmp_path / "a", fps=2.5, max_frames=100)
+    assert len(sampled) == 5  # 2 s of video at 2.5 fps: t = 0, 0.4, 0.8, 1.2, 1.6
+    levels = [np.asarray(Image.open(p)).mean() for p in sampled]
+    assert np.allclose(levels, [0, 40, 80, 120, 160], atol=6)
+    assert len(sample_video_frames(clip, tmp_path / "b", fps=30, max_frames=7)) == 7
+    (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    with pytest.raises(RequestError, match="readable video"):
+        sample_video_frames(tmp_path / "bad.mp4", tmp_path / "c", fps=1, max_frames=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Gaussians
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gaussian_prediction(small_zoo_checkpoint: Callable, photo: Callable):
+    from small_zoo import SMALL_GS, small_model
+
+    from da3cog.pipeline import InferenceOptions
+
+    model = small_model(small_zoo_checkpoint("small-gs")[0], SMALL_GS)
+    views = [photo("astronaut")[::4, ::4], photo("coffee")[::4, ::4]]
+    return model.predict(views, options=InferenceOptions(process_res=140, infer_gaussians=True))
+
+
+def test_gaussian_ply_round_trip(gaussian_prediction, tmp_path: Path) -> None:
+    plyfile = pytest.importorskip("plyfile")
+    from da3cog.serve.gaussians import gaussian_ply_fields, keep_mask, write_gaussian_ply
+
+    gaussians = gaussian_prediction.gaussians
+    path = tmp_path / "g.ply"
+    count = write_gaussian_ply(gaussians, gaussian_prediction, path)
+    keep = keep_mask(gaussians, gaussian_prediction)
+    assert count == keep.sum() and 0 < count < len(gaussians)
+    assert (gaussians.scales[keep] > 0).all()
+    vertex = plyfile.PlyData.read(str(path))["vertex"]
+    assert list(vertex.data.dtype.names) == gaussian_ply_fields()
+
+    def column(*names: str) -> np.ndarray:
+        return np.stack([vertex[name] for name in names], axis=1)
+
+    assert np.allclose(column("x", "y", "z"), gaussians.means[keep])
+    assert np.allclose(
+        np.exp(column("scale_0", "scale_1", "scale_2")), gaussians.scales[keep], rtol=1e-5
+    )
+    assert np.allclose(1 / (1 + np.exp(-vertex["opacity"])), gaussians.opacities[keep], atol=1e-5)
+    assert np.allclose(column(*(f"rot_{i}" for i in range(4))), gaussians.rotations[keep])
+    assert np.allclose(column("f_dc_0", "f_dc_1", "f_dc_2"), gaussians.harmonics[keep][:, :, 0])
+    # f_rest: the 8 higher coefficients of red, then green, then blue (3DGS order).
+    assert np.allclose(vertex["f_rest_8"], gaussians.harmonics[keep][:, 1, 1])
+    assert np.allclose(vertex["f_rest_23"], gaussians.harmonics[keep][:, 2, 8])
+
+
+def test_flythrough_passes_through_every_camera() -> None:
+    from da3cog.serve.gaussians import flythrough_cameras
+
+    angle = np.deg2rad(30)
+    turn = np.array(
+        [[np.cos(angle), 0, np.sin(angle)], [0, 1, 0], [-np.sin(angle), 0, np.cos(angle)]]
+    )
+    second = np.eye(4)
+    second[:3, :3], second[:3, 3] = turn, [0.3, 0.0, 0.1]
+    extrinsics = np.stack([np.eye(4), second])
+    intrinsics = np.stack([np.diag([100.0, 100.0, 1.0]), np.diag([120.0, 120.0, 1.0])])
+    viewmats, ks = flythrough_cameras(extrinsics, intrinsics, frames=10)
+    assert len(viewmats) == 11
+    assert np.allclose(viewmats[0], extrinsics[0]) and np.allclose(viewmats[-1], extrinsics[1])
+    assert np.allclose(ks[5], (intrinsics[0] + intrinsics[1]) / 2)
+    rotations = viewmats[:, :3, :3]
+    assert np.allclose(rotations @ rotations.transpose(0, 2, 1), np.eye(3), atol=1e-9)
+    single, _ = flythrough_cameras(extrinsics[:1], intrinsics[:1], wander_radius=0.1)
+    centres = -np.einsum("nji,nj->ni", single[:, :3, :3], single[:, :3, 3])
+    assert np.allclose(single[0], np.eye(4)) and np.abs(centres).max() <= 0.2 + 1e-9
+
+
+def test_render_flythrough_wiring(gaussian_prediction, tmp_path: Path) -> None:
+    """The video path with a stand-in rasteriser (gsplat needs CUDA): camera count, image
+    size and the frames that reach the MP4."""
+    import av
+
+    from da3cog.serve.gaussians import render_flythrough
+
+    calls = {}
+
+    def rasterizer(means, quats, scales, opacities, harmonics, viewmats, ks, width, height):
+        calls.update(count=len(means), views=len(viewmats), size=(height, width))
+        assert harmonics.shape[1:] == (3, 9) and quats.shape[1] == 4
+        levels = torch.linspace(0, 1, len(viewmats))[:, None, None, None]
+        return levels.expand(len(viewmats), height, width, 3)
+
+    path = tmp_path / "fly.mp4"
+    frames = render_flythrough(
+        gaussian_prediction.gaussians,
+        gaussian_prediction,
+        path,
+        rasterizer=rasterizer,
+        device=torch.device("cpu"),
+    )
+    _, height, width = gaussian_prediction.gaussians.grid
+    assert calls == {
+        "count": len(gaussian_prediction.gaussians),
+        "views": frames,
+        "size": (height, width),
+    }
+    with av.open(str(path)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == frames
+
+
+# --------------------------------------------------------------------------------------------
+# Model cache and request folders
+# --------------------------------------------------------------------------------------------
+
+
+def test_model_cache_offloads_least_recently_used(small_checkpoint: Path) -> None:
+    from da3cog.pipeline import DepthAnything3
+    from da3cog.serve.models import ModelCache, _weight_bytes
+    from da3cog.weights import load_model
+
+    loads: list[str] = []
+
+    def loader(preset: str, device: torch.device):
+        loads.append(preset)
+        return load_model(small_checkpoint, device=device)
+
+    budget = 2.5  # models' worth of device memory
+
+    def free_bytes() -> int:
+        return int((budget - len(cache.resident)) * size)
+
+    size = _weight_bytes(DepthAnything3(load_model(small_checkpoint), torch.device("cpu")))
+    sizes = dict.fromkeys("abc", size)
+    cache = ModelCache(
+        torch.device("cpu"), loader=loader, free_bytes=free_bytes, needed_bytes=sizes.__getitem__
+    )
+    for name in ("a", "b"):
+        cache.get(name)
+    assert cache.resident == ["a", "b"]
+    cache.get("a")  # a is now the most recently used
+    cache.get("c")
+    assert cache.resident == ["a", "c"] and cache.offloaded == ["b"]
+    cache.get("b")
+    assert cache.resident == ["c", "b"] and cache.offloaded == ["a"]
+    assert loads == ["a", "b", "c"], "offloaded models come back without reloading"
+
+
+def test_checkpoint_override_and_offline_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_checkpoint: Path
+) -> None:
+    from da3cog.serve.models import checkpoint_folder
+    from da3cog.weights import CheckpointError
+
+    monkeypatch.setenv("DA3COG_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("DA3COG_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "da3-small").symlink_to(small_checkpoint)
+    assert checkpoint_folder("da3-small") == tmp_path / "da3-small"
+    with pytest.raises(CheckpointError) as error:
+        checkpoint_folder("da3-base")
+    message = str(error.value)
+    assert "depth-anything/DA3-BASE" in message and str(tmp_path / "da3-base") in message
+
+
+def test_request_folders_are_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_checkpoint: Path, photo: Callable
+) -> None:
+    """Each request has its own folder; it goes when the next request starts, or at once on
+    failure."""
+    from da3cog.serve.handler import Server
+
+    monkeypatch.setenv("DA3COG_WEIGHTS_DIR", str(tmp_path / "weights"))
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "da3-small").symlink_to(small_checkpoint)
+    server = Server(torch.device("cpu"), tmp_root=tmp_path / "requests")
+    image = tmp_path / "photo.png"
+    Image.fromarray(photo("astronaut")[::4, ::4]).save(image)
+    values = RequestValues(
+        image=image,
+        model_size="small",
+        export_format="none",
+        process_resolution=140,
+        mode="monocular",
+    )
+    first = server.handle(values, progress=lambda _: None)
+    assert first[0].name == "manifest.json" and all(p.is_file() for p in first)
+    assert len({p.name for p in first}) == len(first)
+    second = server.handle(values, progress=lambda _: None)
+    assert not any(p.exists() for p in first) and all(p.is_file() for p in second)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(RequestError):
+        server.handle(replace(values, image=tmp_path / "broken.png"), progress=lambda _: None)
+    assert list((tmp_path / "requests").iterdir()) == []
