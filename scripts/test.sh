@@ -7,15 +7,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -e ".[test]"
 python -m pip install -q --no-deps depth-anything-3==0.1.1 evo==1.38.1
-# Independent readers for the exporter tests (tests/test_export_*.py) and the Khronos glTF
-# validator (Node.js, into the git-ignored .cache/npm); with DA3COG_REQUIRE_EXPORT_TOOLS=1 a
-# missing one fails those tests instead of skipping them.
+# Independent readers for the exporter tests (tests/test_export_*.py), the Khronos glTF
+# validator and PlayCanvas's splat-transform for the 3DGS PLY (Node.js, into the git-ignored
+# .cache/npm); with DA3COG_REQUIRE_EXPORT_TOOLS=1 a missing one fails those tests instead of
+# skipping them.
 python -m pip install -q plyfile==1.1.5 trimesh==4.12.2 pycolmap==4.2.1 jsonschema==4.26.0
 # The Replicate model's tests run the real cog server (coglet) at the version cog.yaml pins;
 # PyYAML reads cog.yaml for the config-schema test.
 python -m pip install -q -e ".[cog]" pyyaml==6.0.4
+# One npm command for both: a later --no-save install would prune the other package.
+# splat-transform 2.7.1 is the newest release that supports Node 20 (3.x needs Node >= 22).
 npm install --prefix .cache/npm --no-save --no-audit --no-fund --loglevel=error \
-  gltf-validator@2.0.0-dev.3.10
+  gltf-validator@2.0.0-dev.3.10 @playcanvas/splat-transform@2.7.1
 export DA3COG_REQUIRE_EXPORT_TOOLS=1
 ruff check .
 set +e

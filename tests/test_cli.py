@@ -248,7 +248,16 @@ def test_predict_help_lists_the_options(capsys: pytest.CaptureFixture[str]) -> N
         main(["predict", "--help"])
     assert exited.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--model", "--out", "--process-res", "--cameras", "--seed", "--ray-pose"):
+    for option in (
+        "--model",
+        "--out",
+        "--process-res",
+        "--cameras",
+        "--intrinsics",
+        "--gaussians",
+        "--seed",
+        "--ray-pose",
+    ):
         assert option in out
 
 
@@ -271,3 +280,175 @@ def test_unknown_export_format_is_rejected(
         main(predict_args(small_checkpoint, tmp_path / "out", images, "--export", "obj"))
     assert exit_info.value.code == 2
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Gaussians and intrinsics alone, on the ViT-S stand-ins of the giant (with its Gaussian head)
+# and of the metric model (tests/small_zoo.py), registered as presets for the run
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def zoo(
+    small_zoo_checkpoint: Callable[[str], tuple[Path, object]], monkeypatch: pytest.MonkeyPatch
+) -> Callable[[str], Path]:
+    """``zoo("small-gs")``: the stand-in's checkpoint folder, its preset registered (its
+    config.json names it) for this test only."""
+    from small_zoo import SMALL_ZOO
+
+    from da3cog.model.presets import PRESETS
+
+    def folder(name: str) -> Path:
+        monkeypatch.setitem(PRESETS, name, SMALL_ZOO[name])
+        return small_zoo_checkpoint(name)[0]
+
+    return folder
+
+
+def test_gaussians_flag_adds_the_3dgs_ply_to_the_defaults(
+    zoo: Callable[[str], Path], images: list[Path], tmp_path: Path
+) -> None:
+    plyfile = pytest.importorskip("plyfile")
+    out = tmp_path / "out"
+    assert main(predict_args(zoo("small-gs"), out, images, "--gaussians")) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["formats"] == ["depth_npy", "depth_vis", "cameras_json", "gaussians_ply"]
+    (row,) = [f for f in manifest["files"] if f["role"] == "gaussian_splats"]
+    assert row["path"] == "gaussians.ply"
+    vertex = plyfile.PlyData.read(str(out / "gaussians.ply"))["vertex"]
+    assert vertex.count == row["gaussians"] > 0
+    assert row["total"] == 2 * 112 * 112  # one per pixel of each view at the processing size
+    assert (out / "depth_0000_astronaut.npy").is_file()
+
+
+def test_gaussians_flag_with_explicit_exports(
+    zoo: Callable[[str], Path], images: list[Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    args = predict_args(zoo("small-gs"), out, images[:1], "--gaussians", "--export", "npz")
+    assert main(args) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "prediction.npz"]
+    out = tmp_path / "all"
+    args = predict_args(zoo("small-gs"), out, images[:1], "--gaussians", "--export", "all")
+    assert main(args) == 0
+    assert (out / "gaussians.ply").is_file()
+
+
+def test_gaussians_flag_on_a_model_without_a_gaussian_head_exits_2(
+    small_checkpoint: Path,
+    images: list[Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "out"
+    assert main(predict_args(small_checkpoint, out, images, "--gaussians")) == 2
+    err = capsys.readouterr().err
+    assert "da3-small has no Gaussian head; models with one: da3-giant" in err
+    assert not out.exists()
+
+
+def test_gaussians_ply_without_the_flag_exits_2_before_loading(
+    images: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The model does not exist: the export check comes first.
+    args = predict_args(
+        tmp_path / "no model", tmp_path / "out", images, "--export", "gaussians_ply"
+    )
+    assert main(args) == 2
+    assert "--export gaussians_ply needs --gaussians" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def write_intrinsics(path: Path, intrinsics: np.ndarray) -> Path:
+    path.write_text(json.dumps({"intrinsics": intrinsics.tolist()}))
+    return path
+
+
+def test_intrinsics_make_the_metric_model_metric(
+    zoo: Callable[[str], Path], images: list[Path], tmp_path: Path
+) -> None:
+    model = zoo("metric-small")
+    _, intrinsics = two_posed_cameras()
+    given = write_intrinsics(tmp_path / "k.json", intrinsics)
+    out = tmp_path / "metric"
+    assert main(predict_args(model, out, images, "--intrinsics", str(given))) == 0
+    document = read_cameras(out)
+    assert document["is_metric"] is True
+    assert document["focal_source"] == document["intrinsics_source"] == "user intrinsics"
+    for view, matrix in zip(document["views"], intrinsics, strict=True):
+        np.testing.assert_allclose(view["K"], matrix, rtol=1e-5)
+        assert view["world_to_camera"] is None
+    metric_depth = np.load(out / "depth_0000_astronaut.npy")
+    # Without a focal length (PNGs carry no EXIF) the same depth stays relative.
+    relative = tmp_path / "relative"
+    assert main(predict_args(model, relative, images)) == 0
+    assert read_cameras(relative)["is_metric"] is False
+    relative_depth = np.load(relative / "depth_0000_astronaut.npy")
+    # metric depth = relative depth x focal / 300, focal in pixels of the 112 px processed image
+    focal = 600.0 * 112 / 512
+    np.testing.assert_allclose(metric_depth, relative_depth * focal / 300, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"K": []}', "expected JSON with an 'intrinsics' array (N x 3 x 3)"),
+        ("[1, 2]", "expected JSON with an 'intrinsics' array (N x 3 x 3)"),
+        (
+            '{"intrinsics": [[[600, 0, 256], [0, 600, 256], [0, 0, 1]]]}',
+            "intrinsics must have shape (2, 3, 3), got (1, 3, 3)",
+        ),
+        (
+            '{"intrinsics": [], "extrinsics": []}',
+            "has 'extrinsics' too: pass it with --cameras",
+        ),
+    ],
+)
+def test_bad_intrinsics_json_exits_2(
+    zoo: Callable[[str], Path],
+    images: list[Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    content: str,
+    message: str,
+) -> None:
+    given = tmp_path / "k.json"
+    given.write_text(content)
+    out = tmp_path / "out"
+    assert main(predict_args(zoo("metric-small"), out, images, "--intrinsics", str(given))) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_intrinsics_alone_are_refused_by_any_view_models(
+    small_checkpoint: Path,
+    images: list[Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _, intrinsics = two_posed_cameras()
+    given = write_intrinsics(tmp_path / "k.json", intrinsics)
+    out = tmp_path / "out"
+    assert main(predict_args(small_checkpoint, out, images, "--intrinsics", str(given))) == 2
+    assert "intrinsics alone are not used by any-view models" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cameras_still_need_both_and_exclude_intrinsics(
+    small_checkpoint: Path,
+    images: list[Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _, intrinsics = two_posed_cameras()
+    given = write_intrinsics(tmp_path / "k.json", intrinsics)
+    out = tmp_path / "out"
+    assert main(predict_args(small_checkpoint, out, images, "--cameras", str(given))) == 2
+    err = capsys.readouterr().err
+    assert "expected JSON with 'extrinsics' and 'intrinsics'" in err and "--intrinsics" in err
+    both = ["--cameras", str(given), "--intrinsics", str(given)]
+    with pytest.raises(SystemExit) as exited:
+        main(predict_args(small_checkpoint, out, images, *both))
+    assert exited.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+    assert not out.exists()

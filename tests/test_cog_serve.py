@@ -1,5 +1,6 @@
 """The pieces of da3cog.serve on their own: request planning, cameras, zips, video, the
-Gaussian PLY and fly-through, the model cache and the request folders."""
+Gaussian fly-through (the PLY is tested in test_export_gaussians.py), the model cache and the
+request folders."""
 
 from __future__ import annotations
 
@@ -190,34 +191,6 @@ def gaussian_prediction(small_zoo_checkpoint: Callable, photo: Callable):
     return model.predict(views, options=InferenceOptions(process_res=140, infer_gaussians=True))
 
 
-def test_gaussian_ply_round_trip(gaussian_prediction, tmp_path: Path) -> None:
-    plyfile = pytest.importorskip("plyfile")
-    from da3cog.serve.gaussians import gaussian_ply_fields, keep_mask, write_gaussian_ply
-
-    gaussians = gaussian_prediction.gaussians
-    path = tmp_path / "g.ply"
-    count = write_gaussian_ply(gaussians, gaussian_prediction, path)
-    keep = keep_mask(gaussians, gaussian_prediction)
-    assert count == keep.sum() and 0 < count < len(gaussians)
-    assert (gaussians.scales[keep] > 0).all()
-    vertex = plyfile.PlyData.read(str(path))["vertex"]
-    assert list(vertex.data.dtype.names) == gaussian_ply_fields()
-
-    def column(*names: str) -> np.ndarray:
-        return np.stack([vertex[name] for name in names], axis=1)
-
-    assert np.allclose(column("x", "y", "z"), gaussians.means[keep])
-    assert np.allclose(
-        np.exp(column("scale_0", "scale_1", "scale_2")), gaussians.scales[keep], rtol=1e-5
-    )
-    assert np.allclose(1 / (1 + np.exp(-vertex["opacity"])), gaussians.opacities[keep], atol=1e-5)
-    assert np.allclose(column(*(f"rot_{i}" for i in range(4))), gaussians.rotations[keep])
-    assert np.allclose(column("f_dc_0", "f_dc_1", "f_dc_2"), gaussians.harmonics[keep][:, :, 0])
-    # f_rest: the 8 higher coefficients of red, then green, then blue (3DGS order).
-    assert np.allclose(vertex["f_rest_8"], gaussians.harmonics[keep][:, 1, 1])
-    assert np.allclose(vertex["f_rest_23"], gaussians.harmonics[keep][:, 2, 8])
-
-
 def test_flythrough_passes_through_every_camera() -> None:
     from da3cog.serve.gaussians import flythrough_cameras
 
@@ -313,7 +286,7 @@ def test_model_cache_offloads_least_recently_used(small_checkpoint: Path) -> Non
 def test_checkpoint_override_and_offline_message(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_checkpoint: Path
 ) -> None:
-    from da3cog.serve.models import checkpoint_folder
+    from da3cog.serve.models import checkpoint_folder, load_preset
     from da3cog.weights import CheckpointError
 
     monkeypatch.setenv("DA3COG_WEIGHTS_DIR", str(tmp_path))
@@ -321,6 +294,10 @@ def test_checkpoint_override_and_offline_message(
     monkeypatch.setenv("DA3COG_CACHE_DIR", str(tmp_path / "cache"))
     (tmp_path / "da3-small").symlink_to(small_checkpoint)
     assert checkpoint_folder("da3-small") == tmp_path / "da3-small"
+    # The override folder stands in for the Hub repo, whose id the predictions report.
+    loaded = load_preset("da3-small", torch.device("cpu"))
+    assert loaded.model_id == "depth-anything/DA3-SMALL"
+    assert loaded.source == tmp_path / "da3-small"
     with pytest.raises(CheckpointError) as error:
         checkpoint_folder("da3-base")
     message = str(error.value)

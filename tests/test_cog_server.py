@@ -407,7 +407,7 @@ def test_every_mode_and_format_returns_its_files_uploaded(
         assert all(
             f["name"].startswith(("view_0000_", "view_0001_")) for f in result.manifest["files"]
         )
-    gaussians = result.names("gaussians_ply")
+    gaussians = result.names("gaussian_splats")
     assert len(gaussians) == (1 if mode == "gaussian-splat" else 0)
     if gaussians:
         ply = result.files[gaussians[0]]
@@ -416,6 +416,8 @@ def test_every_mode_and_format_returns_its_files_uploaded(
         assert "property float f_rest_23" in header and "property float rot_3" in header
         count = int(header.split("element vertex ")[1].split()[0])
         assert count > 0 and len(ply) == end + count * header.count("property float") * 4
+        (row,) = [f for f in result.manifest["files"] if f["role"] == "gaussian_splats"]
+        assert row["name"] == "gaussians.ply" and row["gaussians"] == count
 
 
 def test_invalid_inputs_are_rejected_with_422(
@@ -493,7 +495,7 @@ def test_metric_depth_from_the_nested_and_metric_models(
         ),
     )
     assert splats.manifest["model"]["preset"] == "da3nested-giant-large"
-    assert len(splats.names("gaussians_ply")) == 1
+    assert len(splats.names("gaussian_splats")) == 1
     height, width = pictures[1].shape[:2]
     cameras = {"intrinsics": [[width * 0.9, 0, width / 2], [0, width * 0.9, height / 2], [0, 0, 1]]}
     metric = fetch(

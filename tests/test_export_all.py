@@ -69,7 +69,9 @@ def test_all_formats_and_manifest(prediction, tmp_path: Path) -> None:
     # One fused cloud shared by the PLY, the GLB and the COLMAP model.
     counts = {e["role"]: e["points"] for e in document["files"] if "points" in e}
     assert counts["point_cloud"] == counts["glb_scene"] == counts["colmap_binary"] > 0
-    assert document["notes"] == ["synthetic scene"]
+    # Everything but the 3DGS PLY: the synthetic prediction has no Gaussians.
+    assert document["notes"][0] == "synthetic scene" and len(document["notes"]) == 2
+    assert document["notes"][1].startswith("format gaussians_ply skipped: the prediction has no")
     assert_unchanged(prediction, before)
 
 

@@ -107,7 +107,8 @@ def test_views_without_poses_are_not_fused(tmp_path: Path) -> None:
     assert not roles & {"point_cloud", "glb_scene", "transforms_json", "colmap_binary"}
     assert {"depth_png16", "cameras_json", "npz", "confidence_png"} <= roles
     skipped = [note for note in manifest.document["notes"] if "skipped" in note]
-    assert len(skipped) == 4 and all("no camera poses" in note for note in skipped)
+    assert len(skipped) == 5 and sum("no camera poses" in note for note in skipped) == 4
+    assert any(note.startswith("format gaussians_ply skipped") for note in skipped)
     with pytest.raises(ValueError, match="format glb cannot be exported: the views have no"):
         export_all(unposed, tmp_path / "glb", ["depth_png16", "glb"])
     with pytest.raises(ValueError, match="a point cloud needs cameras"):

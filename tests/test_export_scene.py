@@ -5,6 +5,7 @@ colours agree to float precision without running a model."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import math
 import os
@@ -197,6 +198,55 @@ def assert_unchanged(prediction: Prediction, before: Prediction) -> None:
             np.testing.assert_array_equal(new_array, old_array)
     for flag in ("cameras_estimated", "intrinsics_source", "focal_source", "metric_scale"):
         assert getattr(prediction, flag, None) == getattr(before, flag, None), flag
+    gaussians = getattr(prediction, "gaussians", None)
+    old_gaussians = getattr(before, "gaussians", None)
+    assert (gaussians is None) == (old_gaussians is None)
+    if gaussians is not None:
+        assert gaussians.grid == old_gaussians.grid
+        for key in ("means", "scales", "rotations", "harmonics", "opacities"):
+            new_array, old_array = getattr(gaussians, key), getattr(old_gaussians, key)
+            assert new_array.dtype == old_array.dtype and not new_array.flags.writeable, key
+            np.testing.assert_array_equal(new_array, old_array)
+
+
+def add_gaussians(prediction: Prediction, seed: int = 0) -> Prediction:
+    """``prediction`` with one synthetic Gaussian per pixel of every view (all views must share
+    one size, the processing grid): centred on the pixel's surface point, random positive
+    scales, unit quaternions, SH degree 2 coefficients and opacities in (0, 1)."""
+    from da3cog.geometry import depth_to_world_points
+    from da3cog.pipeline import Gaussians
+
+    height, width = prediction.views[0].depth.shape
+    rng = np.random.default_rng(seed)
+    means = np.concatenate(
+        [
+            depth_to_world_points(
+                torch.from_numpy(np.array(view.depth, dtype=np.float32)),
+                torch.from_numpy(np.array(view.intrinsics, dtype=np.float32)),
+                torch.from_numpy(np.array(view.extrinsics, dtype=np.float32)),
+            )
+            .numpy()
+            .reshape(-1, 3)
+            for view in prediction.views
+        ]
+    )
+    count = len(means)
+    rotations = rng.normal(size=(count, 4))
+    rotations /= np.linalg.norm(rotations, axis=1, keepdims=True)
+    arrays = {
+        "means": means,
+        "scales": np.exp(rng.uniform(-6.0, -1.0, (count, 3))),
+        "rotations": rotations,
+        "harmonics": rng.normal(0.0, 0.5, (count, 3, 9)),
+        "opacities": rng.uniform(0.02, 0.98, count),
+    }
+    frozen = {}
+    for key, array in arrays.items():
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        array.flags.writeable = False
+        frozen[key] = array
+    gaussians = Gaussians(**frozen, grid=(len(prediction.views), height, width))
+    return dataclasses.replace(prediction, gaussians=gaussians)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ from da3cog.weights import (
     CheckpointError,
     LoadedModel,
     assign_weights,
+    hub_repo,
+    hub_versions,
     load_model,
     read_preset,
     resolve_checkpoint,
@@ -401,6 +403,49 @@ def test_cache_dir_defaults_to_the_environment_variable(
 def test_official_hub_ids_with_a_dot_are_treated_as_hub_ids(offline_hub: Path, repo: str) -> None:
     with pytest.raises(CheckpointError, match=f"could not fetch {repo}"):
         resolve_checkpoint(repo, cache_dir=offline_hub)
+
+
+def test_hub_repo_picks_a_presets_version() -> None:
+    assert hub_repo("giant") == "depth-anything/DA3-GIANT"
+    assert hub_repo("da3-giant", "1.0") == "depth-anything/DA3-GIANT"
+    assert hub_repo("Giant", "1.1") == "depth-anything/DA3-GIANT-1.1"
+    assert hub_repo("large", "1.1") == "depth-anything/DA3-LARGE-1.1"
+    assert hub_repo("nested", "1.1") == "depth-anything/DA3NESTED-GIANT-LARGE-1.1"
+    assert hub_versions("small") == {"1.0": "depth-anything/DA3-SMALL"}
+    for name, preset in PRESETS.items():
+        # The default is what a bare preset name loads.
+        assert hub_repo(name) == preset.hub_repos[0] == next(iter(hub_versions(name).values()))
+        assert sorted(hub_versions(name).values()) == sorted(preset.hub_repos)
+    with pytest.raises(ValueError, match=r"no Hub version '1.1'; its versions: 1.0 \(depth-any"):
+        hub_repo("small", "1.1")
+    with pytest.raises(ValueError, match="unknown model preset 'da3-huge'"):
+        hub_repo("da3-huge")
+
+
+def test_load_model_records_the_hub_id_it_resolved(
+    offline_hub: Path, monkeypatch: pytest.MonkeyPatch, small_checkpoint: Path
+) -> None:
+    """A preset, alias or Hub id (any version) reports its Hub id; a folder reports itself
+    unless told which checkpoint it is a copy of. The Hub is faked by the small checkpoint."""
+    fetched: list[str] = []
+
+    def fake_snapshot_download(
+        repo_id: str, allow_patterns: list[str], cache_dir: Path | None
+    ) -> str:
+        fetched.append(repo_id)
+        return str(small_checkpoint)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
+    for source in ("small", "DA3-Small", "depth-anything/DA3-SMALL"):
+        loaded = load_model(source, cache_dir=offline_hub)
+        assert loaded.model_id == "depth-anything/DA3-SMALL"
+        assert loaded.source == small_checkpoint and loaded.preset is PRESETS["da3-small"]
+    variant = load_model(hub_repo("giant", "1.1"), cache_dir=offline_hub)
+    assert variant.model_id == "depth-anything/DA3-GIANT-1.1"
+    assert fetched == ["depth-anything/DA3-SMALL"] * 3 + ["depth-anything/DA3-GIANT-1.1"]
+    assert load_model(small_checkpoint).model_id == str(small_checkpoint)
+    named = load_model(small_checkpoint, model_id=hub_repo("small"))
+    assert named.model_id == "depth-anything/DA3-SMALL" and len(fetched) == 4
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_EXPORTS = ("depth_npy", "depth_vis", "cameras_json")
+# Added to the default exports by --gaussians.
+GAUSSIAN_EXPORT = "gaussians_ply"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,21 +57,41 @@ def _parser() -> argparse.ArgumentParser:
         default="input",
         help="depth maps at each input's size (default) or at the processing size",
     )
-    predict.add_argument(
+    cameras = predict.add_mutually_exclusive_group()
+    cameras.add_argument(
         "--cameras",
         type=Path,
         help=(
-            "JSON with 'extrinsics' (N x 3|4 x 4 world-to-camera) and 'intrinsics' (N x 3 x 3) "
-            "for pose-conditioned depth"
+            "JSON with 'extrinsics' (N x 3|4 x 4 world-to-camera) and 'intrinsics' (N x 3 x 3, "
+            "pixels of the input images) for pose-conditioned depth (any-view models)"
+        ),
+    )
+    cameras.add_argument(
+        "--intrinsics",
+        type=Path,
+        help=(
+            "JSON with 'intrinsics' only (N x 3 x 3, pixels of the input images): the focal "
+            "lengths that make the single-view metric model's depth metric"
+        ),
+    )
+    predict.add_argument(
+        "--gaussians",
+        action="store_true",
+        help=(
+            "also predict 3D Gaussians (models with a Gaussian head: giant, nested) and, by "
+            f"default, export them as a 3DGS PLY ({GAUSSIAN_EXPORT})"
         ),
     )
     predict.add_argument(
         "--export",
         nargs="+",
         choices=(*FORMATS, "all"),
-        default=list(DEFAULT_EXPORTS),
+        default=None,
         metavar="FORMAT",
-        help=f"files to write: {', '.join(FORMATS)} or all (default: {' '.join(DEFAULT_EXPORTS)})",
+        help=(
+            f"files to write: {', '.join(FORMATS)} or all (default: "
+            f"{' '.join(DEFAULT_EXPORTS)}, plus {GAUSSIAN_EXPORT} with --gaussians)"
+        ),
     )
     predict.add_argument(
         "--seed", type=int, default=42, help="seed for the RANSAC steps (default 42)"
@@ -87,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _read_cameras(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(N, 3|4, 4)`` extrinsics and ``(N, 3, 3)`` intrinsics from ``--cameras``."""
     try:
         document = json.loads(path.read_text())
         return np.asarray(document["extrinsics"], dtype=np.float64), np.asarray(
@@ -94,8 +117,37 @@ def _read_cameras(path: Path) -> tuple[np.ndarray, np.ndarray]:
         )
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(
-            f"{path}: expected JSON with 'extrinsics' and 'intrinsics' arrays ({error})"
+            f"{path}: expected JSON with 'extrinsics' and 'intrinsics' arrays ({error}); "
+            "for intrinsics alone use --intrinsics"
         ) from error
+
+
+def _read_intrinsics(path: Path) -> np.ndarray:
+    """``(N, 3, 3)`` intrinsics from ``--intrinsics`` (the pipeline checks the shape)."""
+    try:
+        document = json.loads(path.read_text())
+        intrinsics = np.asarray(document["intrinsics"], dtype=np.float64)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"{path}: expected JSON with an 'intrinsics' array (N x 3 x 3) ({error})"
+        ) from error
+    if "extrinsics" in document:
+        # Poses given here would be silently unused: say where they belong.
+        raise ValueError(
+            f"{path} has 'extrinsics' too: pass it with --cameras for pose-conditioned depth"
+        )
+    return intrinsics
+
+
+def _exports(args: argparse.Namespace) -> list[str]:
+    """The formats to write: ``--export``, else the defaults (plus the 3DGS PLY with
+    ``--gaussians``). ValueError when the 3DGS PLY is asked for without ``--gaussians``, before
+    any model is loaded."""
+    if args.export is None:
+        return [*DEFAULT_EXPORTS, *([GAUSSIAN_EXPORT] if args.gaussians else [])]
+    if GAUSSIAN_EXPORT in args.export and not args.gaussians:
+        raise ValueError(f"--export {GAUSSIAN_EXPORT} needs --gaussians (to predict them)")
+    return list(args.export)
 
 
 def _fresh_output(folder: Path) -> None:
@@ -108,6 +160,7 @@ def predict(args: argparse.Namespace) -> list[Path]:
     from da3cog.pipeline import DepthAnything3, InferenceOptions
 
     _fresh_output(args.out)
+    exports = _exports(args)
     options = InferenceOptions(
         process_res=args.process_res,
         resize_method=args.resize_method,
@@ -115,8 +168,11 @@ def predict(args: argparse.Namespace) -> list[Path]:
         pose_from_rays=args.ray_pose,
         output_resolution=args.output_resolution,
         seed=args.seed,
+        infer_gaussians=args.gaussians,
     )
     extrinsics, intrinsics = _read_cameras(args.cameras) if args.cameras else (None, None)
+    if args.intrinsics:
+        intrinsics = _read_intrinsics(args.intrinsics)
     model = DepthAnything3.from_pretrained(args.model, device=args.device, cache_dir=args.cache_dir)
     prediction = model.predict(
         [str(p) for p in args.images],
@@ -125,11 +181,11 @@ def predict(args: argparse.Namespace) -> list[Path]:
         options=options,
         progress=lambda message: print(f"[da3cog] {message}", file=sys.stderr),
     )
-    print(f"[da3cog] writing {', '.join(args.export)}", file=sys.stderr)
+    print(f"[da3cog] writing {', '.join(exports)}", file=sys.stderr)
     # The point-cloud subsample is the only seeded export step.
     seeded = {"ply", "glb", "colmap", "colmap_text", "colmap_binary", "all"}
-    export_options = {"seed": args.seed} if seeded & set(args.export) else {}
-    manifest = export_all(prediction, args.out, args.export, **export_options)
+    export_options = {"seed": args.seed} if seeded & set(exports) else {}
+    manifest = export_all(prediction, args.out, exports, **export_options)
     for note in prediction.notes:
         print(f"[da3cog] note: {note}", file=sys.stderr)
     return manifest.paths

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,12 +59,55 @@ class CheckpointError(RuntimeError):
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A ready network with where it came from."""
+    """A ready network with where it came from.
+
+    Attributes:
+        network: the network, in eval mode without gradients.
+        preset: the architecture its ``config.json`` names.
+        model_id: what predictions report as their model: the Hub id for a preset, alias or
+            Hub id, the folder for a local checkpoint, unless the loader was told otherwise.
+        source: the local checkpoint folder the weights were read from.
+    """
 
     network: Network
     preset: ModelPreset
     model_id: str
     source: Path
+
+
+# The version of an official Hub repo: its name's ``-<major>.<minor>`` suffix (DA3-GIANT-1.1);
+# the repos without one are the first release.
+_VERSION_SUFFIX = re.compile(r"-(\d+\.\d+)$")
+FIRST_VERSION = "1.0"
+
+
+def hub_versions(preset: str) -> dict[str, str]:
+    """``{version: Hub id}`` of a preset's (or alias's) official checkpoints, the default
+    first: ``hub_versions("giant") == {"1.0": "depth-anything/DA3-GIANT", "1.1":
+    "depth-anything/DA3-GIANT-1.1"}``. ValueError for an unknown preset."""
+    versions: dict[str, str] = {}
+    for repo in get_preset(preset).hub_repos:
+        match = _VERSION_SUFFIX.search(repo)
+        versions[match.group(1) if match else FIRST_VERSION] = repo
+    return versions
+
+
+def hub_repo(preset: str, version: str | None = None) -> str:
+    """The Hub id of a preset's (or alias's) official checkpoint: the default one (the
+    preset's first repo, which a bare preset name loads) or the given ``version``
+    (``hub_repo("giant", "1.1") == "depth-anything/DA3-GIANT-1.1"``; see :func:`hub_versions`).
+    Pass the result to :func:`load_model` to load that version. ValueError names the versions
+    there are."""
+    versions = hub_versions(preset)
+    name = get_preset(preset).name
+    if not versions:
+        raise ValueError(f"{name} has no official Hub checkpoint")
+    if version is None:
+        return next(iter(versions.values()))
+    if version not in versions:
+        known = ", ".join(f"{v} ({repo})" for v, repo in versions.items())
+        raise ValueError(f"{name} has no Hub version {version!r}; its versions: {known}")
+    return versions[version]
 
 
 def default_cache_dir() -> Path | None:
@@ -72,24 +116,34 @@ def default_cache_dir() -> Path | None:
     return Path(value).expanduser() if value else None
 
 
-def resolve_checkpoint(source: str | os.PathLike[str], cache_dir: Path | None = None) -> Path:
-    """A local checkpoint folder for ``source``: a folder path, a preset name or alias
-    (``small``, ``da3-large``: its official Hub repo), or a Hub id (``depth-anything/DA3-BASE``).
-    """
-    path = Path(source).expanduser()
-    if path.is_dir():
-        _check_folder(path)
-        return path
+def _hub_id(source: str | os.PathLike[str]) -> str | None:
+    """The Hub id ``source`` names (a preset or alias: its default repo), None for an existing
+    folder; CheckpointError when it is neither."""
+    if Path(source).expanduser().is_dir():
+        return None
     name = str(source)
     key = ALIASES.get(name.lower(), name.lower())
-    if key in PRESETS:
-        name = PRESETS[key].hub_repos[0]
+    if key in PRESETS and PRESETS[key].hub_repos:
+        return PRESETS[key].hub_repos[0]
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise CheckpointError(
             f"{source!r} is neither a checkpoint folder, a preset "
             f"({', '.join(sorted(PRESETS))}) nor a Hub id like 'depth-anything/DA3-BASE'"
         )
-    return _download(name, cache_dir if cache_dir is not None else default_cache_dir())
+    return name
+
+
+def resolve_checkpoint(source: str | os.PathLike[str], cache_dir: Path | None = None) -> Path:
+    """A local checkpoint folder for ``source``: a folder path, a preset name or alias
+    (``small``, ``da3-large``: its default official Hub repo, see :func:`hub_repo`), or a Hub
+    id (``depth-anything/DA3-BASE``, ``depth-anything/DA3-GIANT-1.1``).
+    """
+    repo_id = _hub_id(source)
+    if repo_id is None:
+        path = Path(source).expanduser()
+        _check_folder(path)
+        return path
+    return _download(repo_id, cache_dir if cache_dir is not None else default_cache_dir())
 
 
 def _check_folder(path: Path) -> None:
@@ -195,8 +249,14 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     cache_dir: Path | None = None,
+    model_id: str | None = None,
 ) -> LoadedModel:
     """Resolve, build and strictly load a DA3 checkpoint onto ``device`` in ``dtype``.
+
+    ``source`` is what :func:`resolve_checkpoint` takes. The result's ``model_id`` is
+    ``model_id`` when given (e.g. the Hub id a local copy of an official checkpoint stands
+    for), else the Hub id ``source`` resolves to (``"small"`` -> ``depth-anything/DA3-SMALL``),
+    else the folder as given.
 
     On the CPU in the checkpoint's own dtype, the parameters are copy-on-write memory maps of
     ``model.safetensors`` (no copy at load; pages are read on first use). The file must then
@@ -205,6 +265,7 @@ def load_model(
     """
     started = time.perf_counter()
     device = torch.device(device)
+    repo_id = _hub_id(source)
     folder = resolve_checkpoint(source, cache_dir)
     preset = read_preset(folder)
     with torch.device("meta"):
@@ -217,4 +278,6 @@ def load_model(
         folder,
         time.perf_counter() - started,
     )
-    return LoadedModel(network=network, preset=preset, model_id=str(source), source=folder)
+    if model_id is None:
+        model_id = repo_id if repo_id is not None else str(source)
+    return LoadedModel(network=network, preset=preset, model_id=model_id, source=folder)

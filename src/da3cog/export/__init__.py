@@ -9,6 +9,7 @@ One module per format, each importing its heavier libraries only when called:
 * :mod:`~da3cog.export.cameras`: ``export_cameras_json``, ``export_transforms_json``
 * :mod:`~da3cog.export.colmap`: ``export_colmap`` (text and / or binary sparse model)
 * :mod:`~da3cog.export.npz`: ``export_npz`` / ``load_npz``
+* :mod:`~da3cog.export.gaussians`: ``export_gaussians_ply`` (3D Gaussian Splatting PLY)
 * :mod:`~da3cog.export.manifest`: ``export_all(prediction, folder, formats, **options)``
 """
 

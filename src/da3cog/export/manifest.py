@@ -23,6 +23,7 @@ from da3cog.export.depth import (
     depth_vis_files,
 )
 from da3cog.export.files import ManifestEntry, _current_umask, write_text_atomically
+from da3cog.export.gaussians import gaussians_ply_files, gaussians_problem
 from da3cog.export.glb import glb_files
 from da3cog.export.npz import npz_files
 from da3cog.export.ply import point_cloud_files
@@ -47,6 +48,7 @@ _EXPORTERS: dict[str, _Writer] = {
     "colmap_text": colmap_files,
     "colmap_binary": colmap_files,
     "npz": npz_files,
+    "gaussians_ply": gaussians_ply_files,
 }
 # Format name -> the COLMAP model formats it asks for.
 _COLMAP_FORMATS = {
@@ -109,6 +111,8 @@ def inapplicable(prediction: Prediction, name: str) -> str | None:
         return camera_problem(prediction)
     if name == "confidence_png" and all(v.confidence is None for v in prediction.views):
         return "the model predicts no confidence"
+    if name == "gaussians_ply":
+        return gaussians_problem(prediction)
     return None
 
 
@@ -261,13 +265,15 @@ def export_all(
 
     Formats: ``depth_npy``, ``depth_png16``, ``depth_vis``, ``confidence_png``, ``ply``,
     ``glb``, ``cameras_json``, ``transforms_json``, ``colmap`` (text and binary),
-    ``colmap_text``, ``colmap_binary``, ``npz``, or ``all`` (every format the prediction allows:
-    without shared cameras the point cloud, GLB, transforms and COLMAP formats are skipped and
-    the manifest's notes say why; asking for one of them by name is then a ValueError). Options
+    ``colmap_text``, ``colmap_binary``, ``npz``, ``gaussians_ply`` (3DGS PLY), or ``all``
+    (every format the prediction allows: without shared cameras the point cloud, GLB,
+    transforms and COLMAP formats are skipped, without Gaussians the 3DGS PLY, and the
+    manifest's notes say why; asking for one of them by name is then a ValueError). Options
     are the keyword options of the formats' exporters (``confidence_percentile``,
     ``max_points``, ``seed``, ``drop_sky``, ``normals``, ``ply_confidence``, ``frustums``,
     ``frustum_size``, ``gltf_cameras``, ``colormap``, ``side_by_side``, ``vis_format``,
-    ``colmap_images``, ``compress``); an option no chosen format uses is an error. The point
+    ``colmap_images``, ``compress``, ``gaussian_border_fraction``,
+    ``gaussian_keep_nearest``); an option no chosen format uses is an error. The point
     cloud is fused once and shared by ``ply``, ``glb`` and ``colmap``.
 
     Everything is written into a hidden sibling folder that is renamed to ``folder`` at the end,

@@ -1,11 +1,5 @@
-"""3D Gaussians out: the standard 3DGS PLY file and a fly-through video rendered with gsplat.
-
-The PLY follows the layout of the original 3D Gaussian Splatting code, which splat viewers
-read: ``x y z nx ny nz f_dc_0..2 f_rest_0..23 opacity scale_0..2 rot_0..3`` as little-endian
-float32, opacity as a logit, scales as logs, rotations ``(w, x, y, z)`` and the 8 higher
-spherical-harmonic coefficients of degree 2 channel by channel (all red, then green, then
-blue). Like upstream's ``export_to_gs_ply`` it leaves out the Gaussians of a thin border of
-each view (8/256 of its sides) and the farthest 10% of each view, which are mostly noise.
+"""The Gaussians' fly-through video, rendered with gsplat (the PLY itself is written by
+:mod:`da3cog.export.gaussians`).
 
 Rendering needs a CUDA GPU (gsplat's kernels); :func:`gaussian_video_problem` says so before
 any work. The rasteriser is a parameter so that the camera path and encoding can be tested
@@ -22,11 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from da3cog.pipeline import Gaussians, Prediction
+from da3cog.export.gaussians import SH_DEGREE, gaussian_view_depths
+from da3cog.pipeline import Gaussians, Prediction, ViewPrediction
 
-SH_DEGREE = 2
-BORDER_FRACTION = 8 / 256
-KEEP_DEPTH_QUANTILE = 0.9
 VIDEO_FPS = 24.0
 VIDEO_FRAMES = 120
 SINGLE_VIEW_FRAMES = 48
@@ -47,81 +39,6 @@ def gaussian_video_problem() -> str | None:
     if importlib.util.find_spec("gsplat") is None:
         return "render_video with mode=gaussian-splat needs gsplat, which is not installed"
     return None
-
-
-def _view_depths(gaussians: Gaussians, prediction: Prediction) -> np.ndarray:
-    """``(V, h, w)`` depth of every Gaussian in the camera of the view it comes from."""
-    views, height, width = gaussians.grid
-    means = gaussians.means.reshape(views, height * width, 3).astype(np.float64)
-    depths = np.empty((views, height * width))
-    for index, view in enumerate(prediction.views):
-        extrinsics = np.eye(4) if view.extrinsics is None else view.extrinsics
-        rotation, translation = extrinsics[:3, :3], extrinsics[:3, 3]
-        depths[index] = means[index] @ rotation[2] + translation[2]
-    return depths.reshape(views, height, width)
-
-
-def keep_mask(gaussians: Gaussians, prediction: Prediction) -> np.ndarray:
-    """``(G,)`` bool: the Gaussians written to the PLY (see the module docstring)."""
-    views, height, width = gaussians.grid
-    mask = np.zeros((views, height, width), dtype=bool)
-    trim_h, trim_w = int(BORDER_FRACTION * height), int(BORDER_FRACTION * width)
-    mask[:, trim_h : height - trim_h, trim_w : width - trim_w] = True
-    depths = _view_depths(gaussians, prediction)
-    limits = np.quantile(depths.reshape(views, -1), KEEP_DEPTH_QUANTILE, axis=1)
-    mask &= depths <= limits[:, None, None]
-    # A Gaussian behind its own camera or with a non-positive size has no valid PLY form
-    # (its log scale is undefined); trained checkpoints make none, random weights do.
-    mask &= depths > 0
-    mask &= (gaussians.scales > 0).all(axis=1).reshape(views, height, width)
-    return mask.reshape(-1)
-
-
-def gaussian_ply_fields() -> list[str]:
-    rest = [f"f_rest_{i}" for i in range(3 * ((SH_DEGREE + 1) ** 2 - 1))]
-    return [
-        *("x", "y", "z", "nx", "ny", "nz"),
-        *(f"f_dc_{i}" for i in range(3)),
-        *rest,
-        "opacity",
-        *(f"scale_{i}" for i in range(3)),
-        *(f"rot_{i}" for i in range(4)),
-    ]
-
-
-def write_gaussian_ply(
-    gaussians: Gaussians, prediction: Prediction, path: Path, *, prune: bool = True
-) -> int:
-    """Write the 3DGS PLY; returns the number of Gaussians written."""
-    keep = keep_mask(gaussians, prediction) if prune else np.ones(len(gaussians), dtype=bool)
-    count = int(keep.sum())
-    harmonics = gaussians.harmonics[keep].astype(np.float32)
-    opacities = np.clip(gaussians.opacities[keep].astype(np.float64), 1e-6, 1 - 1e-6)
-    columns = [
-        gaussians.means[keep],
-        np.zeros((count, 3), dtype=np.float32),
-        harmonics[:, :, 0],
-        harmonics[:, :, 1:].reshape(count, -1),
-        np.log(opacities / (1 - opacities))[:, None],
-        np.log(gaussians.scales[keep].astype(np.float64)),
-        gaussians.rotations[keep],
-    ]
-    table = np.concatenate([np.asarray(c, dtype=np.float32) for c in columns], axis=1)
-    names = gaussian_ply_fields()
-    header = "\n".join(
-        [
-            "ply",
-            "format binary_little_endian 1.0",
-            f"comment da3cog {prediction.model_id}: 3D Gaussians, SH degree {SH_DEGREE}",
-            f"element vertex {count}",
-            *(f"property float {name}" for name in names),
-            "end_header",
-        ]
-    )
-    with path.open("wb") as handle:
-        handle.write(header.encode("ascii") + b"\n")
-        handle.write(np.ascontiguousarray(table, dtype="<f4").tobytes())
-    return count
 
 
 def _quaternion(rotation: np.ndarray) -> np.ndarray:
@@ -264,7 +181,7 @@ def render_flythrough(
     intrinsics = np.stack(
         [_processing_intrinsics(view, height, width) for view in prediction.views]
     )
-    depths = _view_depths(gaussians, prediction)
+    depths = gaussian_view_depths(gaussians, prediction)
     radius = 0.05 * float(np.median(depths[0][depths[0] > 0])) if (depths[0] > 0).any() else 0.05
     viewmats, ks = flythrough_cameras(extrinsics, intrinsics, wander_radius=radius)
 
@@ -287,7 +204,7 @@ def render_flythrough(
     return encode_mp4(iter(frames), path, VIDEO_FPS)
 
 
-def _processing_intrinsics(view, height: int, width: int) -> np.ndarray:
+def _processing_intrinsics(view: ViewPrediction, height: int, width: int) -> np.ndarray:
     """The view's intrinsics rescaled to the processing grid (``height x width``)."""
     k = np.asarray(view.intrinsics, dtype=np.float64).copy()
     k[0] *= width / view.width

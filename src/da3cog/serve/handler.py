@@ -26,7 +26,6 @@ from da3cog.serve.media import gather_views
 from da3cog.serve.models import ModelCache, warm_up
 from da3cog.serve.outputs import (
     GAUSSIAN_VIDEO_NAME,
-    GAUSSIANS_NAME,
     OutputFolder,
     depth_video,
     export_prediction,
@@ -220,23 +219,18 @@ class Server:
         outputs: OutputFolder,
         progress: Progress,
     ) -> list[str]:
-        """Gaussians (PLY, fly-through) and the depth video; returns notes for the manifest."""
-        from da3cog.serve.gaussians import render_flythrough, write_gaussian_ply
+        """The Gaussian fly-through or the depth video; returns notes for the manifest. (The
+        Gaussians' PLY is one of the export formats, see ``outputs.base_formats``.)"""
+        from da3cog.serve.gaussians import render_flythrough
 
         notes: list[str] = []
         if values.mode == "gaussian-splat":
             gaussians = prediction.gaussians
             if gaussians is None:
                 raise RuntimeError("the model returned no Gaussians")
-            path = outputs.new_path(GAUSSIANS_NAME)
-            count = write_gaussian_ply(gaussians, prediction, path)
-            outputs.record(
-                path,
-                "gaussians_ply",
-                prediction=0,
-                details={"gaussians": count, "of": len(gaussians), "sh_degree": 2},
-            )
-            progress(f"wrote {count} of {len(gaussians)} Gaussians")
+            for entry in outputs.files:
+                if entry.role == "gaussian_splats":
+                    progress(f"wrote {entry.details['gaussians']} of {len(gaussians)} Gaussians")
             if values.render_video:
                 path = outputs.new_path(GAUSSIAN_VIDEO_NAME)
                 frames = render_flythrough(gaussians, prediction, path, device=self.device)

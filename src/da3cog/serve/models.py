@@ -13,7 +13,6 @@ while the common case keeps everything resident.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import threading
@@ -25,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from da3cog.model.presets import PRESETS
 from da3cog.pipeline import DepthAnything3, InferenceOptions
 from da3cog.weights import (
     CONFIG_NAME,
@@ -33,6 +31,7 @@ from da3cog.weights import (
     CheckpointError,
     LoadedModel,
     default_cache_dir,
+    hub_repo,
     load_model,
     resolve_checkpoint,
 )
@@ -50,10 +49,6 @@ def weights_dir() -> Path | None:
     return Path(value).expanduser() if value else None
 
 
-def hub_repo(preset: str) -> str:
-    return PRESETS[preset].hub_repos[0]
-
-
 def checkpoint_folder(preset: str) -> Path:
     """A local checkpoint folder for ``preset``: the override folder if it exists, else a Hub
     download. CheckpointError names the repo and the override folder to use offline."""
@@ -66,7 +61,7 @@ def checkpoint_folder(preset: str) -> Path:
                 raise CheckpointError(f"{folder} lacks {', '.join(missing)}")
             return folder
     try:
-        return resolve_checkpoint(preset, default_cache_dir())
+        return resolve_checkpoint(hub_repo(preset), default_cache_dir())
     except CheckpointError as error:
         where = (
             f"{override_root / preset}"
@@ -81,10 +76,9 @@ def checkpoint_folder(preset: str) -> Path:
 
 
 def load_preset(preset: str, device: torch.device) -> LoadedModel:
-    """Resolve and strictly load ``preset`` onto ``device``, reporting its Hub id."""
-    folder = checkpoint_folder(preset)
-    loaded = load_model(folder, device=device)
-    return dataclasses.replace(loaded, model_id=hub_repo(preset))
+    """Resolve and strictly load ``preset`` onto ``device``; it reports its Hub id as its
+    model id, also when the override folder stands in for the Hub repo."""
+    return load_model(checkpoint_folder(preset), device=device, model_id=hub_repo(preset))
 
 
 def free_gpu_bytes(device: torch.device) -> int:

@@ -28,7 +28,6 @@ from da3cog.serve.request import EXPORT_FORMATS_MAP, POINT_FORMATS, ModelChoice,
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT_VERSION = 1
 COLMAP_FOLDER = "colmap"
-GAUSSIANS_NAME = "gaussians.ply"
 DEPTH_VIDEO_NAME = "depth_video.mp4"
 GAUSSIAN_VIDEO_NAME = "gaussians_flythrough.mp4"
 
@@ -39,7 +38,7 @@ class OutputFile:
 
     Attributes:
         path: the file, in the request's output folder.
-        role: what it is (``depth_npy``, ``glb_scene``, ``gaussians_ply``, ``colmap_zip``...).
+        role: what it is (``depth_npy``, ``glb_scene``, ``gaussian_splats``, ``colmap_zip``...).
         view: the view it belongs to (index over the whole request), or None.
         prediction: index into the manifest's ``predictions`` (one per view in monocular
             mode, else one), or None for files about the whole request.
@@ -98,11 +97,15 @@ class OutputFolder:
 
 
 def base_formats(prediction: Prediction) -> list[str]:
-    """Returned for every request: depth (+ confidence) ``.npy``, the visualisation, and
-    ``cameras.json`` when any view has a camera."""
+    """Returned for every request: depth (+ confidence) ``.npy``, the visualisation,
+    ``cameras.json`` when any view has a camera, and the 3DGS PLY (``gaussians.ply``, with
+    upstream's border and far-point trimming) when the prediction has Gaussians
+    (gaussian-splat mode)."""
     formats = ["depth_npy", "depth_vis"]
     if any(v.intrinsics is not None or v.extrinsics is not None for v in prediction.views):
         formats.append("cameras_json")
+    if prediction.gaussians is not None:
+        formats.append("gaussians_ply")
     return formats
 
 
