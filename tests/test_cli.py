@@ -347,15 +347,14 @@ def test_gaussians_flag_on_a_model_without_a_gaussian_head_exits_2(
     assert not out.exists()
 
 
-def test_gaussians_ply_without_the_flag_exits_2_before_loading(
-    images: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("export", ["gaussians_ply", "gaussians_video"])
+def test_gaussian_exports_without_the_flag_exit_2_before_loading(
+    images: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], export: str
 ) -> None:
     # The model does not exist: the export check comes first.
-    args = predict_args(
-        tmp_path / "no model", tmp_path / "out", images, "--export", "gaussians_ply"
-    )
+    args = predict_args(tmp_path / "no model", tmp_path / "out", images, "--export", export)
     assert main(args) == 2
-    assert "--export gaussians_ply needs --gaussians" in capsys.readouterr().err
+    assert f"--export {export} needs --gaussians" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

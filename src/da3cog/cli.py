@@ -145,8 +145,9 @@ def _exports(args: argparse.Namespace) -> list[str]:
     any model is loaded."""
     if args.export is None:
         return [*DEFAULT_EXPORTS, *([GAUSSIAN_EXPORT] if args.gaussians else [])]
-    if GAUSSIAN_EXPORT in args.export and not args.gaussians:
-        raise ValueError(f"--export {GAUSSIAN_EXPORT} needs --gaussians (to predict them)")
+    for name in (GAUSSIAN_EXPORT, "gaussians_video"):
+        if name in args.export and not args.gaussians:
+            raise ValueError(f"--export {name} needs --gaussians (to predict them)")
     return list(args.export)
 
 

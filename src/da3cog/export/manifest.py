@@ -28,6 +28,7 @@ from da3cog.export.glb import glb_files
 from da3cog.export.npz import npz_files
 from da3cog.export.ply import point_cloud_files
 from da3cog.export.points import camera_problem, fuse_points
+from da3cog.export.video import gaussians_video_files
 from da3cog.pipeline import Prediction
 
 MANIFEST_NAME = "manifest.json"
@@ -49,6 +50,7 @@ _EXPORTERS: dict[str, _Writer] = {
     "colmap_binary": colmap_files,
     "npz": npz_files,
     "gaussians_ply": gaussians_ply_files,
+    "gaussians_video": gaussians_video_files,
 }
 # Format name -> the COLMAP model formats it asks for.
 _COLMAP_FORMATS = {
@@ -61,6 +63,8 @@ _FUSION_OPTIONS = ("confidence_percentile", "max_points", "seed", "drop_sky")
 # Formats that need every view in one world frame (see points.camera_problem).
 _CAMERA_FORMATS = ("ply", "glb", "transforms_json", "colmap", "colmap_text", "colmap_binary")
 _POINT_FORMATS = ("ply", "glb", "colmap")
+# Left out of "all": slow without gsplat on CUDA (minutes on a CPU); asked for by name only.
+_NOT_IN_ALL = ("colmap_text", "colmap_binary", "gaussians_video")
 # Set by export_all itself, never by a caller.
 _INTERNAL_OPTIONS = ("points", "colmap_formats")
 
@@ -111,7 +115,7 @@ def inapplicable(prediction: Prediction, name: str) -> str | None:
         return camera_problem(prediction)
     if name == "confidence_png" and all(v.confidence is None for v in prediction.views):
         return "the model predicts no confidence"
-    if name == "gaussians_ply":
+    if name in ("gaussians_ply", "gaussians_video"):
         return gaussians_problem(prediction)
     return None
 
@@ -129,7 +133,7 @@ def _check_formats(
         raise ValueError(f"{problem}: valid formats are {', '.join(FORMATS)} (or 'all')")
     skipped: dict[str, str] = {}
     if "all" in requested:
-        everything = [name for name in FORMATS if name not in ("colmap_text", "colmap_binary")]
+        everything = [name for name in FORMATS if name not in _NOT_IN_ALL]
         explicit = [name for name in requested if name != "all"]
         requested = list(dict.fromkeys(everything + explicit))
         for name in everything:
@@ -265,16 +269,18 @@ def export_all(
 
     Formats: ``depth_npy``, ``depth_png16``, ``depth_vis``, ``confidence_png``, ``ply``,
     ``glb``, ``cameras_json``, ``transforms_json``, ``colmap`` (text and binary),
-    ``colmap_text``, ``colmap_binary``, ``npz``, ``gaussians_ply`` (3DGS PLY), or ``all``
-    (every format the prediction allows: without shared cameras the point cloud, GLB,
+    ``colmap_text``, ``colmap_binary``, ``npz``, ``gaussians_ply`` (3DGS PLY),
+    ``gaussians_video`` (fly-through MP4 of the Gaussians: gsplat on CUDA, else a pure-torch
+    renderer, slow on a CPU; never part of ``all``), or ``all``
+    (every other format the prediction allows: without shared cameras the point cloud, GLB,
     transforms and COLMAP formats are skipped, without Gaussians the 3DGS PLY, and the
     manifest's notes say why; asking for one of them by name is then a ValueError). Options
     are the keyword options of the formats' exporters (``confidence_percentile``,
     ``max_points``, ``seed``, ``drop_sky``, ``normals``, ``ply_confidence``, ``frustums``,
     ``frustum_size``, ``gltf_cameras``, ``colormap``, ``side_by_side``, ``vis_format``,
     ``colmap_images``, ``compress``, ``gaussian_border_fraction``,
-    ``gaussian_keep_nearest``); an option no chosen format uses is an error. The point
-    cloud is fused once and shared by ``ply``, ``glb`` and ``colmap``.
+    ``gaussian_keep_nearest``, ``video_frames``); an option no chosen format uses is an
+    error. The point cloud is fused once and shared by ``ply``, ``glb`` and ``colmap``.
 
     Everything is written into a hidden sibling folder that is renamed to ``folder`` at the end,
     so on any failure ``folder`` is left as it was (absent or empty).

@@ -20,7 +20,6 @@ import torch
 from da3cog.io import exif_focal
 from da3cog.model.presets import get_preset
 from da3cog.pipeline import DepthAnything3, InferenceOptions, Prediction, default_device
-from da3cog.serve.gaussians import gaussian_video_problem
 from da3cog.serve.inputs import MAX_VIEWS
 from da3cog.serve.media import gather_views
 from da3cog.serve.models import ModelCache, warm_up
@@ -51,6 +50,24 @@ DEFAULT_SETUP_MODEL = "giant"
 REQUEST_PREFIX = "da3cog-request-"
 
 Progress = Callable[[str], None]
+
+
+def gaussian_video_problem() -> str | None:
+    """Why this server refuses a Gaussian fly-through, or None. The library renders one on any
+    machine (:mod:`da3cog.export.video` falls back to a pure-torch CPU renderer), but at the
+    giant model's processing size and 120 frames that takes many minutes on a CPU, so the
+    server asks for gsplat on a CUDA GPU."""
+    from da3cog.export.video import gsplat_available
+
+    if not torch.cuda.is_available():
+        return (
+            "render_video with mode=gaussian-splat renders the Gaussians with gsplat, which "
+            "needs a CUDA GPU, and this server has none (the Gaussians are still returned as "
+            "gaussians.ply; render_video in the other modes makes a depth video on any machine)"
+        )
+    if not gsplat_available():
+        return "render_video with mode=gaussian-splat needs gsplat, which is not installed"
+    return None
 
 
 def print_progress(message: str) -> None:
@@ -221,7 +238,7 @@ class Server:
     ) -> list[str]:
         """The Gaussian fly-through or the depth video; returns notes for the manifest. (The
         Gaussians' PLY is one of the export formats, see ``outputs.base_formats``.)"""
-        from da3cog.serve.gaussians import render_flythrough
+        from da3cog.export.video import render_flythrough
 
         notes: list[str] = []
         if values.mode == "gaussian-splat":
@@ -233,7 +250,7 @@ class Server:
                     progress(f"wrote {entry.details['gaussians']} of {len(gaussians)} Gaussians")
             if values.render_video:
                 path = outputs.new_path(GAUSSIAN_VIDEO_NAME)
-                frames = render_flythrough(gaussians, prediction, path, device=self.device)
+                frames = render_flythrough(prediction, path)
                 outputs.record(path, "gaussian_video", prediction=0, details={"frames": frames})
         elif values.render_video:
             depth_video(outputs, values.video_fps)

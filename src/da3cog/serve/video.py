@@ -1,16 +1,17 @@
-"""Video in (frames sampled at a rate) and out (H.264 MP4), with PyAV's bundled FFmpeg."""
+"""Video in (frames sampled at a rate) and out (H.264 MP4, :func:`da3cog.export.video.encode_mp4`),
+with PyAV's bundled FFmpeg."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from fractions import Fraction
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
+from da3cog.export.video import encode_mp4, even_size, fit_frame
 from da3cog.serve.request import RequestError
+
+__all__ = ["encode_mp4", "even_size", "fit_frame", "sample_video_frames"]
 
 
 def sample_video_frames(path: Path, folder: Path, *, fps: float, max_frames: int) -> list[Path]:
@@ -55,45 +56,3 @@ def sample_video_frames(path: Path, folder: Path, *, fps: float, max_frames: int
     if not frames:
         raise RequestError(f"image: the video {path.name} has no frames")
     return frames
-
-
-def even_size(height: int, width: int) -> tuple[int, int]:
-    """H.264 with 4:2:0 chroma needs even sides."""
-    return height + height % 2, width + width % 2
-
-
-def fit_frame(picture: np.ndarray, height: int, width: int) -> np.ndarray:
-    """``picture`` scaled to fit ``height x width`` (aspect kept), centred on black."""
-    scale = min(height / picture.shape[0], width / picture.shape[1])
-    size = (max(1, round(picture.shape[1] * scale)), max(1, round(picture.shape[0] * scale)))
-    resized = np.asarray(Image.fromarray(picture).resize(size, Image.Resampling.BILINEAR))
-    canvas = np.zeros((height, width, 3), dtype=np.uint8)
-    top, left = (height - resized.shape[0]) // 2, (width - resized.shape[1]) // 2
-    canvas[top : top + resized.shape[0], left : left + resized.shape[1]] = resized
-    return canvas
-
-
-def encode_mp4(frames: Iterable[np.ndarray], path: Path, fps: float) -> int:
-    """Write ``(H, W, 3)`` uint8 frames as an H.264 MP4 (yuv420p, playable everywhere); every
-    frame is fitted to the first one's (even) size. Returns the number of frames."""
-    import av
-
-    count = 0
-    with av.open(str(path), mode="w") as container:
-        stream = None
-        for picture in frames:
-            if stream is None:
-                height, width = even_size(*picture.shape[:2])
-                stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
-                stream.width, stream.height = width, height
-                stream.pix_fmt = "yuv420p"
-                stream.options = {"crf": "20", "preset": "veryfast"}
-            if picture.shape[:2] != (stream.height, stream.width):
-                picture = fit_frame(picture, stream.height, stream.width)
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(picture), format="rgb24")
-            container.mux(stream.encode(frame))
-            count += 1
-        if stream is None:
-            raise ValueError("no frames to encode")
-        container.mux(stream.encode())
-    return count
