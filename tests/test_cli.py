@@ -451,3 +451,44 @@ def test_cameras_still_need_both_and_exclude_intrinsics(
     assert exited.value.code == 2
     assert "not allowed with argument" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--video-frames", "5"], "--video-frames applies to --export gaussians_video only"),
+        (
+            ["--gaussians", "--export", "gaussians_video", "--video-frames", "0"],
+            "--video-frames must be at least 1",
+        ),
+    ],
+)
+def test_video_frames_is_checked_before_loading(
+    images: list[Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    message: str,
+) -> None:
+    # The model does not exist: the option check comes first.
+    args = predict_args(tmp_path / "no model", tmp_path / "out", images, *extra)
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_gaussian_video_with_video_frames(
+    zoo: Callable[[str], Path], images: list[Path], tmp_path: Path
+) -> None:
+    av = pytest.importorskip("av", reason="PyAV is installed by scripts/test.sh (.[cog])")
+    out = tmp_path / "out"
+    extra = ["--gaussians", "--export", "gaussians_video", "--video-frames", "3"]
+    assert main(predict_args(zoo("small-gs"), out, images, *extra)) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    (row,) = [f for f in manifest["files"] if f["role"] == "gaussian_video"]
+    with av.open(str(out / row["path"])) as container:
+        frames = sum(1 for _ in container.decode(video=0))
+    # The path keeps a few frames per pair of cameras however few are asked for; far fewer
+    # than the default 120 shows the option took effect.
+    assert frames == row["frames"]
+    assert 3 <= frames <= 6

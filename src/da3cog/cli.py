@@ -94,6 +94,12 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     predict.add_argument(
+        "--video-frames",
+        type=int,
+        default=None,
+        help="frames of the gaussians_video fly-through (default 120; fewer renders faster)",
+    )
+    predict.add_argument(
         "--seed", type=int, default=42, help="seed for the RANSAC steps (default 42)"
     )
     predict.add_argument(
@@ -144,11 +150,17 @@ def _exports(args: argparse.Namespace) -> list[str]:
     ``--gaussians``). ValueError when the 3DGS PLY is asked for without ``--gaussians``, before
     any model is loaded."""
     if args.export is None:
-        return [*DEFAULT_EXPORTS, *([GAUSSIAN_EXPORT] if args.gaussians else [])]
-    for name in (GAUSSIAN_EXPORT, "gaussians_video"):
-        if name in args.export and not args.gaussians:
-            raise ValueError(f"--export {name} needs --gaussians (to predict them)")
-    return list(args.export)
+        exports = [*DEFAULT_EXPORTS, *([GAUSSIAN_EXPORT] if args.gaussians else [])]
+    else:
+        for name in (GAUSSIAN_EXPORT, "gaussians_video"):
+            if name in args.export and not args.gaussians:
+                raise ValueError(f"--export {name} needs --gaussians (to predict them)")
+        exports = list(args.export)
+    if args.video_frames is not None and "gaussians_video" not in exports:
+        raise ValueError("--video-frames applies to --export gaussians_video only")
+    if args.video_frames is not None and args.video_frames < 1:
+        raise ValueError(f"--video-frames must be at least 1, got {args.video_frames}")
+    return exports
 
 
 def _fresh_output(folder: Path) -> None:
@@ -185,7 +197,9 @@ def predict(args: argparse.Namespace) -> list[Path]:
     print(f"[da3cog] writing {', '.join(exports)}", file=sys.stderr)
     # The point-cloud subsample is the only seeded export step.
     seeded = {"ply", "glb", "colmap", "colmap_text", "colmap_binary", "all"}
-    export_options = {"seed": args.seed} if seeded & set(exports) else {}
+    export_options: dict[str, int] = {"seed": args.seed} if seeded & set(exports) else {}
+    if args.video_frames is not None:
+        export_options["video_frames"] = args.video_frames
     manifest = export_all(prediction, args.out, exports, **export_options)
     for note in prediction.notes:
         print(f"[da3cog] note: {note}", file=sys.stderr)
