@@ -195,8 +195,9 @@ def test_cameras_json_conditions_on_poses(
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ('{"extrinsics": []}', "expected JSON with 'extrinsics' and 'intrinsics'"),
-        ("not json", "expected JSON with 'extrinsics' and 'intrinsics'"),
+        ('{"extrinsics": []}', "extrinsics must be N x 3 x 4 or N x 4 x 4, got shape (0,)"),
+        ("not json", "not a readable JSON file"),
+        ('{"K": []}', "give 'intrinsics' and/or 'extrinsics'"),
     ],
 )
 def test_bad_cameras_json_exits_2(
@@ -226,7 +227,7 @@ def test_cameras_json_with_the_wrong_count_exits_2(
     cameras = write_cameras(tmp_path / "cams.json", extrinsics[:1], intrinsics[:1])
     out = tmp_path / "out"
     assert main(predict_args(small_checkpoint, out, images, "--cameras", str(cameras))) == 2
-    assert "got 1 extrinsics for 2 images" in capsys.readouterr().err
+    assert "1 extrinsics for 2 views (one per view)" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -391,14 +392,14 @@ def test_intrinsics_make_the_metric_model_metric(
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ('{"K": []}', "expected JSON with an 'intrinsics' array (N x 3 x 3)"),
-        ("[1, 2]", "expected JSON with an 'intrinsics' array (N x 3 x 3)"),
+        ('{"K": []}', "give 'intrinsics' and/or 'extrinsics'"),
+        ("[1, 2]", "expected a JSON object"),
         (
-            '{"intrinsics": [[[600, 0, 256], [0, 600, 256], [0, 0, 1]]]}',
-            "intrinsics must have shape (2, 3, 3), got (1, 3, 3)",
+            json.dumps({"intrinsics": [np.eye(3).tolist()] * 3}),
+            "3 intrinsics for 2 views (give one 3 x 3 matrix for all views, or one per view)",
         ),
         (
-            '{"intrinsics": [], "extrinsics": []}',
+            json.dumps({"intrinsics": np.eye(3).tolist(), "extrinsics": [np.eye(4).tolist()] * 2}),
             "has 'extrinsics' too: pass it with --cameras",
         ),
     ],
@@ -433,7 +434,7 @@ def test_intrinsics_alone_are_refused_by_any_view_models(
     assert not out.exists()
 
 
-def test_cameras_still_need_both_and_exclude_intrinsics(
+def test_cameras_follow_the_models_rules_and_exclude_intrinsics(
     small_checkpoint: Path,
     images: list[Path],
     tmp_path: Path,
@@ -443,14 +444,30 @@ def test_cameras_still_need_both_and_exclude_intrinsics(
     given = write_intrinsics(tmp_path / "k.json", intrinsics)
     out = tmp_path / "out"
     assert main(predict_args(small_checkpoint, out, images, "--cameras", str(given))) == 2
-    err = capsys.readouterr().err
-    assert "expected JSON with 'extrinsics' and 'intrinsics'" in err and "--intrinsics" in err
+    assert "intrinsics alone are not used by any-view models" in capsys.readouterr().err
     both = ["--cameras", str(given), "--intrinsics", str(given)]
     with pytest.raises(SystemExit) as exited:
         main(predict_args(small_checkpoint, out, images, *both))
     assert exited.value.code == 2
     assert "not allowed with argument" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_returned_cameras_json_conditions_the_next_run(
+    small_checkpoint: Path, images: list[Path], tmp_path: Path
+) -> None:
+    """The cameras.json da3cog writes is a valid --cameras file: the next run keeps its poses."""
+    first = tmp_path / "first"
+    assert main(predict_args(small_checkpoint, first, images)) == 0
+    estimated = read_cameras(first)
+    second = tmp_path / "second"
+    given = ["--cameras", str(first / "cameras.json")]
+    assert main(predict_args(small_checkpoint, second, images, *given)) == 0
+    document = read_cameras(second)
+    assert document["conventions"]["world_frame"] == "the user's input frame"
+    for view, before in zip(document["views"], estimated["views"], strict=True):
+        np.testing.assert_allclose(view["world_to_camera"], before["world_to_camera"], atol=1e-5)
+        np.testing.assert_allclose(view["K"], before["K"], rtol=1e-5)
 
 
 @pytest.mark.parametrize(

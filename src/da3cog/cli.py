@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    from da3cog.io.cameras import UserCameras
 
 DEFAULT_EXPORTS = ("depth_npy", "depth_vis", "cameras_json")
 # Added to the default exports by --gaussians.
@@ -62,16 +63,18 @@ def _parser() -> argparse.ArgumentParser:
         "--cameras",
         type=Path,
         help=(
-            "JSON with 'extrinsics' (N x 3|4 x 4 world-to-camera) and 'intrinsics' (N x 3 x 3, "
-            "pixels of the input images) for pose-conditioned depth (any-view models)"
+            "JSON with 'extrinsics' (N x 3|4 x 4 world-to-camera, OpenCV axes) and 'intrinsics' "
+            "(N x 3 x 3, or one 3 x 3 for all views, pixels of the input images) for "
+            "pose-conditioned depth (any-view models), or 'intrinsics' alone for the metric "
+            "model; a cameras.json written by da3cog works too"
         ),
     )
     cameras.add_argument(
         "--intrinsics",
         type=Path,
         help=(
-            "JSON with 'intrinsics' only (N x 3 x 3, pixels of the input images): the focal "
-            "lengths that make the single-view metric model's depth metric"
+            "like --cameras, with 'intrinsics' only (N x 3 x 3, or one 3 x 3 for all views): "
+            "the focal lengths that make the single-view metric model's depth metric"
         ),
     )
     predict.add_argument(
@@ -114,35 +117,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_cameras(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """``(N, 3|4, 4)`` extrinsics and ``(N, 3, 3)`` intrinsics from ``--cameras``."""
-    try:
-        document = json.loads(path.read_text())
-        return np.asarray(document["extrinsics"], dtype=np.float64), np.asarray(
-            document["intrinsics"], dtype=np.float64
-        )
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(
-            f"{path}: expected JSON with 'extrinsics' and 'intrinsics' arrays ({error}); "
-            "for intrinsics alone use --intrinsics"
-        ) from error
+def _read_user_cameras(args: argparse.Namespace) -> UserCameras | None:
+    """The cameras of ``--cameras`` or ``--intrinsics``, one per input image, or None.
+    Raises ValueError (:class:`CameraFileError`) before any model is loaded."""
+    from da3cog.io.cameras import read_camera_file
 
-
-def _read_intrinsics(path: Path) -> np.ndarray:
-    """``(N, 3, 3)`` intrinsics from ``--intrinsics`` (the pipeline checks the shape)."""
-    try:
-        document = json.loads(path.read_text())
-        intrinsics = np.asarray(document["intrinsics"], dtype=np.float64)
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(
-            f"{path}: expected JSON with an 'intrinsics' array (N x 3 x 3) ({error})"
-        ) from error
-    if "extrinsics" in document:
+    path = args.cameras or args.intrinsics
+    if path is None:
+        return None
+    cameras = read_camera_file(path, len(args.images), label=str(path))
+    if args.intrinsics is not None and cameras.extrinsics is not None:
         # Poses given here would be silently unused: say where they belong.
         raise ValueError(
             f"{path} has 'extrinsics' too: pass it with --cameras for pose-conditioned depth"
         )
-    return intrinsics
+    return cameras
 
 
 def _exports(args: argparse.Namespace) -> list[str]:
@@ -183,14 +172,12 @@ def predict(args: argparse.Namespace) -> list[Path]:
         seed=args.seed,
         infer_gaussians=args.gaussians,
     )
-    extrinsics, intrinsics = _read_cameras(args.cameras) if args.cameras else (None, None)
-    if args.intrinsics:
-        intrinsics = _read_intrinsics(args.intrinsics)
+    cameras = _read_user_cameras(args)
     model = DepthAnything3.from_pretrained(args.model, device=args.device, cache_dir=args.cache_dir)
     prediction = model.predict(
         [str(p) for p in args.images],
-        extrinsics=extrinsics,
-        intrinsics=intrinsics,
+        extrinsics=None if cameras is None else cameras.extrinsics,
+        intrinsics=None if cameras is None else cameras.intrinsics,
         options=options,
         progress=lambda message: print(f"[da3cog] {message}", file=sys.stderr),
     )

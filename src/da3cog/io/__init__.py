@@ -1,5 +1,6 @@
-"""Image input: decoding user images and preparing the network's input batch."""
+"""Input: decoding user images, preparing the network's input batch, reading camera files."""
 
+from da3cog.io.cameras import CameraFileError, UserCameras, read_camera_file
 from da3cog.io.exif import ExifFocal, exif_focal
 from da3cog.io.images import ImageSource, image_name, load_image
 from da3cog.io.preprocess import (
@@ -21,12 +22,15 @@ __all__ = [
     "MIN_PROCESS_RES",
     "PATCH_SIZE",
     "PROCESS_METHODS",
+    "CameraFileError",
     "ExifFocal",
     "ImageSource",
     "PreparedBatch",
+    "UserCameras",
     "ViewGeometry",
     "exif_focal",
     "image_name",
     "load_image",
     "prepare_images",
+    "read_camera_file",
 ]

@@ -6,14 +6,12 @@ that says why (and what would work) instead of after minutes on the GPU.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from da3cog.io.cameras import CameraFileError, UserCameras, read_camera_file
 from da3cog.model.presets import PRESETS, ModelPreset
 from da3cog.serve.inputs import INPUTS_BY_NAME, REQUIRED
 
@@ -164,87 +162,12 @@ def choose_model(mode: str, model_size: str, metric: bool) -> ModelChoice:
     return choice
 
 
-@dataclass(frozen=True)
-class UserCameras:
-    """Cameras from the ``cameras`` input, one per view.
-
-    Attributes:
-        intrinsics: ``(N, 3, 3)`` in pixels of the input images, or None.
-        extrinsics: ``(N, 4, 4)`` world-to-camera, or None.
-    """
-
-    intrinsics: np.ndarray | None
-    extrinsics: np.ndarray | None
-
-    def for_view(self, index: int) -> UserCameras:
-        """The cameras of one view (monocular mode runs views one at a time)."""
-        pick = slice(index, index + 1)
-        return UserCameras(
-            None if self.intrinsics is None else self.intrinsics[pick],
-            None if self.extrinsics is None else self.extrinsics[pick],
-        )
-
-
-def _matrices(value: Any, what: str, shapes: tuple[tuple[int, int], ...]) -> np.ndarray:
-    try:
-        array = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError) as error:
-        raise RequestError(f"cameras: {what} must be numbers ({error})") from error
-    if array.ndim == 2:
-        array = array[None]
-    if array.ndim != 3 or tuple(array.shape[1:]) not in shapes:
-        wanted = " or ".join(f"N x {r} x {c}" for r, c in shapes)
-        raise RequestError(f"cameras: {what} must be {wanted}, got shape {array.shape}")
-    if not np.isfinite(array).all():
-        raise RequestError(f"cameras: {what} holds NaN or infinite values")
-    return array
-
-
 def read_cameras(path: Path, view_count: int) -> UserCameras:
-    """Parse the ``cameras`` JSON for ``view_count`` views.
-
-    Accepted: ``{"intrinsics": ..., "extrinsics": ...}`` (either may be missing; one 3 x 3
-    intrinsics matrix is shared by all views), or da3cog's own ``cameras.json`` (``views`` with
-    ``K`` and ``world_to_camera``)."""
+    """Parse the ``cameras`` input for ``view_count`` views (see :mod:`da3cog.io.cameras`)."""
     try:
-        document = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise RequestError(f"cameras: not a readable JSON file ({error})") from error
-    if not isinstance(document, dict):
-        raise RequestError("cameras: expected a JSON object")
-    if "views" in document and not ({"intrinsics", "extrinsics"} & document.keys()):
-        views = document["views"]
-        if not isinstance(views, list) or not all(isinstance(v, dict) for v in views):
-            raise RequestError("cameras: 'views' must be a list of objects")
-        intrinsics_list = [view.get("K") for view in views]
-        extrinsics_list = [view.get("world_to_camera") for view in views]
-        document = {
-            "intrinsics": None if None in intrinsics_list else intrinsics_list,
-            "extrinsics": None if None in extrinsics_list else extrinsics_list,
-        }
-    raw_intrinsics, raw_extrinsics = document.get("intrinsics"), document.get("extrinsics")
-    if raw_intrinsics is None and raw_extrinsics is None:
-        raise RequestError("cameras: give 'intrinsics' and/or 'extrinsics'")
-    intrinsics = extrinsics = None
-    if raw_intrinsics is not None:
-        intrinsics = _matrices(raw_intrinsics, "intrinsics", ((3, 3),))
-        if len(intrinsics) == 1 and view_count > 1:
-            intrinsics = np.repeat(intrinsics, view_count, axis=0)
-        if len(intrinsics) != view_count:
-            raise RequestError(
-                f"cameras: {len(intrinsics)} intrinsics for {view_count} views (give one "
-                "3 x 3 matrix for all views, or one per view)"
-            )
-    if raw_extrinsics is not None:
-        extrinsics = _matrices(raw_extrinsics, "extrinsics", ((3, 4), (4, 4)))
-        if len(extrinsics) != view_count:
-            raise RequestError(
-                f"cameras: {len(extrinsics)} extrinsics for {view_count} views (one per view)"
-            )
-        if extrinsics.shape[1] == 3:
-            bottom = np.broadcast_to([0.0, 0.0, 0.0, 1.0], (len(extrinsics), 1, 4))
-            extrinsics = np.concatenate([extrinsics, bottom], axis=1)
-    return UserCameras(intrinsics, extrinsics)
+        return read_camera_file(path, view_count, label="cameras")
+    except CameraFileError as error:
+        raise RequestError(str(error)) from error
 
 
 def check_cameras(cameras: UserCameras | None, preset: ModelPreset) -> None:
