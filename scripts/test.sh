@@ -12,6 +12,9 @@ python -m pip install -q --no-deps depth-anything-3==0.1.1 evo==1.38.1
 # .cache/npm); with DA3COG_REQUIRE_EXPORT_TOOLS=1 a missing one fails those tests instead of
 # skipping them.
 python -m pip install -q plyfile==1.1.5 trimesh==4.12.2 pycolmap==4.2.1 jsonschema==4.26.0
+# gsplat's PyTorch reference of its rasteriser checks the splat renderer on the CPU; --no-deps
+# and no import of gsplat.cuda._backend, so its CUDA kernels are never compiled here.
+python -m pip install -q --no-deps gsplat==1.5.3 jaxtyping==0.3.11 wadler_lindig==0.1.8
 # The Replicate model's tests run the real cog server (coglet) at the version cog.yaml pins;
 # PyYAML reads cog.yaml for the config-schema test.
 python -m pip install -q -e ".[cog]" pyyaml==6.0.4

@@ -4,9 +4,11 @@ machine with CUDA and gsplat, against gsplat itself."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib.machinery
 import json
 import math
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from test_export_scene import add_gaussians, make_prediction, require
 from da3cog.export import export_all
 from da3cog.export.manifest import manifest_schema
 from da3cog.export.splat_render import SH_C0, SH_C1, render_view, sh_colors, torch_rasterizer
+from da3cog.export.video import default_rasterizer, gsplat_available, gsplat_problem
 
 WIDTH, HEIGHT, FOCAL = 64, 48, 60.0
 K = np.array([[FOCAL, 0.0, 32.0], [0.0, FOCAL * 1.1, 24.0], [0.0, 0.0, 1.0]])
@@ -243,11 +246,7 @@ def test_gaussians_video_export(tmp_path: Path) -> None:
     (entry,) = manifest.by_role("gaussian_video")
     assert entry.path == tmp_path / "out" / "gaussians_flythrough.mp4"
     details = entry.details
-    expected_renderer = (
-        "gsplat"
-        if torch.cuda.is_available() and importlib.util.find_spec("gsplat") is not None
-        else "torch"
-    )
+    expected_renderer = "gsplat" if gsplat_available() else "torch"
     assert details["renderer"] == expected_renderer
     assert details["frames"] == 7  # 6 along the one segment, plus the last camera
     assert details["size"] == {"height": 18, "width": 24}
@@ -289,21 +288,184 @@ def test_gaussians_video_needs_gaussians(tmp_path: Path) -> None:
         export_all(make_prediction(views=2, size=(16, 20)), tmp_path / "out", ["gaussians_video"])
 
 
+def gsplat_reference_render(
+    means: torch.Tensor,
+    quats: torch.Tensor,
+    scales: torch.Tensor,
+    opacities: torch.Tensor,
+    harmonics: torch.Tensor,
+    viewmat: torch.Tensor,
+    ks: torch.Tensor,
+    width: int,
+    height: int,
+) -> torch.Tensor:
+    """gsplat 1.5.3's own PyTorch reference of its rasteriser, on the CPU: its projection
+    (covariance, EWA Jacobian clamp, eps2d = 0.3, radii, near plane), its tile intersection
+    and depth sort and its spherical harmonics (``gsplat.cuda._torch_impl``; gsplat's test
+    suite checks these against its CUDA kernels). Only the per-pixel compositing is written
+    here, as gsplat's kernel does it (its torch version needs a CUDA call to list
+    intersections): per tile, Gaussians front to back, alpha = min(0.999, o exp(-sigma)),
+    skipped when sigma < 0 or alpha < 1/255, stopping before the Gaussian that would take the
+    transmittance to 1e-4 or below; black background. Returns ``(H, W, 3)``."""
+    impl = require("gsplat.cuda._torch_impl")
+    tile = 16
+    covariances, _ = impl._quat_scale_to_covar_preci(quats, scales, True, False, triu=False)
+    radii, means2d, depths, conics, _ = impl._fully_fused_projection(
+        means, covariances, viewmat[None], ks[None], width, height, eps2d=0.3
+    )
+    tiles_x, tiles_y = math.ceil(width / tile), math.ceil(height / tile)
+    _, isect_ids, flatten_ids = impl._isect_tiles(means2d, radii, depths, tile, tiles_x, tiles_y)
+    offsets = impl._isect_offset_encode(isect_ids, 1, tiles_x, tiles_y).flatten().tolist()
+    offsets.append(len(flatten_ids))
+    directions = means[None] - torch.inverse(viewmat)[None, None, :3, 3][0]
+    colors = impl._spherical_harmonics(2, directions, harmonics.transpose(1, 2)[None])
+    colors = torch.clamp_min(colors + 0.5, 0.0)[0]
+    means2d, conics = means2d[0], conics[0]
+    image = torch.zeros(height, width, 3)
+    for index in range(tiles_x * tiles_y):
+        ids = flatten_ids[offsets[index] : offsets[index + 1]]
+        row, col = divmod(index, tiles_x)
+        ys = torch.arange(row * tile, min((row + 1) * tile, height))
+        xs = torch.arange(col * tile, min((col + 1) * tile, width))
+        if len(ids) == 0:
+            continue
+        py, px = (grid.flatten() for grid in torch.meshgrid(ys, xs, indexing="ij"))
+        delta = torch.stack([px, py], dim=-1).float()[:, None, :] + 0.5 - means2d[ids][None]
+        conic = conics[ids][None]
+        sigma = 0.5 * (conic[..., 0] * delta[..., 0] ** 2 + conic[..., 2] * delta[..., 1] ** 2)
+        sigma = sigma + conic[..., 1] * delta[..., 0] * delta[..., 1]
+        alpha = torch.clamp_max(opacities[ids][None] * torch.exp(-sigma), 0.999)
+        alpha = torch.where((sigma < 0) | (alpha < 1 / 255), torch.zeros_like(alpha), alpha)
+        after = torch.cumprod(1 - alpha, dim=1)
+        before = torch.cat([torch.ones_like(after[:, :1]), after[:, :-1]], dim=1)
+        image[py, px] = (alpha * before * (after > 1e-4)) @ colors[ids]
+    return image
+
+
+def random_scene(count: int = 300) -> dict[str, torch.Tensor]:
+    """A seeded cloud of Gaussians about 3 units in front of the identity camera."""
+    generator = torch.Generator().manual_seed(0)
+    means = torch.randn(count, 3, generator=generator) * torch.tensor([0.6, 0.4, 0.5])
+    means[:, 2] += 3.0
+    return {
+        "means": means,
+        "quats": torch.nn.functional.normalize(torch.randn(count, 4, generator=generator), dim=-1),
+        "scales": torch.rand(count, 3, generator=generator) * 0.08 + 0.01,
+        "opacities": torch.rand(count, generator=generator) * 0.9 + 0.05,
+        "harmonics": torch.randn(count, 3, 9, generator=generator) * 0.4,
+    }
+
+
+def look(yaw: float, translation: tuple[float, float, float]) -> torch.Tensor:
+    viewmat = torch.eye(4)
+    viewmat[:3, :3] = torch.tensor(rotation(np.array([0.0, 1.0, 0.0]), yaw), dtype=torch.float32)
+    viewmat[:3, 3] = torch.tensor(translation)
+    return viewmat
+
+
+@pytest.mark.parametrize(
+    ("viewmat", "principal_point", "behind_and_large"),
+    [
+        (torch.eye(4), (32.0, 24.0), False),
+        (look(0.3, (0.2, -0.1, 0.4)), (20.0, 30.0), False),
+        (look(-0.5, (-0.3, 0.2, 0.1)), (32.0, 24.0), True),
+    ],
+    ids=["identity", "rotated-off-centre", "behind-camera-and-large"],
+)
+def test_torch_renderer_agrees_with_gsplats_reference_math(
+    viewmat: torch.Tensor, principal_point: tuple[float, float], behind_and_large: bool
+) -> None:
+    """Same scene through our renderer and gsplat's reference (CPU): the conventions the
+    CUDA comparison below relies on, checked where there is no GPU."""
+    scene = random_scene()
+    means, quats, scales = scene["means"], scene["quats"], scene["scales"]
+    opacities, harmonics = scene["opacities"], scene["harmonics"]
+    if behind_and_large:
+        means[:20, 2] = -means[:20, 2]
+        scales[20:30] *= 8  # each covers many tiles
+    ks = torch.tensor(K, dtype=torch.float32)
+    ks[0, 2], ks[1, 2] = principal_point
+    ours = render_view(
+        means, quats, scales, opacities, harmonics, viewmat, ks, WIDTH, HEIGHT, max_alpha=0.999
+    )
+    theirs = gsplat_reference_render(
+        means, quats, scales, opacities, harmonics, viewmat, ks, WIDTH, HEIGHT
+    )
+    assert theirs.max() > 0.5  # the scene is in view
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+@pytest.fixture
+def fresh_gsplat_check():
+    """gsplat_problem() keeps its answer for the process: start and end with none kept."""
+    gsplat_problem.cache_clear()
+    yield
+    gsplat_problem.cache_clear()
+
+
+def fake_gsplat(monkeypatch: pytest.MonkeyPatch, backend: types.ModuleType | None) -> None:
+    """CUDA 'visible' and a stand-in gsplat package whose kernel backend is ``backend``
+    (None: the backend module is missing, so importing it fails)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name in ("gsplat", "gsplat.cuda"):
+        package = types.ModuleType(name)
+        package.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        package.__path__ = []
+        monkeypatch.setitem(sys.modules, name, package)
+    if backend is None:
+        monkeypatch.delitem(sys.modules, "gsplat.cuda._backend", raising=False)
+    else:
+        monkeypatch.setitem(sys.modules, "gsplat.cuda._backend", backend)
+
+
+def test_gsplat_problem_without_cuda(
+    monkeypatch: pytest.MonkeyPatch, fresh_gsplat_check: None
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gsplat_problem() == "gsplat needs a CUDA GPU and none is visible"
+    name, _, device = default_rasterizer()
+    assert (name, device) == ("torch", torch.device("cpu"))
+
+
+def test_gsplat_problem_when_its_kernels_are_not_built(
+    monkeypatch: pytest.MonkeyPatch, fresh_gsplat_check: None
+) -> None:
+    backend = types.ModuleType("gsplat.cuda._backend")
+    backend._C = None  # what gsplat leaves when it finds no nvcc
+    fake_gsplat(monkeypatch, backend)
+    assert "kernels are not built" in gsplat_problem()
+    assert not gsplat_available()
+    assert default_rasterizer()[0] == "torch"
+
+
+def test_gsplat_problem_when_its_kernels_fail_to_load(
+    monkeypatch: pytest.MonkeyPatch, fresh_gsplat_check: None
+) -> None:
+    fake_gsplat(monkeypatch, None)
+    assert gsplat_problem().startswith("gsplat's CUDA kernels failed to build or load: ")
+
+
+def test_gsplat_is_used_when_its_kernels_load(
+    monkeypatch: pytest.MonkeyPatch, fresh_gsplat_check: None
+) -> None:
+    backend = types.ModuleType("gsplat.cuda._backend")
+    backend._C = object()
+    fake_gsplat(monkeypatch, backend)
+    assert gsplat_problem() is None
+    name, _, device = default_rasterizer()
+    assert (name, device) == ("gsplat", torch.device("cuda"))
+
+
 @pytest.mark.skipif(
-    not torch.cuda.is_available() or importlib.util.find_spec("gsplat") is None,
-    reason="compares with gsplat's CUDA rasteriser: needs a CUDA GPU and gsplat",
+    not gsplat_available(),
+    reason=f"compares with gsplat's CUDA rasteriser: {gsplat_problem()}",
 )
 def test_torch_renderer_agrees_with_gsplat() -> None:
     from gsplat import rasterization
 
-    generator = torch.Generator().manual_seed(0)
-    count = 300
-    means = torch.randn(count, 3, generator=generator) * torch.tensor([0.6, 0.4, 0.5])
-    means[:, 2] += 3.0
-    quats = torch.nn.functional.normalize(torch.randn(count, 4, generator=generator), dim=-1)
-    scales = torch.rand(count, 3, generator=generator) * 0.08 + 0.01
-    opacities = torch.rand(count, generator=generator) * 0.9 + 0.05
-    harmonics = torch.randn(count, 3, 9, generator=generator) * 0.4
+    scene = random_scene()
+    means, quats, scales = scene["means"], scene["quats"], scene["scales"]
+    opacities, harmonics = scene["opacities"], scene["harmonics"]
     viewmat = torch.eye(4)
     ks = torch.tensor(K, dtype=torch.float32)
     ours = render_view(

@@ -13,7 +13,9 @@ It renders the Gaussians that ``gaussians_ply`` writes (same border and depth tr
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import logging
 import math
 from collections.abc import Callable, Iterable
 from fractions import Fraction
@@ -34,6 +36,8 @@ from da3cog.export.gaussians import (
     require_gaussians,
 )
 from da3cog.pipeline import Prediction, ViewPrediction
+
+logger = logging.getLogger(__name__)
 
 GAUSSIANS_VIDEO_NAME = "gaussians_flythrough.mp4"
 VIDEO_FPS = 24.0
@@ -56,9 +60,30 @@ def _import_av() -> Any:
     return av
 
 
+@functools.cache
+def gsplat_problem() -> str | None:
+    """Why gsplat's CUDA rasteriser cannot be used here, or None when it can.
+
+    gsplat compiles its CUDA kernels on first use (minutes; the cog image does it at build
+    time), so the first call may take that long; the answer is then kept for the process. A
+    failed build is reported here, with gsplat's error, rather than in the middle of a render.
+    """
+    if not torch.cuda.is_available():
+        return "gsplat needs a CUDA GPU and none is visible"
+    if importlib.util.find_spec("gsplat") is None:
+        return "gsplat is not installed (pip install gsplat; it needs the CUDA toolkit's nvcc)"
+    try:
+        from gsplat.cuda._backend import _C
+    except Exception as error:  # a failed JIT build raises whatever the toolchain raised
+        return f"gsplat's CUDA kernels failed to build or load: {error}"
+    if _C is None:
+        return "gsplat's CUDA kernels are not built (gsplat found no CUDA toolkit, nvcc)"
+    return None
+
+
 def gsplat_available() -> bool:
-    """Whether gsplat's CUDA rasteriser can be used here."""
-    return torch.cuda.is_available() and importlib.util.find_spec("gsplat") is not None
+    """Whether gsplat's CUDA rasteriser can be used here (see :func:`gsplat_problem`)."""
+    return gsplat_problem() is None
 
 
 def _quaternion(rotation: np.ndarray) -> np.ndarray:
@@ -185,8 +210,10 @@ def gsplat_rasterizer(
 def default_rasterizer() -> tuple[str, Rasterizer, torch.device]:
     """``(name, rasteriser, device)``: gsplat on CUDA when available, else the torch renderer
     on the CPU."""
-    if gsplat_available():
+    problem = gsplat_problem()
+    if problem is None:
         return "gsplat", gsplat_rasterizer, torch.device("cuda")
+    logger.info("rendering the Gaussians with the torch renderer on the CPU: %s", problem)
     from da3cog.export.splat_render import torch_rasterizer
 
     return "torch", torch_rasterizer, torch.device("cpu")

@@ -57,17 +57,16 @@ def gaussian_video_problem() -> str | None:
     machine (:mod:`da3cog.export.video` falls back to a pure-torch CPU renderer), but at the
     giant model's processing size and 120 frames that takes many minutes on a CPU, so the
     server asks for gsplat on a CUDA GPU."""
-    from da3cog.export.video import gsplat_available
+    from da3cog.export.video import gsplat_problem
 
-    if not torch.cuda.is_available():
-        return (
-            "render_video with mode=gaussian-splat renders the Gaussians with gsplat, which "
-            "needs a CUDA GPU, and this server has none (the Gaussians are still returned as "
-            "gaussians.ply; render_video in the other modes makes a depth video on any machine)"
-        )
-    if not gsplat_available():
-        return "render_video with mode=gaussian-splat needs gsplat, which is not installed"
-    return None
+    problem = gsplat_problem()
+    if problem is None:
+        return None
+    return (
+        f"render_video with mode=gaussian-splat renders the Gaussians with gsplat: {problem} "
+        "(the Gaussians are still returned as gaussians.ply; render_video in the other modes "
+        "makes a depth video on any machine)"
+    )
 
 
 def print_progress(message: str) -> None:
@@ -113,6 +112,12 @@ class Server:
             message = f"setup could not load the default model {preset}: {error}"
             raise RuntimeError(message) from error
         progress(f"warm-up on {self.device} took {warm_up(loaded):.1f}s")
+        if self.device.type == "cuda":
+            # Load gsplat's kernels now (prebuilt in the image) rather than in a request.
+            started = time.perf_counter()
+            problem = gaussian_video_problem()
+            took = time.perf_counter() - started
+            progress(f"gsplat kernels: {problem or 'loaded'} ({took:.1f}s)")
 
     def handle(self, values: RequestValues, progress: Progress = print_progress) -> list[Path]:
         """Run one request; returns the files to send back (``manifest.json`` first)."""
