@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -11,6 +12,14 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from lock_cog_requirements import COG_SDK_PACKAGES, read_pins  # noqa: E402
+
+# cog refuses these names in `environment` (replicate/cog pkg/config/env.go).
+COG_RESERVED_ENVIRONMENT = re.compile(
+    r"PATH|LD_LIBRARY_PATH|PYTHONPATH|VIRTUAL_ENV|PYTHONUNBUFFERED|LIBRARY_PATH|HF_ENDPOINT"
+    r"|HF_HUB_ENABLE_HF_TRANSFER|(R8|REPLICATE|CUDA|NVIDIA|NV|PGET|KUBERNETES)_.*"
+)
 # cog's JSON schema for cog.yaml, kept in the shared folder beside the repository.
 COG_CONFIG_SCHEMA = ROOT.parent / "shared" / "cog" / "config_schema_v1.0.json"
 
@@ -21,16 +30,8 @@ def config() -> dict:
 
 
 def requirements(config: dict) -> dict[str, str]:
-    lines = (ROOT / config["build"]["python_requirements"]).read_text().splitlines()
-    pinned = {}
-    for line in lines:
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        match = re.fullmatch(r"([A-Za-z0-9_.\-]+)==([A-Za-z0-9_.+\-]+)", line)
-        assert match, f"not pinned: {line!r}"
-        pinned[match.group(1).lower().replace("_", "-")] = match.group(2)
-    return pinned
+    """The image's pins (``requirements-cog.txt``, the locked closure); fails on a non-pin."""
+    return read_pins(ROOT / config["build"]["python_requirements"])
 
 
 def test_cog_yaml_validates_against_cogs_schema(config: dict) -> None:
@@ -69,9 +70,48 @@ def test_versions_match_the_tested_ones(config: dict) -> None:
     assert requirements(config)["av"] == version("av")
 
 
+def test_the_lock_holds_every_top_level_pin(config: dict) -> None:
+    """requirements-cog.txt is scripts/lock_cog_requirements.py's closure of
+    requirements-cog.in: every top-level pin is in it at the same version, and cog's own SDK
+    (installed by cog from build.sdk_version) is not."""
+    top_level = read_pins(ROOT / "requirements-cog.in")
+    locked = requirements(config)
+    assert {name: locked.get(name) for name in top_level} == top_level
+    assert not COG_SDK_PACKAGES & set(locked)
+    # gsplat 1.5.3 imports these at run time (packaging without declaring it).
+    assert {"ninja", "packaging", "jaxtyping", "rich"} <= set(locked)
+    # torch's CUDA libraries are locked too (cog's own torch index rewrite does not apply to
+    # a torch it does not know, so the image takes PyPI's CUDA 13.0 build).
+    assert "nvidia-cudnn-cu13" in locked
+
+
+def test_a_loose_requirement_fails_the_lock_reader(tmp_path: Path) -> None:
+    loose = tmp_path / "requirements.txt"
+    loose.write_text("torch==2.13.0\nnumpy>=2\n")
+    with pytest.raises(ValueError, match="not an exact pin"):
+        read_pins(loose)
+
+
+def image_environment(config: dict) -> dict[str, str]:
+    return dict(entry.split("=", 1) for entry in config["environment"])
+
+
+def test_environment_names_are_ones_cog_accepts(config: dict) -> None:
+    for name in image_environment(config):
+        assert not COG_RESERVED_ENVIRONMENT.fullmatch(name), f"cog refuses {name}"
+    assert COG_RESERVED_ENVIRONMENT.fullmatch("CUDA_HOME")  # the pattern itself bites
+
+
 def test_gsplat_kernels_are_built_at_build_time(config: dict) -> None:
     commands = [
         step["command"] if isinstance(step, dict) else step for step in config["build"]["run"]
     ]
     assert any("gsplat.cuda._backend" in command for command in commands)
-    assert "TORCH_EXTENSIONS_DIR=/opt/torch_extensions" in config["environment"]
+    environment = image_environment(config)
+    assert environment["TORCH_EXTENSIONS_DIR"] == "/opt/torch_extensions"
+    # The architectures must be the same when building and when a request loads the kernels
+    # (torch's JIT loader recompiles on changed nvcc flags), so they live in `environment`
+    # (ENV lines: both) and no build step sets its own.
+    architectures = environment["TORCH_CUDA_ARCH_LIST"].split(";")
+    assert {"8.0", "8.6", "8.9"} <= set(architectures) and architectures[-1] == "9.0+PTX"
+    assert not any("TORCH_CUDA_ARCH_LIST" in command for command in commands)
