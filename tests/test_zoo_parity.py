@@ -553,7 +553,7 @@ def test_pipeline_gaussians_are_upstreams_in_the_first_view_frame(
         array = getattr(ours, name)
         assert array.dtype == np.float32 and not array.flags.writeable
     errors = {
-        name: relative_error(torch.from_numpy(getattr(ours, name)), value)
+        name: relative_error(torch.tensor(getattr(ours, name)), value)  # a copy: read-only
         for name, value in expected.items()
     }
     assert_parity(errors)
