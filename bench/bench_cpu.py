@@ -218,6 +218,26 @@ def _clear_upstream_caches(model) -> None:
                 cache.clear()
 
 
+def _count_ops(side: str, model, images, device: str) -> dict:
+    """Operations of one forward under torch.profiler: leaf aten ops (each launches one kernel
+    or CPU loop; what a launch-bound GPU forward pays for) and, on CUDA, the GPU kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as profiler:
+        _forward(side, model, images, device)
+        _sync(device)
+    events = profiler.events()
+    counts = {
+        "aten": sum(1 for e in events if e.name.startswith("aten::") and not e.cpu_children)
+    }
+    if device.startswith("cuda"):
+        counts["kernels"] = sum(1 for e in events if e.device_type.name == "CUDA")
+    return counts
+
+
 def worker_latency(spec: dict) -> dict:
     import numpy as np
     import torch
@@ -227,7 +247,7 @@ def worker_latency(spec: dict) -> dict:
     device = spec["device"]
     model = _load(spec["side"], spec["folder"], device)
     inputs = torch.load(spec["inputs"])
-    result: dict = {"threads": torch.get_num_threads(), "latency": {}}
+    result: dict = {"threads": torch.get_num_threads(), "latency": {}, "ops": {}}
     arrays = {}
     with torch.inference_mode():
         for views in VIEW_COUNTS:
@@ -244,6 +264,7 @@ def worker_latency(spec: dict) -> dict:
                 _sync(device)
                 times.append(time.perf_counter() - started)
             result["latency"][str(views)] = times
+            result["ops"][str(views)] = _count_ops(spec["side"], model, images, device)
             if device.startswith("cuda"):
                 # fp32 reference (TF32 off): the yardstick for the bf16 comparison.
                 flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
@@ -515,6 +536,14 @@ def bench_model(
             _fmt(ours_t, "ms"), _fmt(up_t, "ms"), f"{ratio:.3f}x faster",
             f">= {LATENCY_TARGET:g}x", "PASS" if ratio >= LATENCY_TARGET else "MISS",
         ))
+        for kind, label in (("aten", "leaf aten ops"), ("kernels", "CUDA kernels")):
+            ours_n = latency["ours"]["ops"][str(views)].get(kind)
+            up_n = latency["upstream"]["ops"][str(views)].get(kind)
+            if ours_n is not None and up_n is not None:
+                rows.append((
+                    name, f"  {label} per {views}-view forward", str(ours_n), str(up_n),
+                    f"{ours_n / up_n:.2f} of upstream", "info", "",
+                ))
 
     rss = {}
     for side in ("ours", "upstream"):

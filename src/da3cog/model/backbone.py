@@ -22,7 +22,7 @@ from da3cog.model.reference_view import (
     reference_first_order,
     select_reference_view,
 )
-from da3cog.model.transformer import Block, RotaryEmbedding2D
+from da3cog.model.transformer import Block, RopePositions, RotaryEmbedding2D
 
 # DINOv2's offset when resampling the position grid, kept for checkpoint compatibility.
 _POS_EMBED_INTERPOLATE_OFFSET = 0.1
@@ -140,7 +140,9 @@ class VisionTransformer(nn.Module):
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
         x = x + self._position_embedding(rows, cols)
         x = x.reshape(batch, views, x.shape[1], x.shape[2])
-        local_positions, global_positions = self._rope_positions(batch, views, rows, cols, x.device)
+        local_grid, global_grid = self._rope_positions(batch, views, rows, cols, x.device)
+        local_positions = RopePositions(local_grid.flatten(0, 1))
+        global_positions = RopePositions(global_grid.reshape(batch, -1, 2))
 
         order: torch.Tensor | None = None
         reference: torch.Tensor | None = None
@@ -173,11 +175,11 @@ class VisionTransformer(nn.Module):
             if multi_view and index >= spec.alt_start and index % 2 == 1:
                 tokens_per_view = x.shape[2]
                 flat = x.reshape(batch, views * tokens_per_view, -1)
-                positions = global_positions.reshape(batch, -1, 2) if use_rope else None
+                positions = global_positions if use_rope else None
                 x = block(flat, positions).reshape(batch, views, tokens_per_view, -1)
             else:
                 flat = x.flatten(0, 1)
-                positions = local_positions.flatten(0, 1) if use_rope else None
+                positions = local_positions if use_rope else None
                 x = block(flat, positions).reshape(x.shape)
                 local_x = x
             if index in spec.out_layers:

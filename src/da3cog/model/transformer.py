@@ -13,32 +13,59 @@ from torch import nn
 from da3cog.model.presets import FeedForward
 
 
+class RopePositions:
+    """Integer ``(row, col)`` token positions ``(B, N, 2)`` of one forward pass, with the
+    cos/sin tables that all of that pass's RoPE blocks share: computed on first use for each
+    (frequency, head width, dtype) instead of twice (q and k) in every block."""
+
+    def __init__(self, positions: torch.Tensor) -> None:
+        self.positions = positions
+        self._tables: dict[tuple[float, int, torch.dtype], tuple[torch.Tensor, ...]] = {}
+
+    def tables(
+        self, frequency: float, dim: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(cos_rows, sin_rows, cos_cols, sin_cols)``, each ``(B, 1, N, dim)`` in ``dtype``,
+        for rotating ``dim`` channels by the rows and ``dim`` by the columns."""
+        key = (frequency, dim, dtype)
+        if key not in self._tables:
+            exponents = torch.arange(0, dim, 2, device=self.positions.device).float() / dim
+            inverse_frequency = 1.0 / (frequency**exponents)
+            tables = []
+            for axis in (0, 1):
+                angles = self.positions[..., axis].to(inverse_frequency.dtype)[..., None]
+                angles = angles * inverse_frequency
+                angles = torch.cat((angles, angles), dim=-1).to(dtype)
+                tables += [angles.cos()[:, None], angles.sin()[:, None]]
+            self._tables[key] = tuple(tables)
+        cos_rows, sin_rows, cos_cols, sin_cols = self._tables[key]
+        return cos_rows, sin_rows, cos_cols, sin_cols
+
+
 class RotaryEmbedding2D(nn.Module):
     """2-D rotary position embedding: the first half of each head's channels rotates with the
     token's row, the second half with its column.
 
-    Positions are integer ``(row, col)`` pairs ``(B, N, 2)``; tokens ``(B, heads, N, head_dim)``.
+    Tokens ``(B, heads, N, head_dim)``; positions a :class:`RopePositions` of ``(B, N, 2)``.
     """
 
     def __init__(self, frequency: float) -> None:
         super().__init__()
         self.frequency = frequency
 
-    def _rotate_1d(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        dim = tokens.shape[-1]
-        exponents = torch.arange(0, dim, 2, device=tokens.device).float() / dim
-        inverse_frequency = 1.0 / (self.frequency**exponents)
-        angles = positions.to(inverse_frequency.dtype)[..., None] * inverse_frequency
-        angles = torch.cat((angles, angles), dim=-1).to(tokens.dtype)
-        cos = angles.cos()[:, None]
-        sin = angles.sin()[:, None]
-        first, second = tokens[..., : dim // 2], tokens[..., dim // 2 :]
+    @staticmethod
+    def _rotate_1d(tokens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = tokens.shape[-1] // 2
+        first, second = tokens[..., :half], tokens[..., half:]
         return tokens * cos + torch.cat((-second, first), dim=-1) * sin
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: RopePositions) -> torch.Tensor:
         rows, cols = tokens.chunk(2, dim=-1)
+        cos_rows, sin_rows, cos_cols, sin_cols = positions.tables(
+            self.frequency, rows.shape[-1], tokens.dtype
+        )
         return torch.cat(
-            (self._rotate_1d(rows, positions[..., 0]), self._rotate_1d(cols, positions[..., 1])),
+            (self._rotate_1d(rows, cos_rows, sin_rows), self._rotate_1d(cols, cos_cols, sin_cols)),
             dim=-1,
         )
 
@@ -60,7 +87,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=True)
         self.rope = rope
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: RopePositions | None = None) -> torch.Tensor:
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -135,6 +162,6 @@ class Block(nn.Module):
         )
         self.ls2 = LayerScale(dim, layer_scale)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: RopePositions | None = None) -> torch.Tensor:
         x = x + self.ls1(self.attn(self.norm1(x), positions))
         return x + self.ls2(self.mlp(self.norm2(x)))
