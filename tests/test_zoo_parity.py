@@ -620,7 +620,7 @@ def test_posed_pipeline_gaussians_follow_the_given_poses(small_gs: SmallPair) ->
     ours = prediction.gaussians
     assert ours is not None
     errors = {
-        name: relative_error(torch.from_numpy(getattr(ours, name)), getattr(reference, name)[0])
+        name: relative_error(torch.tensor(getattr(ours, name)), getattr(reference, name)[0])
         for name in GAUSSIAN_FIELDS
     }
     assert_parity(errors)
