@@ -8,7 +8,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from da3cog.model.dpt_blocks import TokenPyramid, fuse, interpolate_bilinear, make_refinenets
+from da3cog.model.dpt_blocks import (
+    TokenPyramid,
+    fuse,
+    interpolate_bilinear,
+    make_refinenets,
+    one_image_at_a_time,
+)
 from da3cog.model.presets import DPTSpec
 
 _HIDDEN = 32
@@ -30,7 +36,8 @@ class DPTOutput:
 def _output_branch(features: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(features // 2, _HIDDEN, 3, 1, 1),
-        nn.ReLU(),
+        # In place: the full-resolution convolution output is needed by nothing else.
+        nn.ReLU(inplace=True),
         nn.Conv2d(_HIDDEN, 1, 1, 1, 0),
     )
 
@@ -57,8 +64,12 @@ class DPTHead(TokenPyramid):
         neck = scratch.output_conv1(fuse(scratch, maps))
         rows = image_height // self.patch_size * self.patch_size
         cols = image_width // self.patch_size * self.patch_size
-        neck = interpolate_bilinear(neck, (rows, cols))
-        return DPTOutput(
-            depth_logits=scratch.output_conv2(neck)[:, 0],
-            sky_logits=scratch.sky_output_conv2(neck)[:, 0],
-        )
+
+        def depth_and_sky(image: torch.Tensor) -> torch.Tensor:
+            full = interpolate_bilinear(image, (rows, cols))
+            return torch.stack(
+                (scratch.output_conv2(full)[:, 0], scratch.sky_output_conv2(full)[:, 0]), dim=1
+            )
+
+        logits = one_image_at_a_time(depth_and_sky, neck)
+        return DPTOutput(depth_logits=logits[:, 0], sky_logits=logits[:, 1])

@@ -14,6 +14,7 @@ from da3cog.model.dpt_blocks import (
     fuse,
     interpolate_bilinear,
     make_refinenets,
+    one_image_at_a_time,
 )
 from da3cog.model.presets import DPTSpec
 
@@ -60,7 +61,8 @@ class DualDPTHead(TokenPyramid):
         self.scratch.output_conv1 = nn.Conv2d(features, features // 2, 3, 1, 1)
         self.scratch.output_conv2 = nn.Sequential(
             nn.Conv2d(features // 2, _HIDDEN, 3, 1, 1),
-            nn.ReLU(),
+            # In place: the full-resolution convolution output is needed by nothing else.
+            nn.ReLU(inplace=True),
             nn.Conv2d(_HIDDEN, 2, 1, 1, 0),
         )
         self.scratch.output_conv1_aux = nn.ModuleList(
@@ -98,9 +100,14 @@ class DualDPTHead(TokenPyramid):
         depth = scratch.output_conv1(fuse(scratch, maps))
         rows = image_height // self.patch_size * self.patch_size
         cols = image_width // self.patch_size * self.patch_size
-        depth = interpolate_bilinear(depth, (rows, cols))
-        depth = add_uv_position_embedding(depth, image_height, image_width)
-        depth = scratch.output_conv2(depth)
+        depth = one_image_at_a_time(
+            lambda image: scratch.output_conv2(
+                add_uv_position_embedding(
+                    interpolate_bilinear(image, (rows, cols)), image_height, image_width
+                )
+            ),
+            depth,
+        )
 
         rays = scratch.output_conv1_aux[-1](fuse(scratch, maps, suffix="_aux"))
         rays = add_uv_position_embedding(rays, image_height, image_width)

@@ -15,6 +15,7 @@ from da3cog.model.dpt_blocks import (
     fuse,
     interpolate_bilinear,
     make_refinenets,
+    one_image_at_a_time,
 )
 from da3cog.model.presets import DPTSpec
 
@@ -33,7 +34,8 @@ class GaussianHead(TokenPyramid):
         self.scratch.output_conv1 = nn.Conv2d(features, features // 2, 3, 1, 1)
         self.scratch.output_conv2 = nn.Sequential(
             nn.Conv2d(features // 2, _HIDDEN, 3, 1, 1),
-            nn.ReLU(),
+            # In place: the full-resolution convolution output is needed by nothing else.
+            nn.ReLU(inplace=True),
             nn.Conv2d(_HIDDEN, GAUSSIAN_CHANNELS, 1, 1, 0),
         )
         merged = features // 2
@@ -56,7 +58,10 @@ class GaussianHead(TokenPyramid):
         height, width = images.shape[-2:]
         maps = self.pyramid(features, height, width, self.patch_size)
         x = self.scratch.output_conv1(fuse(self.scratch, maps))
-        x = interpolate_bilinear(x, (height, width)) + self.images_merger(images)
-        x = add_uv_position_embedding(x, height, width)
-        x = self.scratch.output_conv2(x).permute(0, 2, 3, 1)
+
+        def tail(neck: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+            full = interpolate_bilinear(neck, (height, width)) + self.images_merger(image)
+            return self.scratch.output_conv2(add_uv_position_embedding(full, height, width))
+
+        x = one_image_at_a_time(tail, x, images).permute(0, 2, 3, 1)
         return x[..., :-1], torch.sigmoid(x[..., -1])
