@@ -32,8 +32,9 @@ def one_image_at_a_time(
 ) -> torch.Tensor:
     """``function`` applied to image ``i`` of every ``(N, ...)`` batch in turn, the results
     concatenated over N. The heads' full-resolution tails hold the largest activations of the
-    network; one image at a time they need 1/N of that memory at the same speed (per-image
-    convolutions give bit-identical results)."""
+    network; one image at a time they need 1/N of that memory at the same speed. Results
+    agree to float rounding (the backend may pick another convolution algorithm for one image;
+    for the DA3 heads on the CPU they were bit-identical in every case tried)."""
     images = zip(*(batch.split(1) for batch in batches), strict=True)
     return torch.cat([function(*parts) for parts in images])
 
