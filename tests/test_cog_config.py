@@ -13,6 +13,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
+from check_cog_build import image_environment as rehearsal_environment  # noqa: E402
 from lock_cog_requirements import COG_SDK_PACKAGES, read_pins  # noqa: E402
 
 # cog refuses these names in `environment` (replicate/cog pkg/config/env.go).
@@ -115,3 +116,14 @@ def test_gsplat_kernels_are_built_at_build_time(config: dict) -> None:
     architectures = environment["TORCH_CUDA_ARCH_LIST"].split(";")
     assert {"8.0", "8.6", "8.9"} <= set(architectures) and architectures[-1] == "9.0+PTX"
     assert not any("TORCH_CUDA_ARCH_LIST" in command for command in commands)
+
+
+def test_the_build_rehearsal_uses_cogs_environment_under_its_own_root(
+    config: dict, tmp_path: Path
+) -> None:
+    """scripts/check_cog_build.py replays cog.yaml's environment, absolute paths moved under
+    its work folder (so a rehearsal never writes to /opt or /src)."""
+    variables = rehearsal_environment(config["environment"], tmp_path)
+    assert variables.keys() == image_environment(config).keys()
+    assert variables["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "opt" / "torch_extensions")
+    assert variables["TORCH_CUDA_ARCH_LIST"] == image_environment(config)["TORCH_CUDA_ARCH_LIST"]
