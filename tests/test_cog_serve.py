@@ -96,6 +96,9 @@ def test_cameras_json_forms(tmp_path: Path) -> None:
         ({"extrinsics": [pose]}, "1 extrinsics for 3 views"),
         ({"intrinsics": [[1, 2], [3, 4]]}, "3 x 3"),
         ({"nothing": 1}, "intrinsics"),
+        # The pipeline's own checks, before any model is loaded.
+        ({"intrinsics": [[[-100.0, 0, 50], [0, 100.0, 40], [0, 0, 1]]] * 3}, "positive focal"),
+        ({"extrinsics": [(2 * np.eye(4)[:3]).tolist()] * 3}, "not orthonormal"),
     ):
         path.write_text(json.dumps(document))
         with pytest.raises(RequestError, match=message):

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from da3cog.geometry import check_extrinsics, check_intrinsics
+
 
 class CameraFileError(ValueError):
     """The camera file cannot be used as given; the message says why."""
@@ -111,7 +113,13 @@ def read_camera_file(path: Path | str, view_count: int, label: str = "cameras") 
             raise CameraFileError(
                 f"{label}: {len(extrinsics)} extrinsics for {view_count} views (one per view)"
             )
-        if extrinsics.shape[1] == 3:
-            bottom = np.broadcast_to([0.0, 0.0, 0.0, 1.0], (len(extrinsics), 1, 4))
-            extrinsics = np.concatenate([extrinsics, bottom], axis=1)
+    # The pipeline's own checks (positive focal lengths, rigid poses; 4 x 4 out), here so that
+    # a bad file fails before any model is loaded.
+    try:
+        if intrinsics is not None:
+            intrinsics = check_intrinsics(intrinsics, view_count)
+        if extrinsics is not None:
+            extrinsics = check_extrinsics(extrinsics, view_count)
+    except ValueError as error:
+        raise CameraFileError(f"{label}: {error}") from error
     return UserCameras(intrinsics, extrinsics)
