@@ -420,21 +420,23 @@ def test_bad_intrinsics_json_exits_2(
     assert not out.exists()
 
 
+@pytest.mark.parametrize("flag", ["--intrinsics", "--cameras"])
 def test_intrinsics_alone_are_refused_by_any_view_models(
     small_checkpoint: Path,
     images: list[Path],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
+    flag: str,
 ) -> None:
     _, intrinsics = two_posed_cameras()
     given = write_intrinsics(tmp_path / "k.json", intrinsics)
     out = tmp_path / "out"
-    assert main(predict_args(small_checkpoint, out, images, "--intrinsics", str(given))) == 2
+    assert main(predict_args(small_checkpoint, out, images, flag, str(given))) == 2
     assert "intrinsics alone are not used by any-view models" in capsys.readouterr().err
     assert not out.exists()
 
 
-def test_cameras_follow_the_models_rules_and_exclude_intrinsics(
+def test_cameras_and_intrinsics_exclude_each_other(
     small_checkpoint: Path,
     images: list[Path],
     tmp_path: Path,
@@ -443,8 +445,6 @@ def test_cameras_follow_the_models_rules_and_exclude_intrinsics(
     _, intrinsics = two_posed_cameras()
     given = write_intrinsics(tmp_path / "k.json", intrinsics)
     out = tmp_path / "out"
-    assert main(predict_args(small_checkpoint, out, images, "--cameras", str(given))) == 2
-    assert "intrinsics alone are not used by any-view models" in capsys.readouterr().err
     both = ["--cameras", str(given), "--intrinsics", str(given)]
     with pytest.raises(SystemExit) as exited:
         main(predict_args(small_checkpoint, out, images, *both))
