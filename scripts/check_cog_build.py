@@ -35,7 +35,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lock_cog_requirements import PYPI, find_python
+from lock_cog_requirements import PYPI, find_python, venv_pip
 
 ROOT = Path(__file__).resolve().parent.parent
 LOAD_KERNELS = (
@@ -99,16 +99,15 @@ def main() -> None:
     nvcc = str(cuda_home / "bin" / "nvcc")
     if not Path(nvcc).is_file():
         raise SystemExit(f"no {nvcc}: this check needs the CUDA toolkit (no GPU); set CUDA_HOME")
-    if nvcc_release(nvcc) != build["cuda"]:
-        raise SystemExit(f"nvcc is CUDA {nvcc_release(nvcc)}, cog.yaml asks for {build['cuda']}")
+    release = nvcc_release(nvcc)
+    if release != build["cuda"]:
+        raise SystemExit(f"nvcc is CUDA {release}, cog.yaml asks for {build['cuda']}")
 
     workdir = args.workdir.resolve()
     venv = workdir / f"venv-py{build['python_version']}"
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "--isolated"]
-    if not (venv / "bin" / "python").exists():
-        python = args.python or find_python(build["python_version"])
-        run([python, "-m", "venv", str(venv)])
-        run([*pip, "install", "-q", "--index-url", PYPI, "-U", "pip"])
+    fresh = not (venv / "bin" / "python").exists()
+    python = (args.python or find_python(build["python_version"])) if fresh else None
+    pip = venv_pip(venv, python)
     requirements = ROOT / build["python_requirements"]
     install_seconds = run(
         [

@@ -65,13 +65,20 @@ def find_python(version: str) -> str:
     raise SystemExit(f"no python{version} found: pass --python")
 
 
+def venv_pip(venv: Path, python: str | None = None) -> list[str]:
+    """The pip command of ``venv`` (isolated from this machine's pip config, so PyPI's own
+    wheels are used); with ``python``, first create the venv and bring its pip up to date."""
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "--isolated"]
+    if python is not None:
+        subprocess.run([python, "-m", "venv", str(venv)], check=True)
+        subprocess.run([*pip, "install", "-q", "--index-url", PYPI, "-U", "pip"], check=True)
+    return pip
+
+
 def resolve(python: str, requirements: Path, sdk_version: str) -> list[tuple[str, str]]:
     """(name, version) of every package pip would install, via ``pip install --dry-run``."""
     with tempfile.TemporaryDirectory() as tmp:
-        venv = Path(tmp) / "venv"
-        subprocess.run([python, "-m", "venv", str(venv)], check=True)
-        pip = [str(venv / "bin" / "python"), "-m", "pip", "--isolated"]
-        subprocess.run([*pip, "install", "-q", "--index-url", PYPI, "-U", "pip"], check=True)
+        pip = venv_pip(Path(tmp) / "venv", python)
         report = Path(tmp) / "report.json"
         subprocess.run(
             [
