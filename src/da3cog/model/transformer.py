@@ -12,6 +12,9 @@ from torch import nn
 
 from da3cog.model.presets import FeedForward
 
+# (cos_rows, sin_rows, cos_cols, sin_cols)
+RopeTables = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
 
 class RopePositions:
     """Integer ``(row, col)`` token positions ``(B, N, 2)`` of one forward pass, with the
@@ -20,26 +23,29 @@ class RopePositions:
 
     def __init__(self, positions: torch.Tensor) -> None:
         self.positions = positions
-        self._tables: dict[tuple[float, int, torch.dtype], tuple[torch.Tensor, ...]] = {}
+        self._tables: dict[tuple[float, int, torch.dtype], RopeTables] = {}
 
-    def tables(
-        self, frequency: float, dim: int, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def tables(self, frequency: float, dim: int, dtype: torch.dtype) -> RopeTables:
         """``(cos_rows, sin_rows, cos_cols, sin_cols)``, each ``(B, 1, N, dim)`` in ``dtype``,
         for rotating ``dim`` channels by the rows and ``dim`` by the columns."""
         key = (frequency, dim, dtype)
         if key not in self._tables:
             exponents = torch.arange(0, dim, 2, device=self.positions.device).float() / dim
             inverse_frequency = 1.0 / (frequency**exponents)
-            tables = []
-            for axis in (0, 1):
-                angles = self.positions[..., axis].to(inverse_frequency.dtype)[..., None]
-                angles = angles * inverse_frequency
-                angles = torch.cat((angles, angles), dim=-1).to(dtype)
-                tables += [angles.cos()[:, None], angles.sin()[:, None]]
-            self._tables[key] = tuple(tables)
-        cos_rows, sin_rows, cos_cols, sin_cols = self._tables[key]
-        return cos_rows, sin_rows, cos_cols, sin_cols
+            rows, cols = (
+                self._cos_sin(self.positions[..., axis], inverse_frequency, dtype)
+                for axis in (0, 1)
+            )
+            self._tables[key] = (*rows, *cols)
+        return self._tables[key]
+
+    @staticmethod
+    def _cos_sin(
+        positions: torch.Tensor, inverse_frequency: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions.to(inverse_frequency.dtype)[..., None] * inverse_frequency
+        angles = torch.cat((angles, angles), dim=-1).to(dtype)
+        return angles.cos()[:, None], angles.sin()[:, None]
 
 
 class RotaryEmbedding2D(nn.Module):
