@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import zipfile
 from collections.abc import Callable
 from dataclasses import replace
@@ -138,44 +139,90 @@ def _png(picture: np.ndarray) -> bytes:
 
 
 def test_zip_members_are_never_trusted_as_paths(tmp_path: Path) -> None:
+    from da3cog.serve.limits import Limits
     from da3cog.serve.media import gather_views
 
     picture = np.zeros((8, 8, 3), dtype=np.uint8)
     archive = tmp_path / "views.zip"
     with zipfile.ZipFile(archive, "w") as bundle:
-        bundle.writestr("../../escape.png", _png(picture))
         bundle.writestr("b/frame.png", _png(picture))
         bundle.writestr("a/frame.png", _png(picture))
         bundle.writestr(".hidden/x.png", _png(picture))
     views, kind = gather_views(
-        archive, (), tmp_path / "out", video_fps=1, max_frames=1, max_views=8, progress=print
+        archive, (), tmp_path / "out", video_fps=1, max_frames=1, limits=Limits(), progress=print
     )
     assert kind == "zip"
-    # Sorted by member name; "../" and hidden members are skipped, equal names kept apart.
-    assert [v.parent.name for v in views] == ["0000", "0001"]
-    assert [v.stem for v in views] == ["frame", "frame"]
-    assert all((tmp_path / "out") in v.parents for v in views)
-    assert not (tmp_path.parent / "escape.png").exists()
+    # Sorted by member name; hidden members are skipped, equal names kept apart.
+    assert [v.path.parent.name for v in views] == ["0000", "0001"]
+    assert [v.name for v in views] == ["frame", "frame"]
+    assert [v.label for v in views] == [
+        'image "views.zip" member "a/frame.png"',
+        'image "views.zip" member "b/frame.png"',
+    ]
+    assert all((tmp_path / "out") in v.path.parents for v in views)
     with pytest.raises(RequestError, match="at most 1 views"):
         gather_views(
-            archive, (), tmp_path / "out2", video_fps=1, max_frames=1, max_views=1, progress=print
+            archive,
+            (),
+            tmp_path / "out2",
+            video_fps=1,
+            max_frames=1,
+            limits=Limits(max_views=1),
+            progress=print,
         )
+    # A member path that leaves the archive's folder is refused by name, not skipped.
+    with zipfile.ZipFile(archive, "a") as bundle:
+        bundle.writestr("../../escape.png", _png(picture))
+    with pytest.raises(RequestError, match=r'member "\.\./\.\./escape.png"'):
+        gather_views(
+            archive,
+            (),
+            tmp_path / "out3",
+            video_fps=1,
+            max_frames=1,
+            limits=Limits(),
+            progress=print,
+        )
+    assert not (tmp_path.parent / "escape.png").exists()
 
 
 def test_video_frames_are_sampled_on_a_time_grid(tmp_path: Path) -> None:
+    from da3cog.serve.limits import Limits
     from da3cog.serve.video import encode_mp4, sample_video_frames
 
     frames = [np.full((32, 48, 3), 10 * i, dtype=np.uint8) for i in range(20)]
     clip = tmp_path / "clip.mp4"
     assert encode_mp4(iter(frames), clip, fps=10) == 20
-    sampled = sample_video_frames(clip, tmp_path / "a", fps=2.5, max_frames=100)
+
+    def sample(folder: str, fps: float, max_frames: int, **limits: object) -> list:
+        return sample_video_frames(
+            clip,
+            "clip",
+            tmp_path / folder,
+            fps=fps,
+            max_frames=max_frames,
+            limits=Limits(**limits),
+        )
+
+    sampled = sample("a", 2.5, 100)
     assert len(sampled) == 5  # 2 s of video at 2.5 fps: t = 0, 0.4, 0.8, 1.2, 1.6
-    levels = [np.asarray(Image.open(p)).mean() for p in sampled]
+    levels = [np.asarray(Image.open(v.path)).mean() for v in sampled]
     assert np.allclose(levels, [0, 40, 80, 120, 160], atol=6)
-    assert len(sample_video_frames(clip, tmp_path / "b", fps=30, max_frames=7)) == 7
+    assert [v.label for v in sampled[:2]] == ["clip frame 0", "clip frame 1"]
+    assert len(sample("b", 30, 7)) == 7
+    # Frames over the view limit are scaled down while decoding.
+    (small,) = sample("c", 1, 1, max_view_pixels=24 * 16)
+    assert small.size == (24, 16) and small.input_size == (48, 32)
+    assert Image.open(small.path).size == (24, 16)
+    with pytest.raises(RequestError, match="more than 3 frames decoded"):
+        sample("d", 0.1, 5, video_max_decoded_frames=3)
+    with pytest.raises(RequestError, match="a video frame may have at most"):
+        sample("e", 1, 1, max_video_frame_pixels=100)
     (tmp_path / "bad.mp4").write_bytes(b"not a video")
-    with pytest.raises(RequestError, match="readable video"):
-        sample_video_frames(tmp_path / "bad.mp4", tmp_path / "c", fps=1, max_frames=1)
+    with pytest.raises(RequestError, match="not a video in an accepted container"):
+        sample_video_frames(
+            tmp_path / "bad.mp4", "bad", tmp_path / "f", fps=1, max_frames=1, limits=Limits()
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,17 +359,35 @@ def test_request_folders_are_removed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_checkpoint: Path, photo: Callable
 ) -> None:
     """Each request has its own folder; it goes when the next request starts, or at once on
-    failure."""
-    from da3cog.serve.handler import Server
+    failure; the runtime's input files go when the request ends; setup removes the folders
+    of a worker that is gone."""
+    from da3cog.serve.handler import REQUEST_PREFIX, Server
+    from da3cog.serve.provenance import RequestFiles
 
     monkeypatch.setenv("DA3COG_WEIGHTS_DIR", str(tmp_path / "weights"))
     (tmp_path / "weights").mkdir()
     (tmp_path / "weights" / "da3-small").symlink_to(small_checkpoint)
-    server = Server(torch.device("cpu"), tmp_root=tmp_path / "requests")
-    image = tmp_path / "photo.png"
-    Image.fromarray(photo("astronaut")[::4, ::4]).save(image)
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    requests = tmp_path / "requests"
+    requests.mkdir()
+    # Left by a killed worker (a pid that cannot exist) and by a live one (ours' parent).
+    orphan = requests / f"{REQUEST_PREFIX}999999999-abcd"
+    (orphan / "inputs").mkdir(parents=True)
+    alive = requests / f"{REQUEST_PREFIX}{os.getppid()}-efgh"
+    alive.mkdir()
+    server = Server(torch.device("cpu"), tmp_root=requests, files=RequestFiles(downloads))
+    server.setup("small", progress=lambda _: None)
+    assert not orphan.exists() and alive.exists()
+    alive.rmdir()
+
+    def upload(name: str, data: bytes) -> Path:
+        path = downloads / f"tmp{os.urandom(4).hex()}{name}"
+        path.write_bytes(data)
+        return path
+
     values = RequestValues(
-        image=image,
+        image=upload("photo.png", _png(photo("astronaut")[::4, ::4])),
         model_size="small",
         export_format="none",
         process_resolution=140,
@@ -331,9 +396,17 @@ def test_request_folders_are_removed(
     first = server.handle(values, progress=lambda _: None)
     assert first[0].name == "manifest.json" and all(p.is_file() for p in first)
     assert len({p.name for p in first}) == len(first)
+    # The request's upload and a failed download of the same window are gone.
+    assert list(downloads.iterdir()) == []
+    failed_download = upload("lost.png", b"")
+    values = replace(values, image=upload("photo.png", _png(photo("coffee")[::4, ::4])))
     second = server.handle(values, progress=lambda _: None)
     assert not any(p.exists() for p in first) and all(p.is_file() for p in second)
-    (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
+    assert not failed_download.exists()
     with pytest.raises(RequestError):
-        server.handle(replace(values, image=tmp_path / "broken.png"), progress=lambda _: None)
-    assert list((tmp_path / "requests").iterdir()) == []
+        server.handle(
+            replace(values, image=upload("broken.png", b"\x89PNG broken")),
+            progress=lambda _: None,
+        )
+    assert list(requests.iterdir()) == []
+    assert list(downloads.iterdir()) == []

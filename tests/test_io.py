@@ -533,7 +533,7 @@ def test_load_image_missing_file(tmp_path: Path) -> None:
 def test_load_image_text_file_named_jpg(tmp_path: Path) -> None:
     path = tmp_path / "notes.jpg"
     path.write_text("this is not a picture\n")
-    with pytest.raises(ValueError, match=r"cannot decode image file .*notes\.jpg"):
+    with pytest.raises(ValueError, match=r"notes\.jpg is not an image in an accepted format"):
         load_image(path)
 
 
@@ -644,3 +644,55 @@ def test_image_name(tmp_path: Path) -> None:
     assert image_name(Image.open(path), 5) == "IMG_0042.final"
     assert image_name(photo("coffee"), 3) == "view_0003"
     assert image_name(Image.fromarray(photo("coffee")), 12) == "view_0012"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n",
+        b"8BPS\x00\x01" + b"\x00" * 40,
+        b"SIMPLE  =                    T" + b" " * 50,
+        b"GIF89a" + b"\x00" * 40,
+    ],
+)
+def test_load_image_decodes_only_the_listed_formats_by_content(
+    tmp_path: Path, content: bytes
+) -> None:
+    """Formats Pillow knows but da3cog does not advertise (EPS runs Ghostscript) are refused
+    by their bytes, whatever the file is called."""
+    from da3cog.io.images import ImageDecodeError
+
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(content)
+    with pytest.raises(ImageDecodeError, match="not an image in an accepted format"):
+        load_image(path)
+
+
+def test_load_image_refuses_a_header_over_max_pixels_before_decoding(tmp_path: Path) -> None:
+    from da3cog.io.images import ImageDecodeError, read_image_header
+
+    path = tmp_path / "wide.png"
+    Image.fromarray(np.zeros((40, 50, 3), dtype=np.uint8)).save(path)
+    assert read_image_header(path).pixels == 2000
+    assert load_image(path, max_pixels=2000).shape == (40, 50, 3)
+    with pytest.raises(ImageDecodeError, match=r"50x40 = 0\.0 MP; the limit is 0\.0 MP"):
+        load_image(path, max_pixels=1999)
+
+
+def test_wide_greyscale_files_are_scaled_by_their_range_or_refused(tmp_path: Path) -> None:
+    """32-bit float files in [0, 1] map like float arrays; 32-bit integers up to 255 or 65535
+    read as 8- or 16-bit; anything else is refused rather than clipped to black or white."""
+    values = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    path = tmp_path / "float.tif"
+    Image.fromarray(values, mode="F").save(path)
+    grey = load_image(path)[:, :, 0]
+    assert np.array_equal(grey, np.round(values * 255).astype(np.uint8))
+    for high, expected_max in ((200, 200), (65535, 255)):
+        Image.fromarray(np.full((4, 4), high, dtype=np.int32), mode="I").save(path)
+        assert load_image(path).max() == expected_max
+    Image.fromarray(np.full((4, 4), 2.5, dtype=np.float32), mode="F").save(path)
+    with pytest.raises(ValueError, match=r"values in \[0, 1\], got range \[2.5, 2.5\]"):
+        load_image(path)
+    Image.fromarray(np.full((4, 4), -3, dtype=np.int32), mode="I").save(path)
+    with pytest.raises(ValueError, match="32-bit integer greyscale"):
+        load_image(path)

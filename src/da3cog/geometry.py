@@ -14,6 +14,7 @@ Conventions used throughout da3cog:
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -552,6 +553,8 @@ def check_extrinsics(extrinsics: np.ndarray, count: int, tolerance: float = 1e-3
         raise ValueError(f"got {len(array)} extrinsics for {count} images: give one per image")
     if not np.isfinite(array).all():
         raise ValueError("extrinsics contain NaN or infinite values")
+    if (np.abs(array[:, :3, 3]) > MAX_TRANSLATION).any():
+        raise ValueError(f"extrinsics hold translations beyond {MAX_TRANSLATION:g} (any unit)")
     if array.shape[1] == 4 and not np.allclose(array[:, 3], [0, 0, 0, 1], atol=tolerance):
         raise ValueError("the last row of 4x4 extrinsics must be [0, 0, 0, 1]")
     rotations = array[:, :3, :3]
@@ -564,6 +567,41 @@ def check_extrinsics(extrinsics: np.ndarray, count: int, tolerance: float = 1e-3
     homogeneous = np.tile(np.eye(4), (count, 1, 1))
     homogeneous[:, :3, :] = array[:, :3, :]
     return homogeneous
+
+
+# Plausible cameras, as multiples of the image's longer side: focal lengths from a ~179 degree
+# to a ~0.6 degree field of view, principal points up to one image size outside the frame
+# (crops of a larger sensor). Beyond them a matrix is a typo or an attack, and the numbers
+# downstream (points, exports) would overflow or divide by ~0.
+FOCAL_RANGE = (0.01, 100.0)
+PRINCIPAL_POINT_RANGE = (-1.0, 2.0)
+# World-to-camera translations: beyond this no float32 export keeps them (any unit).
+MAX_TRANSLATION = 1e9
+
+
+def check_intrinsics_for_images(intrinsics: np.ndarray, sizes: Sequence[tuple[int, int]]) -> None:
+    """Refuse intrinsics ``(N, 3, 3)`` that no camera of these ``(height, width)`` images can
+    have (see :data:`FOCAL_RANGE`, :data:`PRINCIPAL_POINT_RANGE`); the message names the view
+    and the accepted range."""
+    for index, (matrix, (height, width)) in enumerate(zip(intrinsics, sizes, strict=True)):
+        side = max(height, width)
+        low, high = FOCAL_RANGE[0] * side, FOCAL_RANGE[1] * side
+        for name, value in (("fx", matrix[0, 0]), ("fy", matrix[1, 1])):
+            if not low <= value <= high:
+                raise ValueError(
+                    f"intrinsics[{index}]: {name} = {value:g} pixels is outside "
+                    f"[{low:g}, {high:g}] ({FOCAL_RANGE[0]:g} to {FOCAL_RANGE[1]:g} x the "
+                    f"longer side of its {width}x{height} image)"
+                )
+        for name, value, extent in (("cx", matrix[0, 2], width), ("cy", matrix[1, 2], height)):
+            low_pp, high_pp = PRINCIPAL_POINT_RANGE[0] * extent, PRINCIPAL_POINT_RANGE[1] * extent
+            if not low_pp <= value <= high_pp:
+                raise ValueError(
+                    f"intrinsics[{index}]: {name} = {value:g} pixels is outside "
+                    f"[{low_pp:g}, {high_pp:g}] for its {width}x{height} image"
+                )
+        if abs(matrix[0, 1]) > max(matrix[0, 0], matrix[1, 1]):
+            raise ValueError(f"intrinsics[{index}]: skew {matrix[0, 1]:g} exceeds the focal length")
 
 
 def check_intrinsics(intrinsics: np.ndarray, count: int) -> np.ndarray:

@@ -20,6 +20,7 @@ from da3cog.geometry import (
     anchor_to_first_view,
     check_extrinsics,
     check_intrinsics,
+    check_intrinsics_for_images,
     normalize_pose_conditioning,
     trajectory_scale,
 )
@@ -328,6 +329,8 @@ class DepthAnything3:
         report(f"decoding {count} image(s)")
         names = [image_name(source, index) for index, source in enumerate(images)]
         arrays = [load_image(source) for source in images]
+        if user_intrinsics is not None:
+            check_intrinsics_for_images(user_intrinsics, [a.shape[:2] for a in arrays])
         notes: list[str] = []
         intrinsics_source: CameraSource | None = None
         if user_intrinsics is not None:
@@ -518,9 +521,7 @@ class DepthAnything3:
             right, bottom = math.floor(x1 + 1e-6), math.floor(y1 + 1e-6)
             image = input_rgb[top:bottom, left:right]
             if intrinsics is not None:
-                intrinsics = np.asarray(
-                    geometry.intrinsics_to_input(intrinsics.astype(np.float64))
-                )
+                intrinsics = np.asarray(geometry.intrinsics_to_input(intrinsics.astype(np.float64)))
                 intrinsics[0, 2] -= left
                 intrinsics[1, 2] -= top
             maps = list(

@@ -132,7 +132,7 @@ def read_depth_png16(path: Path) -> tuple[np.ndarray, float]:
     :func:`export_depth_png16`."""
     from PIL import Image
 
-    with Image.open(path) as image:
+    with Image.open(path, formats=["PNG"]) as image:
         scale = float(image.text["depth_scale"])
         values = np.asarray(image, dtype=np.float64)
     depth = np.where(values > 0, values * scale, np.nan)

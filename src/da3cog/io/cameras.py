@@ -22,6 +22,9 @@ import numpy as np
 
 from da3cog.geometry import check_extrinsics, check_intrinsics
 
+# Generous for any number of views (a view's two matrices take well under 1 KiB as JSON).
+MAX_CAMERA_FILE_BYTES = 8 * 1024**2
+
 
 class CameraFileError(ValueError):
     """The camera file cannot be used as given; the message says why."""
@@ -48,9 +51,7 @@ class UserCameras:
         )
 
 
-def _matrices(
-    value: Any, what: str, shapes: tuple[tuple[int, int], ...], label: str
-) -> np.ndarray:
+def _matrices(value: Any, what: str, shapes: tuple[tuple[int, int], ...], label: str) -> np.ndarray:
     try:
         array = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError) as error:
@@ -75,13 +76,28 @@ def read_camera_file(path: Path | str, view_count: int, label: str = "cameras") 
         label: how error messages name the file (the cog input's name, or the path).
 
     Raises:
-        CameraFileError: unreadable or not JSON, neither intrinsics nor extrinsics, wrong
+        CameraFileError: not a regular file, empty, larger than
+            :data:`MAX_CAMERA_FILE_BYTES`, unreadable or not JSON (or nested too deeply),
+            neither intrinsics nor extrinsics, wrong
             shapes, non-finite numbers, or a count that does not match ``view_count``.
     """
+    path = Path(path)
     try:
-        document = json.loads(Path(path).read_text(encoding="utf-8"))
+        size = path.stat().st_size
+        if not path.is_file():
+            raise CameraFileError(f"{label}: not a regular file")
+        if size == 0:
+            raise CameraFileError(f"{label}: the file is empty (0 bytes)")
+        if size > MAX_CAMERA_FILE_BYTES:
+            raise CameraFileError(
+                f"{label}: {size} bytes; a camera file may have at most "
+                f"{MAX_CAMERA_FILE_BYTES} bytes"
+            )
+        document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CameraFileError(f"{label}: not a readable JSON file ({error})") from error
+    except RecursionError as error:
+        raise CameraFileError(f"{label}: the JSON is nested too deeply") from error
     if not isinstance(document, dict):
         raise CameraFileError(f"{label}: expected a JSON object")
     if "views" in document and not ({"intrinsics", "extrinsics"} & document.keys()):

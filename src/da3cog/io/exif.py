@@ -23,7 +23,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from da3cog.io.images import ImageSource, _register_heif_opener
+from da3cog.io.images import ImageSource, open_image_file
 
 _EXIF_IFD = 0x8769
 _ORIENTATION = 0x0112
@@ -94,11 +94,10 @@ def exif_focal(source: ImageSource) -> ExifFocal | str:
     """The EXIF focal length of a file or PIL image, or the reason there is none (arrays,
     files without EXIF, missing or unusable tags)."""
     if isinstance(source, (str, os.PathLike)):
-        _register_heif_opener()
         try:
-            with Image.open(Path(source)) as image:
+            with open_image_file(Path(source)) as image:
                 return focal_from_exif(image.getexif(), image.size)
-        except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
             return f"unreadable EXIF ({error})"
     if isinstance(source, Image.Image):
         return focal_from_exif(source.getexif(), source.size)

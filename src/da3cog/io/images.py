@@ -2,12 +2,22 @@
 
 Every entry point of da3cog funnels its images through :func:`load_image`, so the rest of the
 code only ever sees ``(H, W, 3)`` ``uint8`` RGB arrays in display orientation.
+
+Files are decoded only in the formats of :data:`IMAGE_FORMATS`, recognised by their content
+(magic bytes), never by their name, and their size is read from the header before any pixel is
+decoded: a file that claims more than ``max_pixels`` is refused unread. Pillow is never asked
+to guess among all the formats it knows (EPS would run Ghostscript; PSD, FITS and others have
+their own parsers to attack).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeAlias
 
@@ -17,9 +27,140 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 ImageSource: TypeAlias = str | os.PathLike[str] | Image.Image | np.ndarray
 """Anything :func:`load_image` accepts: a file path, a PIL image or an image array."""
 
+IMAGE_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "HEIF", "TIFF", "BMP")
+"""The file formats :func:`load_image` decodes (Pillow's names; JPEG includes the MPO files
+that phones write)."""
+
+DEFAULT_MAX_PIXELS = 178_956_970
+"""Pixels one decoded file may have by default (Pillow's own decompression-bomb limit)."""
+
+# Bytes that are read to recognise a format.
+HEADER_BYTES = 64
+# ISO base-media major brands of HEIF still images (an MP4 or MOV has others).
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"})
+
+_ORIENTATION = 0x0112
+# EXIF orientations 5-8 transpose the stored image for display.
+_TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+
 # Pillow decodes 16-bit greyscale PNG/TIFF into these modes; a plain convert("RGB") would clip
 # every value above 255 to white, so they are rescaled to 8 bits instead.
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+
+
+class ImageDecodeError(ValueError):
+    """A file is not an image in an accepted format, is too large, or cannot be decoded."""
+
+
+def sniff_image_format(head: bytes) -> str | None:
+    """The :data:`IMAGE_FORMATS` entry whose signature starts ``head`` (the file's first
+    :data:`HEADER_BYTES` bytes), or None."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
+        return "HEIF"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
+    if head[:2] == b"BM" and len(head) >= 26:
+        return "BMP"
+    return None
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What a file's header says, before any pixel is decoded.
+
+    Attributes:
+        format: the :data:`IMAGE_FORMATS` entry.
+        width, height: stored size in pixels (before EXIF orientation).
+        mode: Pillow's mode (``RGB``, ``L``, ``I;16``, ``F``...).
+        transposed: whether the EXIF orientation swaps width and height for display.
+    """
+
+    format: str
+    width: int
+    height: int
+    mode: str
+    transposed: bool = False
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+@contextmanager
+def open_image_file(
+    path: str | os.PathLike[str], label: str | None = None
+) -> Iterator[Image.Image]:
+    """Open an image file lazily (header only) in its sniffed format.
+
+    Args:
+        path: the file.
+        label: how messages name it (default: the path).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ImageDecodeError: not a regular file, empty, not one of :data:`IMAGE_FORMATS` by its
+            content, or a header Pillow cannot read.
+    """
+    path = Path(path)
+    what = label or str(path)
+    if not path.exists():
+        raise FileNotFoundError(f"image file not found: {what}")
+    if not path.is_file():
+        raise ImageDecodeError(f"cannot read image {what}: not a regular file")
+    with path.open("rb") as stream:
+        head = stream.read(HEADER_BYTES)
+    if not head:
+        raise ImageDecodeError(f"image {what} is empty (0 bytes)")
+    image_format = sniff_image_format(head)
+    if image_format is None:
+        raise ImageDecodeError(
+            f"{what} is not an image in an accepted format ({', '.join(IMAGE_FORMATS)}; "
+            "recognised by content, not by name)"
+        )
+    if image_format == "HEIF" and not _register_heif_opener():
+        raise ImageDecodeError(f"cannot decode {what}: HEIC support (pillow-heif) is missing")
+    formats = [image_format]
+    try:
+        opened = Image.open(path, formats=formats)
+    except Image.DecompressionBombError as error:
+        raise ImageDecodeError(
+            f"{what}: larger than the {DEFAULT_MAX_PIXELS / 1e6:.0f} MP any image may have "
+            f"({error})"
+        ) from error
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error) as error:
+        reason = (str(error) or type(error).__name__).replace(str(path), what)
+        raise ImageDecodeError(f"cannot decode {image_format} image {what}: {reason}") from error
+    with opened:
+        yield opened
+
+
+def read_image_header(path: str | os.PathLike[str], label: str | None = None) -> ImageHeader:
+    """The format, size and mode of an image file, read from its header (see
+    :func:`open_image_file` for what is refused)."""
+    with open_image_file(path, label) as opened:
+        image_format = "JPEG" if opened.format == "MPO" else str(opened.format)
+        width, height = opened.size
+        transposed = header_exif(opened).get(_ORIENTATION) in _TRANSPOSING_ORIENTATIONS
+        return ImageHeader(image_format, int(width), int(height), opened.mode, transposed)
+
+
+def header_exif(opened: Image.Image) -> Image.Exif:
+    """The EXIF an opened image's header holds, without decoding pixels (Pillow's
+    ``getexif()`` decodes a whole PNG to look for an ``eXIf`` chunk after the pixel data;
+    here a PNG's EXIF counts only when it precedes them)."""
+    if opened.format != "PNG":
+        return opened.getexif()
+    exif = Image.Exif()
+    raw = opened.info.get("exif")
+    if isinstance(raw, bytes):
+        exif.load(raw)
+    return exif
 
 
 @functools.cache
@@ -37,14 +178,14 @@ def _register_heif_opener() -> bool:
     return True
 
 
-def load_image(source: ImageSource) -> np.ndarray:
+def load_image(source: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode ``source`` into an ``(H, W, 3)`` ``uint8`` RGB array.
 
     Args:
         source: One of
 
-            * a path (``str`` or ``os.PathLike``) to a JPEG, PNG, WebP, HEIC/HEIF or any other
-              format Pillow can read;
+            * a path (``str`` or ``os.PathLike``) to a file in one of :data:`IMAGE_FORMATS`
+              (JPEG, PNG, WebP, HEIC/HEIF, TIFF, BMP), recognised by its content;
             * a ``PIL.Image.Image`` of any mode;
             * a numpy array: ``(H, W)`` greyscale, ``(H, W, 1)``, ``(H, W, 3)`` RGB or
               ``(H, W, 4)`` RGBA, with dtype ``uint8`` (used as is) or floating point with all
@@ -52,7 +193,11 @@ def load_image(source: ImageSource) -> np.ndarray:
 
             Files and PIL images are rotated/flipped according to their EXIF Orientation tag.
             Alpha channels are dropped without compositing (the colour values are kept), as
-            Pillow's ``convert("RGB")`` does. 16-bit greyscale files are rescaled to 8 bits.
+            Pillow's ``convert("RGB")`` does. 16-bit greyscale files are rescaled to 8 bits;
+            32-bit integer files with values up to 255 (65535) are read as 8-bit (16-bit);
+            32-bit float files must hold values in [0, 1] (mapped like float arrays).
+        max_pixels: a file whose header claims more pixels is refused before decoding
+            (None: no limit). Arrays and PIL images are already decoded and are not checked.
 
     Returns:
         ``(H, W, 3)`` ``uint8`` C-contiguous RGB array. A ``uint8`` ``(H, W, 3)`` input array is
@@ -60,12 +205,14 @@ def load_image(source: ImageSource) -> np.ndarray:
 
     Raises:
         FileNotFoundError: ``source`` is a path that does not exist.
-        ValueError: the file cannot be decoded, the array has an unsupported shape, dtype or
-            value range, or the image has no pixels.
+        ImageDecodeError: (a ValueError) the file is empty, not in an accepted format, larger
+            than ``max_pixels`` or cannot be decoded.
+        ValueError: the array or the decoded image has an unsupported shape, dtype or value
+            range, or the image has no pixels.
         TypeError: ``source`` is none of the supported types.
     """
     if isinstance(source, (str, os.PathLike)):
-        return _load_image_file(Path(source))
+        return _load_image_file(Path(source), max_pixels)
     if isinstance(source, Image.Image):
         return _pil_to_rgb_array(ImageOps.exif_transpose(source), what="PIL image")
     if isinstance(source, np.ndarray):
@@ -94,22 +241,23 @@ def image_name(source: ImageSource, index: int) -> str:
     return f"view_{index:04d}"
 
 
-def _load_image_file(path: Path) -> np.ndarray:
-    if not path.exists():
-        raise FileNotFoundError(f"image file not found: {path}")
-    if not path.is_file():
-        raise ValueError(f"cannot read image {path}: not a regular file")
-    _register_heif_opener()
-    try:
-        with Image.open(path) as opened:
+def _load_image_file(path: Path, max_pixels: int | None) -> np.ndarray:
+    with open_image_file(path) as opened:
+        width, height = opened.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise ImageDecodeError(
+                f"image file {path} has {width}x{height} = {width * height / 1e6:.1f} MP; "
+                f"the limit is {max_pixels / 1e6:.1f} MP"
+            )
+        try:
             # load() inside the try so truncated or corrupt pixel data is reported here, with
             # the path, rather than later from deep inside a conversion.
             opened.load()
             oriented = ImageOps.exif_transpose(opened)
-            return _pil_to_rgb_array(oriented, what=f"image file {path}")
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        reason = str(error) or type(error).__name__
-        raise ValueError(f"cannot decode image file {path}: {reason}") from error
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            reason = str(error) or type(error).__name__
+            raise ImageDecodeError(f"cannot decode image file {path}: {reason}") from error
+        return _pil_to_rgb_array(oriented, what=f"image file {path}")
 
 
 def _pil_to_rgb_array(image: Image.Image, what: str) -> np.ndarray:
@@ -117,10 +265,34 @@ def _pil_to_rgb_array(image: Image.Image, what: str) -> np.ndarray:
     if width == 0 or height == 0:
         raise ValueError(f"{what} is empty ({width}x{height} pixels)")
     if image.mode in _SIXTEEN_BIT_MODES:
-        grey16 = np.asarray(image).astype(np.float64)
-        grey8 = np.clip(np.round(grey16 / 257.0), 0, 255).astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(grey8[:, :, None], 3, axis=2))
-    return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+        return _grey_to_rgb(np.asarray(image).astype(np.float64) / 257.0)
+    if image.mode == "I":
+        return _grey_to_rgb(_wide_integer_to_8_bit(np.asarray(image), what))
+    if image.mode == "F":
+        return _grey_to_rgb(_unit_float_to_uint8(np.asarray(image), what).astype(np.float64))
+    try:
+        return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+    except (ValueError, OSError) as error:
+        raise ValueError(f"{what}: cannot convert mode {image.mode} to RGB ({error})") from error
+
+
+def _grey_to_rgb(grey: np.ndarray) -> np.ndarray:
+    grey8 = np.clip(np.round(grey), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(np.repeat(grey8[:, :, None], 3, axis=2))
+
+
+def _wide_integer_to_8_bit(values: np.ndarray, what: str) -> np.ndarray:
+    """32-bit integer greyscale: 8-bit data (max <= 255) as is, 16-bit data rescaled; a wider
+    range has no white level we could know, so it is refused."""
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high > 65535:
+        raise ValueError(
+            f"{what} is 32-bit integer greyscale with values in [{low}, {high}]; accepted are "
+            "values in [0, 255] or [0, 65535] (save it as an 8- or 16-bit image)"
+        )
+    if high <= 255:
+        return values.astype(np.float64)
+    return values.astype(np.float64) / 257.0
 
 
 def _array_to_rgb(array: np.ndarray) -> np.ndarray:
@@ -137,7 +309,7 @@ def _array_to_rgb(array: np.ndarray) -> np.ndarray:
     if array.dtype == np.uint8:
         pixels = array
     elif np.issubdtype(array.dtype, np.floating):
-        pixels = _unit_float_to_uint8(array)
+        pixels = _unit_float_to_uint8(array, "floating-point image array")
     else:
         raise ValueError(
             f"image array must have dtype uint8 or be floating point in [0, 1], got {array.dtype}"
@@ -151,13 +323,13 @@ def _array_to_rgb(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(pixels)
 
 
-def _unit_float_to_uint8(array: np.ndarray) -> np.ndarray:
+def _unit_float_to_uint8(array: np.ndarray, what: str) -> np.ndarray:
     if not np.all(np.isfinite(array)):
-        raise ValueError("floating-point image array contains NaN or infinite values")
+        raise ValueError(f"{what} contains NaN or infinite values")
     low, high = float(array.min()), float(array.max())
     if low < 0.0 or high > 1.0:
         raise ValueError(
-            "floating-point image array must have values in [0, 1], "
-            f"got range [{low:g}, {high:g}]; pass uint8 for 0-255 data"
+            f"{what} must have values in [0, 1], got range [{low:g}, {high:g}]; "
+            "use 8-bit (0-255) data for other ranges"
         )
     return np.round(array.astype(np.float64) * 255.0).astype(np.uint8)

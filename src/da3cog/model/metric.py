@@ -102,10 +102,7 @@ def fit_metric_scale(
     samples = _sample_without_replacement(confidence[non_sky], generator)
     median = torch.quantile(samples, 0.5)
     usable = (
-        (confidence >= median)
-        & non_sky
-        & (metric_depth > _MIN_METRIC_DEPTH)
-        & (depth > _MIN_DEPTH)
+        (confidence >= median) & non_sky & (metric_depth > _MIN_METRIC_DEPTH) & (depth > _MIN_DEPTH)
     )
     ours, target = depth[usable], metric_depth[usable]
     scale = torch.dot(target, ours) / torch.dot(ours, ours).clamp_min(1e-12)

@@ -236,9 +236,7 @@ class DepthAnything3Network(nn.Module):
         depth = per_view(torch.exp(head.depth_logits))
         parameters = gaussians = None
         if infer_gaussians and self.gs_head is not None:
-            raw, opacities = _run_in_chunks(
-                self.gs_head, features, images.flatten(0, 1).float()
-            )
+            raw, opacities = _run_in_chunks(self.gs_head, features, images.flatten(0, 1).float())
             parameters = GaussianParameters(
                 raw=per_view(raw),
                 opacities=per_view(opacities),

@@ -2,26 +2,35 @@
 
 Each request works in its own new temporary folder. Its returned files must outlive
 ``run()`` (the cog server uploads them after it returns), so a request's folder is removed
-when the next request starts, or at once when the request fails or is cancelled.
+when the next request starts, or at once when the request fails or is cancelled; ``setup()``
+removes the folders a killed worker left. Before any model runs, a request's files are
+checked for provenance (:mod:`da3cog.serve.provenance`), its views bounded
+(:mod:`da3cog.serve.limits`) and its peak memory estimated against what the worker has
+(:mod:`da3cog.serve.budget`): a request that cannot fit is refused with the limit it hit.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from da3cog.geometry import check_intrinsics_for_images
 from da3cog.io import exif_focal
-from da3cog.model.presets import get_preset
+from da3cog.model.presets import ModelPreset, get_preset
 from da3cog.pipeline import DepthAnything3, InferenceOptions, Prediction, default_device
-from da3cog.serve.inputs import MAX_VIEWS
-from da3cog.serve.media import gather_views
+from da3cog.serve import budget
+from da3cog.serve.limits import DEFAULT_LIMITS, Limits
+from da3cog.serve.media import View, gather_views, input_label
 from da3cog.serve.models import ModelCache, warm_up
 from da3cog.serve.outputs import (
     GAUSSIAN_VIDEO_NAME,
@@ -30,6 +39,7 @@ from da3cog.serve.outputs import (
     export_prediction,
     write_manifest,
 )
+from da3cog.serve.provenance import RequestFiles
 from da3cog.serve.request import (
     ModelChoice,
     RequestError,
@@ -48,6 +58,8 @@ TMP_ENV = "DA3COG_SERVE_TMP"
 SETUP_MODEL_ENV = "DA3COG_SETUP_MODEL"
 DEFAULT_SETUP_MODEL = "giant"
 REQUEST_PREFIX = "da3cog-request-"
+# A request folder is named after the worker process that made it: da3cog-request-<pid>-xxxx.
+_REQUEST_FOLDER = re.compile(rf"^{REQUEST_PREFIX}(\d+)-")
 
 Progress = Callable[[str], None]
 
@@ -83,6 +95,9 @@ class Server:
         tmp_root: where request folders go (default ``$DA3COG_SERVE_TMP`` or the system's
             temporary folder).
         cache: a model cache (default: bounded by free GPU memory on CUDA).
+        limits: resource bounds of one request.
+        files: which input files a request may read (default: those the cog runtime wrote
+            for it, see :class:`~da3cog.serve.provenance.RequestFiles`).
     """
 
     def __init__(
@@ -90,11 +105,15 @@ class Server:
         device: torch.device | None = None,
         tmp_root: Path | None = None,
         cache: ModelCache | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        files: RequestFiles | None = None,
     ) -> None:
         self.device = device or default_device()
         self.cache = cache or ModelCache.for_device(self.device)
         root = tmp_root or os.environ.get(TMP_ENV) or tempfile.gettempdir()
         self.tmp_root = Path(root)
+        self.limits = limits
+        self.files = files or RequestFiles.from_environment()
         self._kept: list[Path] = []
 
     def setup(self, model: str | None = None, progress: Progress = print_progress) -> None:
@@ -106,6 +125,9 @@ class Server:
         except ValueError as error:
             raise RuntimeError(f"{SETUP_MODEL_ENV}: {error}") from error
         self.tmp_root.mkdir(parents=True, exist_ok=True)
+        removed = remove_orphaned_folders(self.tmp_root)
+        if removed:
+            progress(f"removed {removed} request folder(s) left by an earlier worker")
         try:
             loaded = self.cache.get(preset, progress)
         except Exception as error:
@@ -118,11 +140,19 @@ class Server:
             problem = gaussian_video_problem()
             took = time.perf_counter() - started
             progress(f"gsplat kernels: {problem or 'loaded'} ({took:.1f}s)")
+        self.files.ready()
 
     def handle(self, values: RequestValues, progress: Progress = print_progress) -> list[Path]:
         """Run one request; returns the files to send back (``manifest.json`` first)."""
+        try:
+            return self._handle(values, progress)
+        finally:
+            self.files.done()
+
+    def _handle(self, values: RequestValues, progress: Progress) -> list[Path]:
         started = time.perf_counter()
         check_values(values)
+        self.files.check(values)
         choice = choose_model(values.mode, values.model_size, values.metric)
         if values.render_video and values.mode == "gaussian-splat":
             problem = gaussian_video_problem()
@@ -131,17 +161,75 @@ class Server:
         progress(f"model: {choice.reason}")
         self._release_previous()
         self.tmp_root.mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix=REQUEST_PREFIX, dir=self.tmp_root))
+        folder = Path(tempfile.mkdtemp(prefix=f"{REQUEST_PREFIX}{os.getpid()}-", dir=self.tmp_root))
         try:
             files = self._run(values, choice, folder, progress)
         except BaseException:
             # Failed or cancelled (coglet raises CancelationException, a BaseException,
-            # between two Python steps): nothing of the request stays behind.
+            # between two Python steps): nothing of the request stays behind, in files or
+            # in memory.
             shutil.rmtree(folder, ignore_errors=True)
+            release_memory(self.device)
             raise
         self._kept.append(folder)
         progress(f"request done in {time.perf_counter() - started:.1f}s, {len(files)} files")
         return files
+
+    def _check_memory(self, values: RequestValues, preset: ModelPreset, views: list[View]) -> None:
+        """Refuse a request whose estimated peak exceeds the memory the worker has, naming
+        the largest one of the same views that would fit."""
+        host, device = budget.host_budget(), None
+        on_gpu = self.device.type == "cuda"
+        if on_gpu:
+            device = budget.device_budget()
+        points = values.max_points if values.export_format != "none" else 0
+        gaussians = values.mode == "gaussian-splat"
+
+        def needed(count: int, output: str) -> budget.MemoryEstimate:
+            chosen = views[:count]
+            if values.mode == "monocular":
+                chosen = [max(views, key=lambda v: v.size[0] * v.size[1])]
+            size = budget.request_size(
+                [v.size for v in chosen], values.process_resolution, output, gaussians, points
+            )
+            return budget.estimate(preset, size, on_gpu)
+
+        def fits(estimate: budget.MemoryEstimate) -> bool:
+            return (host is None or estimate.host <= host) and (
+                device is None or estimate.device <= device
+            )
+
+        estimate = needed(len(views), values.output_resolution)
+        if fits(estimate):
+            return
+        have = [f"{host / budget.GIB:.1f} GiB of RAM" if host is not None else ""]
+        if device is not None:
+            have.append(f"{device / budget.GIB:.1f} GiB of GPU memory")
+        advice = []
+        largest = max(
+            (n for n in range(1, len(views)) if fits(needed(n, values.output_resolution))),
+            default=0,
+        )
+        if largest:
+            advice.append(f"at most {largest} of these views")
+        if values.output_resolution == "input" and fits(needed(len(views), "processing")):
+            advice.append("output_resolution=processing")
+        if values.process_resolution > 280 and fits(
+            budget.estimate(
+                preset,
+                budget.request_size(
+                    [v.size for v in views], 280, values.output_resolution, gaussians, points
+                ),
+                on_gpu,
+            )
+        ):
+            advice.append("process_resolution=280")
+        what = " or ".join(advice) if advice else "fewer or smaller views"
+        raise RequestError(
+            f"this request ({len(views)} view(s) at process_resolution="
+            f"{values.process_resolution}) needs about {estimate.describe()}; this worker has "
+            f"{' and '.join(h for h in have if h)} for a request. Send {what}"
+        )
 
     def _release_previous(self) -> None:
         """Remove the folders of earlier requests, whose files have been sent by now."""
@@ -157,16 +245,23 @@ class Server:
             folder / "inputs",
             video_fps=values.video_fps,
             max_frames=values.max_frames,
-            max_views=MAX_VIEWS,
+            limits=self.limits,
             progress=progress,
         )
         progress(f"{len(views)} view(s) from {input_kind} input")
-        cameras = read_cameras(values.cameras, len(views)) if values.cameras else None
+        for view in views:
+            if view.downscaled:
+                progress(f"{view.label}: {_size(view.input_size)} read at {_size(view.size)}")
+        cameras = None
+        if values.cameras:
+            label = input_label("cameras", Path(values.cameras))
+            cameras = fit_cameras(read_cameras(values.cameras, len(views), label), views, label)
         check_cameras(cameras, choice.spec)
         missing_focal = []
         if not choice.spec.cameras and (cameras is None or cameras.intrinsics is None):
-            missing_focal = [v.stem for v in views if isinstance(exif_focal(v), str)]
+            missing_focal = [v.name for v in views if isinstance(exif_focal(v.path), str)]
         check_formats(values, choice.spec, cameras, missing_focal)
+        self._check_memory(values, choice.spec, views)
 
         model = self.cache.get(choice.preset, progress)
         options = InferenceOptions(
@@ -175,7 +270,12 @@ class Server:
             seed=values.seed,
             infer_gaussians=values.mode == "gaussian-splat",
         )
-        predictions = self._predict(model, views, cameras, options, values.mode, progress)
+        try:
+            predictions = self._predict(model, views, cameras, options, values.mode, progress)
+        except ValueError as error:
+            # The views were checked when read; what the pipeline still refuses names our
+            # copies of them, which mean nothing to the user.
+            raise RequestError(in_user_terms(str(error), views)) from error
 
         progress("writing files")
         outputs = OutputFolder(folder / "outputs")
@@ -200,7 +300,7 @@ class Server:
             values,
             choice,
             input_kind,
-            [v.stem for v in views],
+            views,
             predictions,
             documents,
             notes,
@@ -211,15 +311,15 @@ class Server:
     def _predict(
         self,
         model: DepthAnything3,
-        views: list[Path],
+        views: list[View],
         cameras: UserCameras | None,
         options: InferenceOptions,
         mode: str,
         progress: Progress,
     ) -> list[Prediction]:
-        def run(paths: list[Path], cams: UserCameras | None) -> Prediction:
+        def run(chosen: list[View], cams: UserCameras | None) -> Prediction:
             return model.predict(
-                [str(p) for p in paths],
+                [str(view.path) for view in chosen],
                 extrinsics=None if cams is None else cams.extrinsics,
                 intrinsics=None if cams is None else cams.intrinsics,
                 options=options,
@@ -261,3 +361,67 @@ class Server:
             depth_video(outputs, values.video_fps)
             notes.append("depth_video: one frame per view, each coloured on its own depth range")
         return notes
+
+
+def _size(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+def in_user_terms(message: str, views: list[View]) -> str:
+    """``message`` with our copies of the views replaced by the names the user knows."""
+    for view in views:
+        message = message.replace(str(view.path), view.label)
+    return message
+
+
+def fit_cameras(cameras: UserCameras, views: list[View], label: str) -> UserCameras:
+    """User intrinsics (pixels of the images as sent) moved to the views as read (smaller
+    when a view was downscaled), then checked against those images."""
+    if cameras.intrinsics is None:
+        return cameras
+    intrinsics = cameras.intrinsics.copy()
+    displayed = []
+    for index, view in enumerate(views):
+        scale_x, scale_y = view.display_scale
+        intrinsics[index, 0] *= scale_x
+        intrinsics[index, 1] *= scale_y
+        displayed.append(view.display_size)
+    try:
+        check_intrinsics_for_images(intrinsics, [(h, w) for w, h in displayed])
+    except ValueError as error:
+        raise RequestError(f"{label}: {error}") from error
+    return UserCameras(np.ascontiguousarray(intrinsics), cameras.extrinsics)
+
+
+def release_memory(device: torch.device) -> None:
+    """Give back what a failed or cancelled request held (tensors freed by the unwinding,
+    cached CUDA blocks)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def remove_orphaned_folders(root: Path) -> int:
+    """Remove request folders under ``root`` whose worker process is gone (a killed
+    server's); returns how many."""
+    removed = 0
+    for folder in root.glob(f"{REQUEST_PREFIX}*"):
+        match = _REQUEST_FOLDER.match(folder.name)
+        owner = int(match.group(1)) if match else None
+        if owner is not None and owner != os.getpid() and _process_alive(owner):
+            continue
+        if owner == os.getpid():
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed += 1
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -23,6 +23,7 @@ from PIL import Image
 from da3cog import __version__
 from da3cog.export.manifest import export_all
 from da3cog.pipeline import Prediction
+from da3cog.serve.media import View
 from da3cog.serve.request import EXPORT_FORMATS_MAP, POINT_FORMATS, ModelChoice, RequestValues
 
 MANIFEST_NAME = "manifest.json"
@@ -188,7 +189,7 @@ def depth_video(outputs: OutputFolder, fps: float) -> OutputFile:
         (f for f in outputs.files if f.role == "depth_vis"), key=lambda f: f.view or 0
     )
     path = outputs.new_path(DEPTH_VIDEO_NAME)
-    frames = (np.asarray(Image.open(f.path).convert("RGB")) for f in pictures)
+    frames = (np.asarray(Image.open(f.path, formats=["PNG"]).convert("RGB")) for f in pictures)
     count = encode_mp4(frames, path, fps)
     return outputs.record(path, "depth_video", details={"frames": count, "fps": fps})
 
@@ -198,7 +199,7 @@ def write_manifest(
     values: RequestValues,
     choice: ModelChoice,
     input_kind: str,
-    view_names: Sequence[str],
+    views: Sequence[View],
     predictions: Sequence[Prediction],
     prediction_documents: Sequence[dict[str, Any]],
     notes: Sequence[str],
@@ -207,6 +208,13 @@ def write_manifest(
     and each prediction's own export manifest."""
     first = predictions[0]
     all_notes = list(notes)
+    downscaled = [view.name for view in views if view.downscaled]
+    if downscaled:
+        all_notes.append(
+            f"view(s) {', '.join(downscaled)} were larger than a view may be and were read "
+            "downscaled (input.details gives both sizes): outputs at output_resolution=input "
+            "have the downscaled size, and given intrinsics were rescaled to it"
+        )
     for document in prediction_documents:
         all_notes.extend(n for n in document.get("notes", ()) if n not in all_notes)
     document = {
@@ -220,7 +228,12 @@ def write_manifest(
             "license": choice.spec.license,
             "why": choice.reason,
         },
-        "input": {"kind": input_kind, "views": len(view_names), "names": list(view_names)},
+        "input": {
+            "kind": input_kind,
+            "views": len(views),
+            "names": [view.name for view in views],
+            "details": [view.document() for view in views],
+        },
         "request": values.as_document(),
         "is_metric": all(p.is_metric for p in predictions),
         "files": [entry.document() for entry in outputs.files],

@@ -162,10 +162,11 @@ def choose_model(mode: str, model_size: str, metric: bool) -> ModelChoice:
     return choice
 
 
-def read_cameras(path: Path, view_count: int) -> UserCameras:
-    """Parse the ``cameras`` input for ``view_count`` views (see :mod:`da3cog.io.cameras`)."""
+def read_cameras(path: Path, view_count: int, label: str = "cameras") -> UserCameras:
+    """Parse the ``cameras`` input for ``view_count`` views (see :mod:`da3cog.io.cameras`);
+    messages name it ``label``."""
     try:
-        return read_camera_file(path, view_count, label="cameras")
+        return read_camera_file(path, view_count, label=label)
     except CameraFileError as error:
         raise RequestError(str(error)) from error
 

@@ -1,0 +1,181 @@
+"""Peak memory of a request, estimated before any model runs, and the memory the worker has.
+
+The estimate is a linear model fitted to measured peaks (``bench/memory_model.py`` measures
+them; its table is in bench/README.md), deliberately an upper bound:
+
+* the network's activations: ``ACTIVATION_BYTES_PER_TOKEN_CHANNEL`` x tokens x the
+  backbone's width, plus ``HEAD_BYTES_PER_PIXEL_CHANNEL`` x one view's processing pixels x
+  the head's width (the heads' full-resolution tails run one image at a time). On a CPU they
+  are host memory, on a GPU device memory (fitted on CPU float32; the GPU runs the backbone
+  in bf16, so the bound is loose there, and it has not been measured on a GPU yet);
+* each view as decoded (3 bytes a pixel) and its outputs at the output resolution, through
+  the exporters (``OUTPUT_BYTES_PER_PIXEL``), and the point clouds' points
+  (``POINT_BYTES`` for each of at most ``max_points``);
+* Gaussians: ``GAUSSIAN_BYTES`` for each (one per processing pixel of every view).
+
+Available memory is what the kernel would give this process before the OOM killer acts: the
+smaller of ``MemAvailable`` and the cgroup's limit minus its usage, less a safety margin.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from da3cog.io.preprocess import PATCH_SIZE
+from da3cog.model.presets import ModelPreset
+
+ACTIVATION_BYTES_PER_TOKEN_CHANNEL = 300
+HEAD_BYTES_PER_PIXEL_CHANNEL = 8
+OUTPUT_BYTES_PER_PIXEL = 64
+POINT_BYTES = 500
+DECODED_BYTES_PER_PIXEL = 3
+GAUSSIAN_BYTES = 4 * (3 + 3 + 4 + 27 + 1) * 3
+# Share of the available memory a request may plan to use.
+SAFETY_FRACTION = 0.8
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class RequestSize:
+    """What a request will process.
+
+    Attributes:
+        view_pixels: each view's pixels as handed to the model (width x height).
+        processing_pixels: each view's pixels at the processing size (the longest side at
+            ``process_res``; an upper bound for every resize method).
+        output_pixels: each view's pixels at the output resolution.
+        gaussians: whether Gaussians are predicted.
+        points: points the point-cloud exports may keep (0: no point cloud).
+    """
+
+    view_pixels: tuple[int, ...]
+    processing_pixels: tuple[int, ...]
+    output_pixels: tuple[int, ...]
+    gaussians: bool = False
+    points: int = 0
+
+
+def processing_pixels(size: tuple[int, int], process_res: int) -> int:
+    """Pixels of a ``(width, height)`` view with its longer side at ``process_res`` (rounded
+    up to the patch size: an upper bound for every resize method)."""
+    width, height = size
+    scale = process_res / max(width, height)
+    sides = [math.ceil(side * scale / PATCH_SIZE) * PATCH_SIZE for side in (width, height)]
+    return sides[0] * sides[1]
+
+
+def request_size(
+    sizes: Sequence[tuple[int, int]],
+    process_res: int,
+    output: str,
+    gaussians: bool,
+    points: int,
+) -> RequestSize:
+    """The :class:`RequestSize` of views of these ``(width, height)`` sizes."""
+    processing = tuple(processing_pixels(size, process_res) for size in sizes)
+    views = tuple(width * height for width, height in sizes)
+    outputs = views if output == "input" else processing
+    return RequestSize(views, processing, outputs, gaussians, min(points, sum(outputs)))
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Estimated peak bytes of a request beyond what the worker already holds."""
+
+    host: int
+    device: int
+
+    def describe(self) -> str:
+        if self.device:
+            return f"{self.host / GIB:.1f} GiB of RAM and {self.device / GIB:.1f} GiB of GPU memory"
+        return f"{self.host / GIB:.1f} GiB of RAM"
+
+
+def network_bytes(preset: ModelPreset, size: RequestSize) -> int:
+    """The network's activation peak (see the module docstring); a nested preset's metric
+    branch is counted on top."""
+    tokens = sum(p // PATCH_SIZE**2 + 1 for p in size.processing_pixels)
+    width = preset.backbone.embed_dim
+    head = max(size.processing_pixels) * preset.head.features
+    total = ACTIVATION_BYTES_PER_TOKEN_CHANNEL * tokens * width
+    total += HEAD_BYTES_PER_PIXEL_CHANNEL * head
+    if preset.metric_branch is not None:
+        total += network_bytes(preset.metric_branch, size)
+    return total
+
+
+def estimate(preset: ModelPreset, size: RequestSize, on_gpu: bool) -> MemoryEstimate:
+    """Peak memory of a request with ``preset`` (weights excluded: they are loaded already)."""
+    views = DECODED_BYTES_PER_PIXEL * sum(size.view_pixels)
+    outputs = OUTPUT_BYTES_PER_PIXEL * sum(size.output_pixels) + POINT_BYTES * size.points
+    gaussians = GAUSSIAN_BYTES * sum(size.processing_pixels) if size.gaussians else 0
+    network = network_bytes(preset, size)
+    if on_gpu:
+        return MemoryEstimate(host=views + outputs + gaussians, device=network)
+    return MemoryEstimate(host=views + outputs + gaussians + network, device=0)
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def available_host_bytes() -> int | None:
+    """Memory this process can still take: ``MemAvailable``, bounded by the cgroup (v2 or
+    v1) limit minus its usage; None where neither can be read."""
+    candidates = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                candidates.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        (
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        ),
+    ):
+        limit, usage = _read_int(Path(limit_file)), _read_int(Path(usage_file))
+        # An unlimited v1 cgroup reports a huge page-rounded number.
+        if limit is not None and usage is not None and limit < 1 << 60:
+            candidates.append(max(limit - usage, 0))
+            break
+    return min(candidates) if candidates else None
+
+
+def available_device_bytes() -> int | None:
+    """Free memory on the current CUDA device, or None without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    free, _ = torch.cuda.mem_get_info()
+    return int(free)
+
+
+MEMORY_BUDGET_ENV = "DA3COG_MEMORY_BUDGET_GB"
+
+
+def host_budget() -> int | None:
+    """Bytes a request may plan to use: ``$DA3COG_MEMORY_BUDGET_GB`` when set (tests, or a
+    host shared with other work), else a share of the available memory."""
+    override = os.environ.get(MEMORY_BUDGET_ENV)
+    if override:
+        return int(float(override) * GIB)
+    available = available_host_bytes()
+    return None if available is None else int(available * SAFETY_FRACTION)
+
+
+def device_budget() -> int | None:
+    available = available_device_bytes()
+    return None if available is None else int(available * SAFETY_FRACTION)
