@@ -20,6 +20,7 @@ from da3cog.serve.request import RequestValues
 
 MODES = ["monocular", "multi-view", "gaussian-splat"]
 MODEL_SIZES = ["giant", "large", "base", "small"]
+CHECKPOINT_VERSIONS = ["latest", "1.1", "1.0"]
 EXPORT_FORMATS = ["glb", "ply", "npz", "colmap", "all", "none"]
 OUTPUT_RESOLUTIONS = ["input", "processing"]
 
@@ -34,12 +35,18 @@ MODE_HELP = (
     "(3DGS PLY), needs a model with a Gaussian head (model_size=giant)."
 )
 MODEL_SIZE_HELP = (
-    "Depth Anything 3 model: giant (DA3-GIANT, 1.36B, Gaussian head, CC BY-NC 4.0), large "
-    "(DA3-LARGE, 411M, CC BY-NC 4.0), base (DA3-BASE, 135M, Apache-2.0), small (DA3-SMALL, "
-    "34M, Apache-2.0)."
+    "Depth Anything 3 model: giant (DA3-GIANT-1.1, 1.36B, Gaussian head, CC BY-NC 4.0), "
+    "large (DA3-LARGE-1.1, 411M, CC BY-NC 4.0), base (DA3-BASE, 135M, Apache-2.0), small "
+    "(DA3-SMALL, 34M, Apache-2.0)."
+)
+CHECKPOINT_VERSION_HELP = (
+    "Release of the checkpoint: latest (default: 1.1 for giant, large and the nested "
+    "metric giant, 1.0 for the others), or 1.0 to reproduce results of the first, "
+    "deprecated giant / large / nested release. 1.1 exists for giant, large and nested "
+    "only."
 )
 METRIC_HELP = (
-    "Depth in metres: model_size=giant uses DA3NESTED-GIANT-LARGE (any mode; CC BY-NC "
+    "Depth in metres: model_size=giant uses DA3NESTED-GIANT-LARGE-1.1 (any mode; CC BY-NC "
     "4.0); model_size=large with mode=monocular uses DA3METRIC-LARGE (Apache-2.0), which "
     "needs focal lengths from `cameras` or EXIF. Other combinations are rejected."
 )
@@ -99,6 +106,9 @@ class Runner(BaseRunner):
         ),
         mode: str = Input(default="multi-view", choices=MODES, description=MODE_HELP),
         model_size: str = Input(default="giant", choices=MODEL_SIZES, description=MODEL_SIZE_HELP),
+        checkpoint_version: str = Input(
+            default="latest", choices=CHECKPOINT_VERSIONS, description=CHECKPOINT_VERSION_HELP
+        ),
         metric: bool = Input(default=False, description=METRIC_HELP),
         export_format: str = Input(
             default="glb", choices=EXPORT_FORMATS, description=EXPORT_FORMAT_HELP
@@ -129,6 +139,7 @@ class Runner(BaseRunner):
             images=tuple(images or ()),
             mode=mode,
             model_size=model_size,
+            checkpoint_version=checkpoint_version,
             metric=metric,
             export_format=export_format,
             cameras=cameras,

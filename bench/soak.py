@@ -79,12 +79,15 @@ BAD = {
     "truncated": ({"image": data_uri(hostile.truncated(PNG), "image/png")}, 'image "file.png"'),
     "empty": ({"image": data_uri(b"", "image/png")}, "empty"),
 }
+# Requests before the RSS baseline: the allocator's arenas settle over the first few dozen.
+WARM_UP = 50
 BASE = {"model_size": "small", "process_resolution": 140, "export_format": "none"}
 
 
-def worker_rss(server_pid: int) -> tuple[int, int | None]:
-    """Total RSS of the server's process group and the pid of its Python worker."""
-    total, worker = 0, None
+def worker_rss(server_pid: int) -> tuple[int, int | None, int]:
+    """Total RSS of the server's process group, the pid of its Python worker and the
+    worker's own RSS."""
+    total, worker, worker_bytes = 0, None, 0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -95,12 +98,14 @@ def worker_rss(server_pid: int) -> tuple[int, int | None]:
             command = (entry / "cmdline").read_bytes()
         except (OSError, ProcessLookupError):
             continue
+        rss = 0
         for line in status.splitlines():
             if line.startswith("VmRSS:"):
-                total += int(line.split()[1]) * 1024
+                rss = int(line.split()[1]) * 1024
+        total += rss
         if int(entry.name) != server_pid and b"python" in command:
-            worker = int(entry.name)
-    return total, worker
+            worker, worker_bytes = int(entry.name), rss
+    return total, worker, worker_bytes
 
 
 def start(work: Path, weights: Path) -> CogServer:
@@ -110,6 +115,7 @@ def start(work: Path, weights: Path) -> CogServer:
     port = _free_port()
     env = _server_env(weights, work, port, f"{ROOT / 'tests' / 'cog_standin.py'}:Runner")
     env["TMPDIR"] = str(work / "runtime-tmp")
+    env["DA3COG_SETUP_MODEL"] = "small"
     (work / "runtime-tmp").mkdir()
     log = work / "server.log"
     with log.open("wb") as sink:
@@ -125,8 +131,11 @@ def start(work: Path, weights: Path) -> CogServer:
     deadline = time.monotonic() + SERVER_START_TIMEOUT
     while time.monotonic() < deadline:
         try:
-            if server.health()["status"] == "READY":
+            status = server.health()["status"]
+            if status == "READY":
                 return server
+            if status == "SETUP_FAILED":
+                break
         except (OSError, ValueError):
             pass
         time.sleep(0.2)
@@ -166,13 +175,19 @@ def main() -> int:
             if server.wait_ready() != "READY":
                 unexpected.append(f"after {name}: server not READY")
                 break
-            rss, worker = worker_rss(server.process.pid)
+            rss, worker, worker_bytes = worker_rss(server.process.pid)
             if worker is not None:
                 workers.add(worker)
-            if index == len(plan) * 2 - 1:
-                samples["start (after warm-up)"] = rss
+            if index == WARM_UP - 1:
+                samples[f"after warm-up ({WARM_UP} requests)"] = rss
             if index == args.requests // 2:
                 samples["middle"] = rss
+            if (index + 1) % 25 == 0:
+                print(
+                    f"{index + 1}/{args.requests} requests, RSS {rss / 2**20:.0f} MiB "
+                    f"(worker {worker_bytes / 2**20:.0f} MiB)",
+                    flush=True,
+                )
         samples["end"] = worker_rss(server.process.pid)[0]
     finally:
         _stop(server.process)
@@ -188,7 +203,7 @@ def main() -> int:
         print(f"| {outcome} | {count} |")
     print(f"worker processes seen: {len(workers)} (restarts: {max(len(workers) - 1, 0)})")
     print(f"files left: {len(left_downloads)} downloads, {len(left_requests)} request folders")
-    growth = samples["end"] / samples["start (after warm-up)"] - 1
+    growth = samples["end"] / samples[f"after warm-up ({WARM_UP} requests)"] - 1
     print(f"RSS growth after warm-up: {growth * 100:+.1f}%")
     failures = list(unexpected)
     if abs(growth) > 0.10:

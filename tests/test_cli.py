@@ -129,19 +129,74 @@ def test_an_empty_existing_out_folder_is_used(
     assert np.load(out / "depth_0000_astronaut.npy").shape == (512, 512)
 
 
-def test_missing_image_exits_2_naming_the_path(
-    small_checkpoint: Path,
+@pytest.fixture
+def no_model_load(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Fail the test if any model is loaded (or downloaded); the list records attempts."""
+    from da3cog.pipeline import DepthAnything3
+
+    attempts: list[str] = []
+
+    def refuse(source: object, **_: object) -> None:
+        attempts.append(str(source))
+        raise AssertionError(f"a model was loaded: {source}")
+
+    monkeypatch.setattr(DepthAnything3, "from_pretrained", staticmethod(refuse))
+    return attempts
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda folder: folder / "no_such_photo.jpg", "no_such_photo.jpg: no such file"),
+        (lambda folder: folder, "images: not a file"),
+        (
+            lambda folder: (folder / "notes.txt", (folder / "notes.txt").write_text("hi"))[0],
+            "notes.txt",
+        ),
+        (
+            lambda folder: (folder / "cut.png", (folder / "cut.png").write_bytes(b""))[0],
+            "cut.png",
+        ),
+    ],
+    ids=["missing", "folder", "not-an-image", "empty"],
+)
+def test_bad_images_exit_2_before_any_model_is_loaded(
     images: list[Path],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
+    no_model_load: list[str],
+    make: Callable[[Path], Path],
+    message: str,
 ) -> None:
-    missing = tmp_path / "images" / "no_such_photo.jpg"
+    """A newcomer's typo must not cost a model download: every input is checked first."""
+    bad = make(tmp_path / "images")
     out = tmp_path / "out"
-    assert main(predict_args(small_checkpoint, out, [images[0], missing])) == 2
+    assert main(predict_args(tmp_path / "weights", out, [images[0], bad])) == 2
     err = capsys.readouterr().err
-    assert "da3cog: error:" in err
-    assert str(missing) in err
-    assert not out.exists()
+    assert "da3cog: error:" in err and message in err, err
+    assert not out.exists() and no_model_load == []
+
+
+def test_out_naming_a_file_says_so_before_any_model_is_loaded(
+    images: list[Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    no_model_load: list[str],
+) -> None:
+    out = tmp_path / "result.txt"
+    out.write_text("mine")
+    assert main(predict_args(tmp_path / "weights", out, images)) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert out.read_text() == "mine" and no_model_load == []
+
+
+def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    from da3cog import __version__
+
+    with pytest.raises(SystemExit) as raised:
+        main(["--version"])
+    assert raised.value.code == 0
+    assert capsys.readouterr().out.strip() == f"da3cog {__version__}"
 
 
 def test_unknown_model_exits_2(

@@ -49,6 +49,45 @@ def test_model_choice(mode: str, size: str, metric: bool, preset: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("mode", "size", "metric", "version", "key", "hub_id"),
+    [
+        ("multi-view", "giant", False, "latest", "da3-giant", "depth-anything/DA3-GIANT-1.1"),
+        ("multi-view", "giant", False, "1.1", "da3-giant", "depth-anything/DA3-GIANT-1.1"),
+        ("multi-view", "giant", False, "1.0", "da3-giant@1.0", "depth-anything/DA3-GIANT"),
+        ("monocular", "large", False, "1.0", "da3-large@1.0", "depth-anything/DA3-LARGE"),
+        (
+            "gaussian-splat",
+            "giant",
+            True,
+            "1.0",
+            "da3nested-giant-large@1.0",
+            "depth-anything/DA3NESTED-GIANT-LARGE",
+        ),
+        ("monocular", "small", False, "1.0", "da3-small", "depth-anything/DA3-SMALL"),
+        ("monocular", "large", True, "latest", "da3metric-large", "depth-anything/DA3METRIC-LARGE"),
+    ],
+)
+def test_checkpoint_version_picks_the_release(
+    mode: str, size: str, metric: bool, version: str, key: str, hub_id: str
+) -> None:
+    """The newest release by default; an older one on request, under its own cache key and
+    override folder (the newest keeps the bare preset name)."""
+    choice = choose_model(mode, size, metric, version)
+    assert (choice.key, choice.hub_id) == (key, hub_id)
+
+
+@pytest.mark.parametrize(
+    ("size", "metric", "mode"),
+    [("small", False, "multi-view"), ("base", False, "monocular"), ("large", True, "monocular")],
+)
+def test_a_release_a_model_lacks_is_refused_with_its_releases(
+    size: str, metric: bool, mode: str
+) -> None:
+    with pytest.raises(RequestError, match=r"has no such release; its releases: 1.0 \(DA3"):
+        choose_model(mode, size, metric, "1.1")
+
+
+@pytest.mark.parametrize(
     ("mode", "size", "metric", "message"),
     [
         ("gaussian-splat", "large", False, "model_size=giant"),
@@ -353,6 +392,16 @@ def test_checkpoint_override_and_offline_message(
         checkpoint_folder("da3-base")
     message = str(error.value)
     assert "depth-anything/DA3-BASE" in message and str(tmp_path / "da3-base") in message
+    # An older release has its own folder; the bare preset name is the newest release.
+    (tmp_path / "da3-giant@1.0").symlink_to(small_checkpoint)
+    assert checkpoint_folder("da3-giant@1.0") == tmp_path / "da3-giant@1.0"
+    assert load_preset("da3-giant@1.0", torch.device("cpu")).model_id == (
+        "depth-anything/DA3-GIANT"
+    )
+    with pytest.raises(CheckpointError) as error:
+        checkpoint_folder("da3-giant")
+    message = str(error.value)
+    assert "depth-anything/DA3-GIANT-1.1" in message and str(tmp_path / "da3-giant") in message
 
 
 def test_request_folders_are_removed(

@@ -405,16 +405,42 @@ def test_official_hub_ids_with_a_dot_are_treated_as_hub_ids(offline_hub: Path, r
         resolve_checkpoint(repo, cache_dir=offline_hub)
 
 
-def test_hub_repo_picks_a_presets_version() -> None:
-    assert hub_repo("giant") == "depth-anything/DA3-GIANT"
+# Upstream's README (model cards): the -1.1 checkpoints replace these three, which stay
+# available but deprecated; the other presets have a single release.
+NEWEST = {
+    "da3-giant": "depth-anything/DA3-GIANT-1.1",
+    "da3-large": "depth-anything/DA3-LARGE-1.1",
+    "da3nested-giant-large": "depth-anything/DA3NESTED-GIANT-LARGE-1.1",
+    "da3-base": "depth-anything/DA3-BASE",
+    "da3-small": "depth-anything/DA3-SMALL",
+    "da3mono-large": "depth-anything/DA3MONO-LARGE",
+    "da3metric-large": "depth-anything/DA3METRIC-LARGE",
+}
+
+
+def test_every_release_loads_through_the_same_configs_as_upstream() -> None:
+    """Upstream's 1.1 release (commit a71fc79, "update model") added no config and changed
+    no network code: its loader reads every checkpoint, 1.0 or 1.1, through the same seven
+    configs (``model_name`` in config.json), which are our presets."""
+    from depth_anything_3.registry import MODEL_REGISTRY
+
+    assert set(MODEL_REGISTRY) == set(PRESETS)
+    for name in PRESETS:
+        assert set(hub_versions(name)) <= {"1.0", "1.1"}
+
+
+def test_hub_repo_defaults_to_the_newest_release() -> None:
+    assert hub_repo("giant") == "depth-anything/DA3-GIANT-1.1"
     assert hub_repo("da3-giant", "1.0") == "depth-anything/DA3-GIANT"
     assert hub_repo("Giant", "1.1") == "depth-anything/DA3-GIANT-1.1"
-    assert hub_repo("large", "1.1") == "depth-anything/DA3-LARGE-1.1"
-    assert hub_repo("nested", "1.1") == "depth-anything/DA3NESTED-GIANT-LARGE-1.1"
+    assert hub_repo("large", "1.0") == "depth-anything/DA3-LARGE"
+    assert hub_repo("nested", "1.0") == "depth-anything/DA3NESTED-GIANT-LARGE"
     assert hub_versions("small") == {"1.0": "depth-anything/DA3-SMALL"}
+    assert list(hub_versions("giant")) == ["1.1", "1.0"]
+    assert {name: hub_repo(name) for name in PRESETS} == NEWEST
     for name, preset in PRESETS.items():
-        # The default is what a bare preset name loads.
-        assert hub_repo(name) == preset.hub_repos[0] == next(iter(hub_versions(name).values()))
+        # The default is what a bare preset name loads: the newest version.
+        assert hub_repo(name) == next(iter(hub_versions(name).values()))
         assert sorted(hub_versions(name).values()) == sorted(preset.hub_repos)
     with pytest.raises(ValueError, match=r"no Hub version '1.1'; its versions: 1.0 \(depth-any"):
         hub_repo("small", "1.1")
@@ -436,16 +462,58 @@ def test_load_model_records_the_hub_id_it_resolved(
         return str(small_checkpoint)
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
-    for source in ("small", "DA3-Small", "depth-anything/DA3-SMALL"):
+    for source in ("small", "DA3-Small", "depth-anything/DA3-SMALL", "small@1.0"):
         loaded = load_model(source, cache_dir=offline_hub)
         assert loaded.model_id == "depth-anything/DA3-SMALL"
         assert loaded.source == small_checkpoint and loaded.preset is PRESETS["da3-small"]
-    variant = load_model(hub_repo("giant", "1.1"), cache_dir=offline_hub)
-    assert variant.model_id == "depth-anything/DA3-GIANT-1.1"
-    assert fetched == ["depth-anything/DA3-SMALL"] * 3 + ["depth-anything/DA3-GIANT-1.1"]
+        assert loaded.revision is None
+    expected = ["depth-anything/DA3-SMALL"] * 4
+    for source, repo in [
+        ("giant", "depth-anything/DA3-GIANT-1.1"),
+        ("giant@1.0", "depth-anything/DA3-GIANT"),
+        ("Large@1.1", "depth-anything/DA3-LARGE-1.1"),
+        ("nested@1.0", "depth-anything/DA3NESTED-GIANT-LARGE"),
+        (hub_repo("giant", "1.0"), "depth-anything/DA3-GIANT"),
+    ]:
+        assert load_model(source, cache_dir=offline_hub).model_id == repo
+        expected.append(repo)
+    assert fetched == expected
     assert load_model(small_checkpoint).model_id == str(small_checkpoint)
     named = load_model(small_checkpoint, model_id=hub_repo("small"))
-    assert named.model_id == "depth-anything/DA3-SMALL" and len(fetched) == 4
+    assert named.model_id == "depth-anything/DA3-SMALL" and len(fetched) == len(expected)
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("small@1.1", r"'small@1.1': da3-small has no Hub version '1.1'; its versions: 1.0"),
+        ("giant@2", r"its versions: 1.1 \(depth-anything/DA3-GIANT-1.1\), 1.0"),
+        ("depth-anything/DA3-BASE@1.0", "neither a checkpoint folder"),
+    ],
+)
+def test_unknown_versions_are_refused_with_the_known_ones(
+    offline_hub: Path, source: str, message: str
+) -> None:
+    with pytest.raises(CheckpointError, match=message):
+        resolve_checkpoint(source, cache_dir=offline_hub)
+
+
+def test_a_hub_snapshot_folder_reports_its_commit(
+    tmp_path: Path, small_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """huggingface_hub's cache keeps a repo as ``snapshots/<commit>/``: the loaded model and
+    its predictions name that commit."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "models--depth-anything--DA3-SMALL" / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (snapshot / name).symlink_to(small_checkpoint / name)
+    monkeypatch.setattr(
+        "huggingface_hub.snapshot_download", lambda repo_id, **_: str(snapshot)
+    )
+    loaded = load_model("small", cache_dir=tmp_path)
+    assert (loaded.model_id, loaded.revision) == ("depth-anything/DA3-SMALL", commit)
+    assert load_model(small_checkpoint).revision is None
 
 
 @pytest.mark.parametrize(
@@ -482,7 +550,7 @@ def test_get_preset_unknown_name_lists_the_known_presets() -> None:
 def test_every_preset_names_its_official_hub_repo() -> None:
     for name, preset in PRESETS.items():
         assert preset.name == name
-        assert preset.hub_repos[0] == f"depth-anything/{name.upper()}"
+        assert f"depth-anything/{name.upper()}" in preset.hub_repos
 
 
 def unique_parameter_count(module: torch.nn.Module) -> int:

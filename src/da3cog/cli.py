@@ -17,6 +17,7 @@ GAUSSIAN_EXPORT = "gaussians_ply"
 
 
 def _parser() -> argparse.ArgumentParser:
+    from da3cog import __version__
     from da3cog.export.manifest import FORMATS
     from da3cog.io import PROCESS_METHODS
     from da3cog.model.presets import ALIASES
@@ -25,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="da3cog", description="Depth Anything 3: depth and cameras from images."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     predict = commands.add_parser(
         "predict", help="predict depth and cameras for one or more images"
@@ -35,7 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--model",
         default="small",
-        help=f"preset ({', '.join(ALIASES)}), Hub id or checkpoint folder (default: small)",
+        help=(
+            f"preset ({', '.join(ALIASES)}; its newest release, or an older one as giant@1.0), "
+            "Hub id or checkpoint folder (default: small)"
+        ),
     )
     predict.add_argument(
         "--out", type=Path, required=True, help="output folder (must not exist or be empty)"
@@ -103,7 +108,10 @@ def _parser() -> argparse.ArgumentParser:
         help="frames of the gaussians_video fly-through (default 120; fewer renders faster)",
     )
     predict.add_argument(
-        "--seed", type=int, default=42, help="seed for the RANSAC steps (default 42)"
+        "--seed",
+        type=int,
+        default=42,
+        help="seed for every random step: pose RANSAC, sampling, point subsampling (default 42)",
     )
     predict.add_argument(
         "--device", default=None, help="torch device (default: cuda if available, else cpu)"
@@ -153,8 +161,23 @@ def _exports(args: argparse.Namespace) -> list[str]:
 
 
 def _fresh_output(folder: Path) -> None:
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--out {folder} is a file, not a folder: choose a new folder")
+    if folder.is_dir() and any(folder.iterdir()):
         raise ValueError(f"output folder {folder} exists and is not empty: choose a new one")
+
+
+def _check_images(paths: list[Path]) -> None:
+    """Every input is an existing image file in an accepted format with a readable header,
+    checked before any model is loaded (or downloaded). ValueError naming the file."""
+    from da3cog.io.images import read_image_header
+
+    for path in paths:
+        if not path.exists():
+            raise ValueError(f"{path}: no such file")
+        if not path.is_file():
+            raise ValueError(f"{path}: not a file")
+        read_image_header(path, str(path))
 
 
 def predict(args: argparse.Namespace) -> list[Path]:
@@ -162,6 +185,7 @@ def predict(args: argparse.Namespace) -> list[Path]:
     from da3cog.pipeline import DepthAnything3, InferenceOptions
 
     _fresh_output(args.out)
+    _check_images(args.images)
     exports = _exports(args)
     options = InferenceOptions(
         process_res=args.process_res,

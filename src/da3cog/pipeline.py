@@ -147,6 +147,8 @@ class Prediction:
             intrinsics"``, ``"exif"`` or None (no intrinsics).
         metric_scale: nested models: the factor that took the any-view depth to metres.
         gaussians: the per-pixel 3D Gaussians when requested (giant and nested models).
+        model_id, model_revision: the checkpoint that made the prediction: its Hub id (or
+            folder) and, when it was read from a Hub snapshot, the commit.
         notes: anything a user should know about how the result was made (a scale that could
             not be aligned, why depth is not metric...).
     """
@@ -163,6 +165,7 @@ class Prediction:
     cameras_estimated: bool = True
     intrinsics_source: CameraSource | None = "predicted"
     focal_source: CameraSource | None = None
+    model_revision: str | None = None
     metric_scale: float | None = None
     gaussians: Gaussians | None = None
 
@@ -453,6 +456,7 @@ class DepthAnything3:
             views=views,
             is_metric=is_metric,
             model_id=self.loaded.model_id,
+            model_revision=self.loaded.revision,
             model_preset=preset.name,
             processing_size=batch.processing_size,
             output_resolution=options.output_resolution,

@@ -67,36 +67,47 @@ class LoadedModel:
         model_id: what predictions report as their model: the Hub id for a preset, alias or
             Hub id, the folder for a local checkpoint, unless the loader was told otherwise.
         source: the local checkpoint folder the weights were read from.
+        revision: the Hub commit of ``source`` when it is a huggingface_hub snapshot, else
+            None.
     """
 
     network: Network
     preset: ModelPreset
     model_id: str
     source: Path
+    revision: str | None = None
 
 
 # The version of an official Hub repo: its name's ``-<major>.<minor>`` suffix (DA3-GIANT-1.1);
 # the repos without one are the first release.
 _VERSION_SUFFIX = re.compile(r"-(\d+\.\d+)$")
 FIRST_VERSION = "1.0"
+VERSION_SEPARATOR = "@"
+"""Between a preset and a version in a model spec: ``giant@1.0``."""
+# A Hub snapshot folder's name is the commit it holds.
+_SNAPSHOT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))
 
 
 def hub_versions(preset: str) -> dict[str, str]:
-    """``{version: Hub id}`` of a preset's (or alias's) official checkpoints, the default
-    first: ``hub_versions("giant") == {"1.0": "depth-anything/DA3-GIANT", "1.1":
-    "depth-anything/DA3-GIANT-1.1"}``. ValueError for an unknown preset."""
+    """``{version: Hub id}`` of a preset's (or alias's) official checkpoints, newest first:
+    ``hub_versions("giant") == {"1.1": "depth-anything/DA3-GIANT-1.1", "1.0":
+    "depth-anything/DA3-GIANT"}``. The newest is the default (upstream deprecates the
+    releases a newer one replaces). ValueError for an unknown preset."""
     versions: dict[str, str] = {}
     for repo in get_preset(preset).hub_repos:
         match = _VERSION_SUFFIX.search(repo)
         versions[match.group(1) if match else FIRST_VERSION] = repo
-    return versions
+    return dict(sorted(versions.items(), key=lambda item: _version_key(item[0]), reverse=True))
 
 
 def hub_repo(preset: str, version: str | None = None) -> str:
-    """The Hub id of a preset's (or alias's) official checkpoint: the default one (the
-    preset's first repo, which a bare preset name loads) or the given ``version``
-    (``hub_repo("giant", "1.1") == "depth-anything/DA3-GIANT-1.1"``; see :func:`hub_versions`).
-    Pass the result to :func:`load_model` to load that version. ValueError names the versions
+    """The Hub id of a preset's (or alias's) official checkpoint: the newest release (what a
+    bare preset name loads) or the given ``version`` (``hub_repo("giant", "1.0") ==
+    "depth-anything/DA3-GIANT"``; see :func:`hub_versions`). ValueError names the versions
     there are."""
     versions = hub_versions(preset)
     name = get_preset(preset).name
@@ -110,6 +121,21 @@ def hub_repo(preset: str, version: str | None = None) -> str:
     return versions[version]
 
 
+def split_model_spec(spec: str) -> tuple[str, str | None]:
+    """``"giant@1.0"`` -> ``("giant", "1.0")``; ``"giant"`` -> ``("giant", None)``."""
+    name, separator, version = spec.partition(VERSION_SEPARATOR)
+    return name, (version if separator else None)
+
+
+def revision_of(folder: Path) -> str | None:
+    """The Hub commit a checkpoint folder holds, when it is a huggingface_hub snapshot
+    (``.../snapshots/<commit>/``); None for any other folder."""
+    resolved = folder.resolve()
+    if resolved.parent.name == "snapshots" and _SNAPSHOT.match(resolved.name):
+        return resolved.name
+    return None
+
+
 def default_cache_dir() -> Path | None:
     """``$DA3COG_CACHE_DIR`` if set (else huggingface_hub's own cache)."""
     value = os.environ.get(CACHE_ENV)
@@ -121,22 +147,27 @@ def _hub_id(source: str | os.PathLike[str]) -> str | None:
     folder; CheckpointError when it is neither."""
     if Path(source).expanduser().is_dir():
         return None
-    name = str(source)
+    name, version = split_model_spec(str(source))
     key = ALIASES.get(name.lower(), name.lower())
     if key in PRESETS and PRESETS[key].hub_repos:
-        return PRESETS[key].hub_repos[0]
-    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        try:
+            return hub_repo(key, version)
+        except ValueError as error:
+            raise CheckpointError(f"{source!r}: {error}") from error
+    if version is not None or name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise CheckpointError(
             f"{source!r} is neither a checkpoint folder, a preset "
-            f"({', '.join(sorted(PRESETS))}) nor a Hub id like 'depth-anything/DA3-BASE'"
+            f"({', '.join(sorted(PRESETS))}, optionally with a version: giant@1.0) nor a Hub "
+            "id like 'depth-anything/DA3-BASE'"
         )
     return name
 
 
 def resolve_checkpoint(source: str | os.PathLike[str], cache_dir: Path | None = None) -> Path:
     """A local checkpoint folder for ``source``: a folder path, a preset name or alias
-    (``small``, ``da3-large``: its default official Hub repo, see :func:`hub_repo`), or a Hub
-    id (``depth-anything/DA3-BASE``, ``depth-anything/DA3-GIANT-1.1``).
+    (``small``, ``da3-large``: its newest official Hub repo, see :func:`hub_repo`), a preset
+    with a version (``giant@1.0``: that release), or a Hub id (``depth-anything/DA3-BASE``,
+    ``depth-anything/DA3-GIANT-1.1``).
     """
     repo_id = _hub_id(source)
     if repo_id is None:
@@ -255,8 +286,9 @@ def load_model(
 
     ``source`` is what :func:`resolve_checkpoint` takes. The result's ``model_id`` is
     ``model_id`` when given (e.g. the Hub id a local copy of an official checkpoint stands
-    for), else the Hub id ``source`` resolves to (``"small"`` -> ``depth-anything/DA3-SMALL``),
-    else the folder as given.
+    for), else the Hub id ``source`` resolves to (``"small"`` -> ``depth-anything/DA3-SMALL``,
+    ``"giant"`` -> ``depth-anything/DA3-GIANT-1.1``, ``"giant@1.0"`` ->
+    ``depth-anything/DA3-GIANT``), else the folder as given.
 
     On the CPU in the checkpoint's own dtype, the parameters are copy-on-write memory maps of
     ``model.safetensors`` (no copy at load; pages are read on first use). The file must then
@@ -280,4 +312,10 @@ def load_model(
     )
     if model_id is None:
         model_id = repo_id if repo_id is not None else str(source)
-    return LoadedModel(network=network, preset=preset, model_id=model_id, source=folder)
+    return LoadedModel(
+        network=network,
+        preset=preset,
+        model_id=model_id,
+        source=folder,
+        revision=revision_of(folder),
+    )

@@ -197,7 +197,11 @@ def manifest_document(
     return {
         "format_version": MANIFEST_FORMAT_VERSION,
         "generator": f"da3cog {__version__}",
-        "model": {"id": prediction.model_id, "preset": prediction.model_preset},
+        "model": {
+            "id": prediction.model_id,
+            "revision": prediction.model_revision,
+            "preset": prediction.model_preset,
+        },
         "is_metric": prediction.is_metric,
         "units": "metres" if prediction.is_metric else "relative (shared by all views)",
         "output_resolution": prediction.output_resolution,

@@ -11,6 +11,7 @@ checked for provenance (:mod:`da3cog.serve.provenance`), its views bounded
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import os
@@ -148,12 +149,15 @@ class Server:
             return self._handle(values, progress)
         finally:
             self.files.done()
+            trim_heap()
 
     def _handle(self, values: RequestValues, progress: Progress) -> list[Path]:
         started = time.perf_counter()
         check_values(values)
         self.files.check(values)
-        choice = choose_model(values.mode, values.model_size, values.metric)
+        choice = choose_model(
+            values.mode, values.model_size, values.metric, values.checkpoint_version
+        )
         if values.render_video and values.mode == "gaussian-splat":
             problem = gaussian_video_problem()
             if problem is not None:
@@ -263,7 +267,7 @@ class Server:
         check_formats(values, choice.spec, cameras, missing_focal)
         self._check_memory(values, choice.spec, views)
 
-        model = self.cache.get(choice.preset, progress)
+        model = self.cache.get(choice.key, progress)
         options = InferenceOptions(
             process_res=values.process_resolution,
             output_resolution=values.output_resolution,  # type: ignore[arg-type]
@@ -399,6 +403,18 @@ def release_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Return the C heap's free pages to the system (glibc ``malloc_trim``): a request's
+    large temporary buffers otherwise stay in the worker's RSS, and the next request's
+    memory budget would see them as used. A no-op where glibc is not the allocator."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def remove_orphaned_folders(root: Path) -> int:

@@ -15,6 +15,7 @@ from typing import Any
 
 MODES: tuple[str, ...] = ("monocular", "multi-view", "gaussian-splat")
 MODEL_SIZES: tuple[str, ...] = ("giant", "large", "base", "small")
+CHECKPOINT_VERSIONS: tuple[str, ...] = ("latest", "1.1", "1.0")
 EXPORT_FORMATS: tuple[str, ...] = ("glb", "ply", "npz", "colmap", "all", "none")
 OUTPUT_RESOLUTIONS: tuple[str, ...] = ("input", "processing")
 
@@ -99,16 +100,26 @@ INPUTS: tuple[InputSpec, ...] = (
     InputSpec(
         "model_size",
         "str",
-        "Depth Anything 3 model: giant (DA3-GIANT, 1.36B, Gaussian head, CC BY-NC 4.0), large "
-        "(DA3-LARGE, 411M, CC BY-NC 4.0), base (DA3-BASE, 135M, Apache-2.0), small (DA3-SMALL, "
-        "34M, Apache-2.0).",
+        "Depth Anything 3 model: giant (DA3-GIANT-1.1, 1.36B, Gaussian head, CC BY-NC 4.0), "
+        "large (DA3-LARGE-1.1, 411M, CC BY-NC 4.0), base (DA3-BASE, 135M, Apache-2.0), small "
+        "(DA3-SMALL, 34M, Apache-2.0).",
         default="giant",
         choices=MODEL_SIZES,
     ),
     InputSpec(
+        "checkpoint_version",
+        "str",
+        "Release of the checkpoint: latest (default: 1.1 for giant, large and the nested "
+        "metric giant, 1.0 for the others), or 1.0 to reproduce results of the first, "
+        "deprecated giant / large / nested release. 1.1 exists for giant, large and nested "
+        "only.",
+        default="latest",
+        choices=CHECKPOINT_VERSIONS,
+    ),
+    InputSpec(
         "metric",
         "bool",
-        "Depth in metres: model_size=giant uses DA3NESTED-GIANT-LARGE (any mode; CC BY-NC "
+        "Depth in metres: model_size=giant uses DA3NESTED-GIANT-LARGE-1.1 (any mode; CC BY-NC "
         "4.0); model_size=large with mode=monocular uses DA3METRIC-LARGE (Apache-2.0), which "
         "needs focal lengths from `cameras` or EXIF. Other combinations are rejected.",
         default=False,

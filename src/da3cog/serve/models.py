@@ -1,9 +1,9 @@
 """Where the server's checkpoints come from, and which ones stay on the GPU.
 
-Weights: ``$DA3COG_WEIGHTS_DIR/<preset>/`` (``config.json`` + ``model.safetensors``, e.g.
-``da3-giant/``) when that folder exists, which needs no network; otherwise the preset's
-official Hub repo, downloaded with huggingface_hub (hf-xet) into ``$DA3COG_CACHE_DIR`` (or the
-Hugging Face cache).
+Weights: ``$DA3COG_WEIGHTS_DIR/<spec>/`` (``config.json`` + ``model.safetensors``, e.g.
+``da3-giant/`` for the newest release, ``da3-giant@1.0/`` for the first) when that folder
+exists, which needs no network; otherwise the official Hub repo, downloaded with
+huggingface_hub (hf-xet) into ``$DA3COG_CACHE_DIR`` (or the Hugging Face cache).
 
 Models: loaded on first use and kept. On a GPU, loading or bringing back a model first moves
 the least recently used others to CPU memory until the free GPU memory holds the new one plus
@@ -34,6 +34,7 @@ from da3cog.weights import (
     hub_repo,
     load_model,
     resolve_checkpoint,
+    split_model_spec,
 )
 
 logger = logging.getLogger(__name__)
@@ -49,36 +50,38 @@ def weights_dir() -> Path | None:
     return Path(value).expanduser() if value else None
 
 
-def checkpoint_folder(preset: str) -> Path:
-    """A local checkpoint folder for ``preset``: the override folder if it exists, else a Hub
+def checkpoint_folder(spec: str) -> Path:
+    """A local checkpoint folder for a model spec (``da3-giant``: the newest release,
+    ``da3-giant@1.0``: that one): the override folder of that name if it exists, else a Hub
     download. CheckpointError names the repo and the override folder to use offline."""
+    repo = hub_repo(*split_model_spec(spec))
     override_root = weights_dir()
     if override_root is not None:
-        folder = override_root / preset
+        folder = override_root / spec
         if folder.is_dir():
             missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / n).is_file()]
             if missing:
                 raise CheckpointError(f"{folder} lacks {', '.join(missing)}")
             return folder
     try:
-        return resolve_checkpoint(hub_repo(preset), default_cache_dir())
+        return resolve_checkpoint(repo, default_cache_dir())
     except CheckpointError as error:
         where = (
-            f"{override_root / preset}"
-            if override_root is not None
-            else f"${WEIGHTS_DIR_ENV}/{preset}"
+            f"{override_root / spec}" if override_root is not None else f"${WEIGHTS_DIR_ENV}/{spec}"
         )
         raise CheckpointError(
-            f"could not load {preset} from the Hugging Face Hub repo {hub_repo(preset)} "
+            f"could not load {spec} from the Hugging Face Hub repo {repo} "
             f"({error}). To run without network, put its {CONFIG_NAME} and {WEIGHTS_NAME} in "
             f"{where} (set {WEIGHTS_DIR_ENV})."
         ) from error
 
 
-def load_preset(preset: str, device: torch.device) -> LoadedModel:
-    """Resolve and strictly load ``preset`` onto ``device``; it reports its Hub id as its
-    model id, also when the override folder stands in for the Hub repo."""
-    return load_model(checkpoint_folder(preset), device=device, model_id=hub_repo(preset))
+def load_preset(spec: str, device: torch.device) -> LoadedModel:
+    """Resolve and strictly load a model spec (see :func:`checkpoint_folder`) onto
+    ``device``; it reports its Hub id as its model id, also when the override folder stands
+    in for the Hub repo."""
+    repo = hub_repo(*split_model_spec(spec))
+    return load_model(checkpoint_folder(spec), device=device, model_id=repo)
 
 
 def free_gpu_bytes(device: torch.device) -> int:
@@ -196,7 +199,7 @@ def _checkpoint_bytes(preset: str) -> int:
         weights = override_root / preset / WEIGHTS_NAME
         if weights.is_file():
             return weights.stat().st_size
-    return _ESTIMATED_PARAMETERS.get(preset, 2_000_000_000) * 4
+    return _ESTIMATED_PARAMETERS.get(split_model_spec(preset)[0], 2_000_000_000) * 4
 
 
 # Parameter counts the code builds (README, tests/test_presets.py), for the memory check.

@@ -224,6 +224,7 @@ def write_manifest(
         "model": {
             "preset": choice.preset,
             "id": first.model_id,
+            "revision": first.model_revision,
             "loaded_preset": first.model_preset,
             "license": choice.spec.license,
             "why": choice.reason,

@@ -14,6 +14,7 @@ from typing import Any
 from da3cog.io.cameras import CameraFileError, UserCameras, read_camera_file
 from da3cog.model.presets import PRESETS, ModelPreset
 from da3cog.serve.inputs import INPUTS_BY_NAME, REQUIRED
+from da3cog.weights import VERSION_SEPARATOR, hub_repo, hub_versions
 
 # The any-view preset behind each model_size.
 SIZE_PRESETS: dict[str, str] = {
@@ -51,6 +52,7 @@ class RequestValues:
     images: tuple[Path, ...] = ()
     mode: str = "multi-view"
     model_size: str = "giant"
+    checkpoint_version: str = "latest"
     metric: bool = False
     export_format: str = "glb"
     cameras: Path | None = None
@@ -102,17 +104,30 @@ class ModelChoice:
     """Which checkpoint answers a request.
 
     Attributes:
-        preset: the preset name (``da3-giant``...), also the cache key and the folder name
-            under ``$DA3COG_WEIGHTS_DIR``.
+        preset: the preset name (``da3-giant``...).
         reason: one line for the logs and the manifest.
+        version: the release (``"1.1"``); None: the preset's newest.
     """
 
     preset: str
     reason: str
+    version: str | None = None
 
     @property
     def spec(self) -> ModelPreset:
         return PRESETS[self.preset]
+
+    @property
+    def key(self) -> str:
+        """The model spec (``da3-giant``, ``da3-giant@1.0``): the cache key and the folder
+        name under ``$DA3COG_WEIGHTS_DIR``; the newest release is the bare preset name."""
+        if self.version is None or self.version == next(iter(hub_versions(self.preset))):
+            return self.preset
+        return f"{self.preset}{VERSION_SEPARATOR}{self.version}"
+
+    @property
+    def hub_id(self) -> str:
+        return hub_repo(self.preset, self.version)
 
 
 def gaussian_models_text() -> str:
@@ -121,8 +136,11 @@ def gaussian_models_text() -> str:
     )
 
 
-def choose_model(mode: str, model_size: str, metric: bool) -> ModelChoice:
-    """The checkpoint for ``mode`` / ``model_size`` / ``metric``, or RequestError.
+def choose_model(
+    mode: str, model_size: str, metric: bool, checkpoint_version: str = "latest"
+) -> ModelChoice:
+    """The checkpoint for ``mode`` / ``model_size`` / ``metric`` / ``checkpoint_version``
+    (``latest`` or a release, see :func:`da3cog.weights.hub_versions`), or RequestError.
 
     Decisions (documented in the README): metric depth comes from DA3NESTED-GIANT-LARGE for
     model_size=giant in any mode, and from DA3METRIC-LARGE for model_size=large in monocular
@@ -159,7 +177,17 @@ def choose_model(mode: str, model_size: str, metric: bool) -> ModelChoice:
             f"mode=gaussian-splat needs a model with a Gaussian head, and model_size="
             f"{model_size} has none: use {gaussian_models_text()}"
         )
-    return choice
+    if checkpoint_version == "latest":
+        return choice
+    versions = hub_versions(choice.preset)
+    if checkpoint_version not in versions:
+        known = ", ".join(f"{v} ({repo.split('/')[-1]})" for v, repo in versions.items())
+        raise RequestError(
+            f"checkpoint_version={checkpoint_version}: {choice.preset} has no such release; "
+            f"its releases: {known}. Use checkpoint_version=latest."
+        )
+    reason = f"{choice.reason}, checkpoint_version={checkpoint_version}"
+    return ModelChoice(choice.preset, reason, checkpoint_version)
 
 
 def read_cameras(path: Path, view_count: int, label: str = "cameras") -> UserCameras:

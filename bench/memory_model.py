@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""Measure the network's activation peak and compare it with the served model's estimate.
+
+    python bench/memory_model.py [--models small base] [--device cpu] [--quick]
+
+For every (model, views, processing size) of the grid a fresh subprocess builds the network
+with random weights (activations do not depend on the weights' values), runs one forward on a
+random batch of ``views`` images of ``res`` x ``res * 3/4`` (rounded to the patch size) and
+reports the memory the forward added on top of the loaded network, warmed up by a one-view
+forward at 140 px as the served model is in its setup:
+
+* CPU: the peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs`` after the
+  network is built) minus the resident set before the forward;
+* CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation before the forward (the
+  backbone under bf16 autocast, as the pipeline runs it).
+
+Each row prints the estimate of :func:`da3cog.serve.budget.network_bytes` and the ratio
+measured / estimate: the estimate is meant as an upper bound (ratio <= 1), and the ratio's
+spread says how loose it is. The last run's table is in bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_NAMES = {"small": "da3-small", "base": "da3-base", "large": "da3-large"}
+GRID = ((1, 280), (4, 280), (8, 280), (16, 280), (1, 504), (4, 504))
+QUICK_GRID = ((1, 280), (4, 280), (4, 504))
+
+CHILD = r"""
+import json, sys
+from pathlib import Path
+import torch
+from da3cog.model.network import build_network
+from da3cog.model.presets import PRESETS
+from da3cog.io.preprocess import PATCH_SIZE
+
+preset_name, views, res, device = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+torch.set_num_threads(2)
+torch.manual_seed(0)
+cuda = device.startswith("cuda")
+with torch.device(device):
+    network = build_network(PRESETS[preset_name])
+height = round(res * 3 / 4 / PATCH_SIZE) * PATCH_SIZE
+width = res // PATCH_SIZE * PATCH_SIZE
+images = torch.randn(1, views, 3, height, width, device=device)
+# The served model warms up in setup: one-off costs (thread pools, kernel caches) are not a
+# request's.
+with torch.inference_mode():
+    network(torch.randn(1, 1, 3, 98, 140, device=device),
+            autocast_dtype=torch.bfloat16 if cuda else None)
+
+def rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+def peak() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM")
+
+if cuda:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+else:
+    Path("/proc/self/clear_refs").write_text("5")
+    before = rss()
+with torch.inference_mode():
+    network(images, autocast_dtype=torch.bfloat16 if cuda else None)
+if cuda:
+    torch.cuda.synchronize()
+    added = torch.cuda.max_memory_allocated() - before
+else:
+    added = peak() - before
+print(json.dumps({"added": added, "height": height, "width": width}))
+"""
+
+
+def measure(preset: str, views: int, res: int, device: str) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, preset, str(views), str(res), device],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{preset} {views}x{res} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", nargs="+", default=["small", "base"], choices=MODEL_NAMES)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="three points per model")
+    args = parser.parse_args()
+
+    from da3cog.model.presets import PRESETS
+    from da3cog.serve import budget
+
+    print(f"device: {args.device}")
+    print(
+        "| model | views | processing size | measured (MiB) | estimate (MiB) "
+        "| measured / estimate |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
+    ratios = []
+    for model in args.models:
+        preset = MODEL_NAMES[model]
+        for views, res in QUICK_GRID if args.quick else GRID:
+            row = measure(preset, views, res, args.device)
+            pixels = row["height"] * row["width"]
+            size = budget.RequestSize((pixels,) * views, (pixels,) * views, (pixels,) * views)
+            estimate = budget.network_bytes(PRESETS[preset], size)
+            ratio = row["added"] / estimate
+            ratios.append(ratio)
+            print(
+                f"| {model} | {views} | {row['width']}x{row['height']} | "
+                f"{row['added'] / 2**20:.0f} | {estimate / 2**20:.0f} | {ratio:.2f} |",
+                flush=True,
+            )
+    print(f"ratio measured / estimate: min {min(ratios):.2f}, max {max(ratios):.2f}")
+    return 1 if max(ratios) > 1 else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
