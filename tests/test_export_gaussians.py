@@ -346,7 +346,7 @@ def test_without_gaussians_all_skips_and_by_name_is_refused(tmp_path: Path) -> N
     assert "skipped: the prediction has no 3D Gaussians" in note
     with pytest.raises(ValueError, match="format gaussians_ply cannot be exported") as error:
         export_all(plain, tmp_path / "named", ["depth_npy", "gaussians_ply"])
-    for text in ("infer_gaussians=True", "giant (da3-giant)", "nested (da3nested-giant-large)"):
+    for text in ("infer_gaussians=True", "with a Gaussian head: giant, nested"):
         assert text in str(error.value)
     with pytest.raises(ValueError, match="infer_gaussians"):
         export_gaussians_ply(plain, tmp_path / "direct")

@@ -1,6 +1,8 @@
 """The memory budget of the served model, measured: a request at the edge of the budget runs,
 one just past it is refused before any model work, and the peak RSS a request adds stays under
-its estimate. Each measurement runs in a fresh subprocess (``ru_maxrss`` is per process)."""
+its estimate. Each measurement runs in a fresh subprocess and reads its peak from ``VmHWM``
+(``ru_maxrss`` would carry the parent's RSS over fork + exec: a test process grown to 1.3 GB
+made a 250 MB request look like 1.3 GB)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from da3cog.model.presets import PRESETS
 from da3cog.serve import budget
 
 CHILD = r"""
-import json, os, resource, sys, tempfile
+import json, os, sys, tempfile
 from pathlib import Path
 import numpy as np, torch
 from PIL import Image
@@ -48,7 +50,8 @@ try:
     outcome = "ran"
 except RequestError as error:
     outcome = "refused: " + str(error)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+status = Path("/proc/self/status").read_text().splitlines()
+peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
 print(json.dumps({"outcome": outcome, "added": peak - before}))
 """
 

@@ -211,7 +211,7 @@ def test_sky_mask_at_input_resolution(mono_model: DepthAnything3, photo: Photo) 
         ({"options": InferenceOptions(pose_from_rays=True)}, "estimates no poses"),
         (
             {"options": InferenceOptions(infer_gaussians=True)},
-            "no Gaussian head; models with one: da3-giant, da3nested-giant-large",
+            "no Gaussian head; models with one: giant, nested",
         ),
     ],
 )
@@ -223,7 +223,7 @@ def test_single_view_models_refuse_what_they_cannot_do(
 
 
 def test_gaussians_need_a_gaussian_head(small_model: DepthAnything3, photo: Photo) -> None:
-    with pytest.raises(ValueError, match="da3-small has no Gaussian head; models with one: "):
+    with pytest.raises(ValueError, match="small has no Gaussian head; models with one: giant"):
         small_model.predict([photo("astronaut")], options=InferenceOptions(infer_gaussians=True))
 
 

@@ -32,7 +32,12 @@ def _parser() -> argparse.ArgumentParser:
         "predict", help="predict depth and cameras for one or more images"
     )
     predict.add_argument(
-        "images", nargs="+", type=Path, help="image files (JPEG, PNG, WebP, HEIC), one per view"
+        "images", nargs="*", type=Path, help="image files (JPEG, PNG, WebP, HEIC), one per view"
+    )
+    predict.add_argument(
+        "--sample",
+        action="store_true",
+        help="add the two sample photos shipped with da3cog (a rocket, a coffee cup) as views",
     )
     predict.add_argument(
         "--model",
@@ -184,6 +189,12 @@ def predict(args: argparse.Namespace) -> list[Path]:
     from da3cog.export.manifest import export_all
     from da3cog.pipeline import DepthAnything3, InferenceOptions
 
+    if args.sample:
+        from da3cog.samples import sample_paths
+
+        args.images = [*args.images, *sample_paths()]
+    if not args.images:
+        raise ValueError("no images: name image files, or pass --sample for the bundled photos")
     _fresh_output(args.out)
     _check_images(args.images)
     exports = _exports(args)

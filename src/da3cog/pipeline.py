@@ -35,6 +35,7 @@ from da3cog.io import (
 from da3cog.model.gaussian_adapter import build_gaussians
 from da3cog.model.metric import SKY_THRESHOLD, canonical_to_metric
 from da3cog.model.network import NetworkOutput, gaussian_models
+from da3cog.model.presets import short_name
 from da3cog.model.reference_view import ReferenceStrategy, check_strategy
 from da3cog.weights import LoadedModel, load_model
 
@@ -494,7 +495,7 @@ class DepthAnything3:
             )
         if options.infer_gaussians and not preset.has_gaussian_head:
             raise ValueError(
-                f"{preset.name} has no Gaussian head; models with one: "
+                f"{short_name(preset.name)} has no Gaussian head; models with one: "
                 f"{', '.join(gaussian_models())}"
             )
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from da3cog.model.dual_dpt import DualDPTHead
 from da3cog.model.network import Network, build_network
-from da3cog.model.presets import ALIASES, PRESETS, ModelPreset, get_preset
+from da3cog.model.presets import ALIASES, PRESETS, ModelPreset, get_preset, short_name
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,8 @@ def _hub_id(source: str | os.PathLike[str]) -> str | None:
     if version is not None or name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise CheckpointError(
             f"{source!r} is neither a checkpoint folder, a preset "
-            f"({', '.join(sorted(PRESETS))}, optionally with a version: giant@1.0) nor a Hub "
+            f"({', '.join(short_name(name) for name in PRESETS)}, optionally with a version: "
+            "giant@1.0) nor a Hub "
             "id like 'depth-anything/DA3-BASE'"
         )
     return name

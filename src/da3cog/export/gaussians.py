@@ -53,12 +53,8 @@ def gaussians_problem(prediction: Prediction) -> str | None:
     if getattr(prediction, "gaussians", None) is not None:
         return None
     from da3cog.model.network import gaussian_models
-    from da3cog.model.presets import ALIASES
 
-    short = {name: alias for alias, name in ALIASES.items()}
-    models = ", ".join(
-        f"{short[name]} ({name})" if name in short else name for name in gaussian_models()
-    )
+    models = ", ".join(gaussian_models())
     return (
         "the prediction has no 3D Gaussians: predict with "
         f"InferenceOptions(infer_gaussians=True) on a model with a Gaussian head: {models}"

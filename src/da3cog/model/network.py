@@ -21,7 +21,7 @@ from da3cog.model.metric import (
     fill_sky_relative,
     fit_metric_scale,
 )
-from da3cog.model.presets import PRESETS, ModelPreset
+from da3cog.model.presets import PRESETS, ModelPreset, short_name
 from da3cog.model.reference_view import ReferenceStrategy, check_strategy
 
 # Images per head call: bounds the head's activation memory for long sequences.
@@ -77,8 +77,9 @@ class NetworkOutput:
 
 
 def gaussian_models() -> list[str]:
-    """Names of the presets whose checkpoints carry a Gaussian head."""
-    return [name for name, preset in PRESETS.items() if preset.has_gaussian_head]
+    """Short names of the models whose checkpoints carry a Gaussian head (``giant``,
+    ``nested``)."""
+    return [short_name(name) for name, preset in PRESETS.items() if preset.has_gaussian_head]
 
 
 def _check_request(
@@ -96,7 +97,8 @@ def _check_request(
         raise ValueError(f"{preset.name} is a single-view model: it has no ray map to pose from")
     if infer_gaussians and not preset.has_gaussian_head:
         raise ValueError(
-            f"{preset.name} has no Gaussian head; models with one: {', '.join(gaussian_models())}"
+            f"{short_name(preset.name)} has no Gaussian head; models with one: "
+            f"{', '.join(gaussian_models())}"
         )
 
 

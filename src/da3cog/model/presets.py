@@ -252,10 +252,23 @@ ALIASES: dict[str, str] = {
 }
 
 
+def short_name(name: str) -> str:
+    """The alias a user types for a preset (``da3nested-giant-large`` -> ``nested``), or the
+    name itself when it has none: what messages call a model."""
+    for alias, preset_name in ALIASES.items():
+        if preset_name == name:
+            return alias
+    return name
+
+
 def get_preset(name: str) -> ModelPreset:
-    """Preset by name (``da3-small``) or alias (``small``); ValueError lists the known ones."""
+    """Preset by name (``da3-small``) or alias (``small``); ValueError lists the known ones
+    (short names; the full preset names are accepted too)."""
     key = ALIASES.get(name.lower(), name.lower())
     if key not in PRESETS:
-        known = ", ".join(sorted([*PRESETS, *ALIASES]))
-        raise ValueError(f"unknown model preset {name!r}; known presets: {known}")
+        known = ", ".join(short_name(preset) for preset in PRESETS)
+        raise ValueError(
+            f"unknown model {name!r}; known models: {known} (or their full names, "
+            "e.g. da3-small)"
+        )
     return PRESETS[key]
