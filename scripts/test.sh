@@ -6,7 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -e ".[test]"
-python -m pip install -q --no-deps depth-anything-3==0.1.1 evo==1.38.1
 # Independent readers for the exporter tests (tests/test_export_*.py), the Khronos glTF
 # validator and PlayCanvas's splat-transform for the 3DGS PLY (Node.js, into the git-ignored
 # .cache/npm); with DA3COG_REQUIRE_EXPORT_TOOLS=1 a missing one fails those tests instead of
@@ -18,6 +17,10 @@ python -m pip install -q --no-deps gsplat==1.5.3 jaxtyping==0.3.11 wadler_lindig
 # The Replicate model's tests run the real cog server (coglet) at the version cog.yaml pins;
 # PyYAML reads cog.yaml for the config-schema test.
 python -m pip install -q -e ".[cog]" pyyaml==6.0.4
+# The oracle last: every later pip install would check the environment and print an ERROR line
+# for each requirement of its app that --no-deps left out (xformers, gradio...), though nothing
+# here needs them.
+python -m pip install -q --no-deps depth-anything-3==0.1.1 evo==1.38.1
 # One npm command for both: a later --no-save install would prune the other package.
 # splat-transform 2.7.1 is the newest release that supports Node 20 (3.x needs Node >= 22).
 npm install --prefix .cache/npm --no-save --no-audit --no-fund --loglevel=error \

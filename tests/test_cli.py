@@ -399,7 +399,7 @@ def test_gaussians_flag_on_a_model_without_a_gaussian_head_exits_2(
     out = tmp_path / "out"
     assert main(predict_args(small_checkpoint, out, images, "--gaussians")) == 2
     err = capsys.readouterr().err
-    assert "da3-small has no Gaussian head; models with one: da3-giant" in err
+    assert "small has no Gaussian head; models with one: giant, nested" in err
     assert not out.exists()
 
 

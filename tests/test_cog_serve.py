@@ -459,3 +459,22 @@ def test_request_folders_are_removed(
         )
     assert list(requests.iterdir()) == []
     assert list(downloads.iterdir()) == []
+
+
+def test_notes_name_files_as_they_are_returned() -> None:
+    """A note about an exported file names it as the server returns it: inside the zip of
+    the prediction it belongs to (monocular mode prefixes each view's files)."""
+    from da3cog.serve.outputs import _renamed_notes
+
+    renamed = {
+        "colmap/images/image_0000_b.png": "view_0001_colmap.zip!images/image_0000_b.png",
+        "depth_0000_b.npy": "view_0001_depth_0000_b.npy",
+    }
+    notes = [
+        "colmap/images/image_0000_b.png: upsampled from 40x36",
+        "the prediction is at processing resolution",
+    ]
+    assert _renamed_notes(notes, renamed) == [
+        "view_0001_colmap.zip!images/image_0000_b.png: upsampled from 40x36",
+        "the prediction is at processing resolution",
+    ]

@@ -96,6 +96,12 @@ def test_processing_resolution_is_scaled_to_input_size(tmp_path: Path) -> None:
     notes = {note for entry in entries for note in entry.details.get("notes", [])}
     assert any("processing resolution" in note for note in notes)
     assert any("upsampled from 40x36" in note for note in notes)
+    # Each image note names that image's file, as the manifest lists it.
+    for entry in entries:
+        for note in entry.details.get("notes", []):
+            if "upsampled" in note:
+                relative = entry.path.relative_to(tmp_path).as_posix()
+                assert note.startswith(f"{relative}: "), (note, relative)
     reconstruction = _read(tmp_path, "binary")
     for index, view in enumerate(prediction.views):
         camera = reconstruction.cameras[index + 1]

@@ -10,6 +10,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import cv2
 import numpy as np
 import pytest
 import skimage.data
@@ -95,7 +96,9 @@ def assert_matches_reference(
     expected_images, expected_intrinsics = run_reference(
         reference, images, process_res, method, intrinsics
     )
-    batch = prepare_images(images, process_res=process_res, method=method, intrinsics=intrinsics)
+    batch = prepare_images(
+        images, process_res=process_res, method=method, intrinsics=intrinsics, mixed_shapes="crop"
+    )
 
     assert batch.images.dtype == torch.float32
     assert batch.images.shape == expected_images.shape
@@ -240,7 +243,7 @@ def test_geometry_maps_input_pixels_to_processed_pixels(method: str, process_res
 @pytest.mark.parametrize("method", PROCESS_METHODS)
 def test_geometry_is_consistent_with_the_resize_done(method: str, process_res: int) -> None:
     images = [photo(name) for name in PHOTO_NAMES]
-    batch = prepare_images(images, process_res=process_res, method=method)
+    batch = prepare_images(images, process_res=process_res, method=method, mixed_shapes="crop")
     assert_batch_consistent(batch)
     for image, view in zip(images, batch.views, strict=True):
         input_height, input_width = image.shape[:2]
@@ -279,7 +282,7 @@ def test_crop_box_is_whole_image_without_cropping() -> None:
 def cropped_view() -> ViewGeometry:
     portrait = np.ascontiguousarray(photo("coffee").transpose(1, 0, 2))
     images = [photo("coffee"), portrait, photo("chelsea")]
-    batch = prepare_images(images, process_res=504, method="upper_bound_crop")
+    batch = prepare_images(images, process_res=504, method="upper_bound_crop", mixed_shapes="crop")
     view = batch.views[2]
     assert view.offset_x > 0 and view.offset_y > 0
     return view
@@ -696,3 +699,54 @@ def test_wide_greyscale_files_are_scaled_by_their_range_or_refused(tmp_path: Pat
     Image.fromarray(np.full((4, 4), -3, dtype=np.int32), mode="I").save(path)
     with pytest.raises(ValueError, match="32-bit integer greyscale"):
         load_image(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Views of different shapes
+# --------------------------------------------------------------------------------------------
+
+
+def test_mixed_shapes_resize_keeps_every_whole_frame() -> None:
+    """The default: a view of another shape than most is resized whole to their size (one
+    resize from the input), so its crop box is its whole image; the others are untouched."""
+    landscape = photo("coffee")  # 400 x 600
+    square = np.ascontiguousarray(landscape[:, 100:500])  # 400 x 400
+    images = [landscape, square, landscape]
+    batch = prepare_images(images, process_res=140)
+    assert batch.reshaped == (1,)
+    same = prepare_images([landscape], process_res=140)
+    assert batch.processing_size == same.processing_size == (98, 140)
+    assert torch.equal(batch.images[0], same.images[0])
+    assert torch.equal(batch.images[2], same.images[0])
+    view = batch.views[1]
+    assert view.input_crop_box == pytest.approx((0.0, 0.0, 400.0, 400.0))
+    assert view.pixel_aspect == pytest.approx((140 / 400) / (98 / 400))
+    expected = cv2.resize(square, (140, 98), interpolation=cv2.INTER_AREA)
+    np.testing.assert_array_equal(batch.rgb[1], expected)
+    # Intrinsics follow each axis's own scale.
+    K = np.array([[300.0, 0, 200], [0, 300.0, 200], [0, 0, 1]])
+    processed = view.intrinsics_to_processing(K)
+    assert processed[0, 0] == pytest.approx(300 * 140 / 400)
+    assert processed[1, 1] == pytest.approx(300 * 98 / 400)
+    np.testing.assert_allclose(view.intrinsics_to_input(processed), K)
+
+
+def test_mixed_shapes_crop_is_upstreams_centre_crop() -> None:
+    landscape = photo("coffee")
+    square = np.ascontiguousarray(landscape[:, 100:500])
+    batch = prepare_images([landscape, square], process_res=140, mixed_shapes="crop")
+    assert batch.reshaped == (1,)
+    x0, y0, x1, y1 = batch.views[1].input_crop_box
+    assert (x0, x1) == pytest.approx((0.0, 400.0)) and y1 - y0 < 400
+
+
+def test_the_common_size_is_the_one_most_views_have() -> None:
+    from da3cog.io.preprocess import common_size
+
+    assert common_size([(98, 140), (140, 140), (140, 140)]) == (140, 140)
+    assert common_size([(98, 140), (140, 140)]) == (98, 140), "ties: the first view's"
+
+
+def test_unknown_mixed_shapes_is_refused() -> None:
+    with pytest.raises(ValueError, match="mixed_shapes must be one of resize, crop"):
+        prepare_images([photo("coffee")], mixed_shapes="pad")

@@ -330,6 +330,8 @@ def test_files_and_pil_images_are_named_after_the_file(
 def test_mixed_size_inputs_work_per_view_but_not_stacked(
     small_model: DepthAnything3, photo: Photo
 ) -> None:
+    """By default every view comes back whole at its own input size, whatever the others'
+    shape; the view resized to the batch's shape says so (note, pixel aspect)."""
     astronaut, coffee = photo("astronaut"), photo("coffee")
     assert astronaut.shape[:2] == (512, 512) and coffee.shape[:2] == (400, 600)
     prediction = small_model.predict([astronaut, coffee], options=OPTIONS)
@@ -340,16 +342,35 @@ def test_mixed_size_inputs_work_per_view_but_not_stacked(
     assert prediction.extrinsics.shape == (2, 4, 4)
     assert prediction.intrinsics.shape == (2, 3, 3)
     for view, given in zip(prediction.views, (astronaut, coffee), strict=True):
+        assert view.crop_box == pytest.approx((0, 0, given.shape[1], given.shape[0]))
+        assert view.depth.shape == view.image.shape[:2] == given.shape[:2]
+        assert np.array_equal(view.image, given)
+        assert np.isfinite(view.depth).all()
+        assert view.input_size == given.shape[:2]
+    # Ties go to the first view's shape: the wide coffee image was resized to a square.
+    assert prediction.views[0].pixel_aspect == pytest.approx(1.0)
+    assert prediction.views[1].pixel_aspect == pytest.approx(2 / 3, rel=0.05)
+    (note,) = [n for n in prediction.notes if "another shape" in n]
+    assert "resized whole" in note and "view_0001 (600x400" in note
+    coffee_k = prediction.views[1].intrinsics
+    assert coffee_k[0, 2] == pytest.approx(300, rel=0.02) and coffee_k[1, 2] == pytest.approx(
+        200, rel=0.02
+    )
+
+    # Upstream's centre crop, on request: every view is cut to the smallest height and width
+    # (the wide coffee image's), so the square astronaut loses its top and bottom.
+    cropped = small_model.predict(
+        [astronaut, coffee], options=dataclasses.replace(OPTIONS, mixed_shapes="crop")
+    )
+    for view, given in zip(cropped.views, (astronaut, coffee), strict=True):
         x0, y0, x1, y1 = view.crop_box
         assert 0 <= x0 < x1 <= given.shape[1] and 0 <= y0 < y1 <= given.shape[0]
         assert view.depth.shape == (round(y1) - round(y0), round(x1) - round(x0))
-        assert view.image.shape[:2] == view.depth.shape
         assert np.array_equal(view.image, given[round(y0) : round(y1), round(x0) : round(x1)])
-        assert np.isfinite(view.depth).all()
-        assert view.input_size == given.shape[:2]
-    # The wide coffee image fixes the common processed size; the square astronaut is cropped.
-    assert prediction.views[1].depth.shape == (400, 600)
-    assert prediction.views[0].depth.shape[1] == 512 and prediction.views[0].depth.shape[0] < 512
+    assert cropped.views[1].depth.shape == (400, 600)
+    assert cropped.views[0].depth.shape[1] == 512 and cropped.views[0].depth.shape[0] < 512
+    (note,) = [n for n in cropped.notes if "another shape" in n]
+    assert "centre-cropped" in note
 
     at_processing = small_model.predict(
         [astronaut, coffee], options=dataclasses.replace(OPTIONS, output_resolution="processing")

@@ -248,7 +248,7 @@ def test_single_view_pipeline_matches_upstream(
         images,
         intrinsics=intrinsics,
         options=InferenceOptions(
-            process_res=PROCESS_RES, output_resolution="processing", seed=SEED
+            process_res=PROCESS_RES, output_resolution="processing", seed=SEED, mixed_shapes="crop"
         ),
     )
     assert prediction.is_metric == (name == "da3metric-large")
@@ -541,7 +541,10 @@ def test_pipeline_gaussians_are_upstreams_in_the_first_view_frame(
     prediction = model.predict(
         images,
         options=InferenceOptions(
-            process_res=PROCESS_RES, output_resolution="processing", infer_gaussians=True
+            process_res=PROCESS_RES,
+            output_resolution="processing",
+            infer_gaussians=True,
+            mixed_shapes="crop",  # upstream's handling of other shapes
         ),
     )
     ours = prediction.gaussians
@@ -597,7 +600,10 @@ def test_posed_pipeline_gaussians_follow_the_given_poses(small_gs: SmallPair) ->
         extrinsics=extrinsics,
         intrinsics=intrinsics,
         options=InferenceOptions(
-            process_res=PROCESS_RES, output_resolution="processing", infer_gaussians=True
+            process_res=PROCESS_RES,
+            output_resolution="processing",
+            infer_gaussians=True,
+            mixed_shapes="crop",  # upstream's handling of other shapes
         ),
     )
     assert output.gaussian_parameters is not None

@@ -19,7 +19,7 @@ GAUSSIAN_EXPORT = "gaussians_ply"
 def _parser() -> argparse.ArgumentParser:
     from da3cog import __version__
     from da3cog.export.manifest import FORMATS
-    from da3cog.io import PROCESS_METHODS
+    from da3cog.io import MIXED_SHAPES, PROCESS_METHODS
     from da3cog.model.presets import ALIASES
     from da3cog.model.reference_view import REFERENCE_STRATEGIES
 
@@ -56,6 +56,15 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--resize-method", choices=PROCESS_METHODS, default="upper_bound_resize")
     predict.add_argument(
         "--reference-view", choices=REFERENCE_STRATEGIES, default="saddle_balanced"
+    )
+    predict.add_argument(
+        "--mixed-shapes",
+        choices=MIXED_SHAPES,
+        default="resize",
+        help=(
+            "photos of different shapes: resize the odd ones whole to the most common shape "
+            "(default: nothing is cut off) or centre-crop all to the smallest (upstream's way)"
+        ),
     )
     predict.add_argument(
         "--ray-pose",
@@ -206,6 +215,7 @@ def predict(args: argparse.Namespace) -> list[Path]:
         output_resolution=args.output_resolution,
         seed=args.seed,
         infer_gaussians=args.gaussians,
+        mixed_shapes=args.mixed_shapes,
     )
     cameras = _read_user_cameras(args)
     model = DepthAnything3.from_pretrained(args.model, device=args.device, cache_dir=args.cache_dir)

@@ -25,7 +25,9 @@ from da3cog.geometry import (
     trajectory_scale,
 )
 from da3cog.io import (
+    MIXED_SHAPES,
     ImageSource,
+    PreparedBatch,
     ViewGeometry,
     exif_focal,
     image_name,
@@ -76,6 +78,9 @@ class ViewPrediction:
         sky: ``(H, W)`` bool, True on sky: the pixels whose depth holds the far value (sky
             score >= 0.3, the threshold the depth post-processing uses; upstream's own
             Prediction.sky thresholds at 0.5 instead). None for models without a sky head.
+        pixel_aspect: how the network saw this view's pixels: their width over height
+            (``ViewGeometry.pixel_aspect``); 1 up to patch rounding, else the view had
+            another shape than most and was resized whole (``mixed_shapes="resize"``).
     """
 
     name: str
@@ -87,6 +92,7 @@ class ViewPrediction:
     input_size: tuple[int, int]
     crop_box: tuple[float, float, float, float]
     sky: np.ndarray | None = None
+    pixel_aspect: float = 1.0
 
     @property
     def height(self) -> int:
@@ -229,6 +235,11 @@ class InferenceOptions:
         seed: seeds every random step (ray and pose-alignment RANSAC, the sky and metric-scale
             quantile sampling), so a request is repeatable.
         infer_gaussians: also predict per-pixel 3D Gaussians (models with a Gaussian head).
+        mixed_shapes: views whose shapes process to different sizes: ``resize`` (default)
+            resizes the odd ones whole to the size most views have, so every view covers its
+            whole image; ``crop`` centre-crops all to the smallest, as upstream does. The
+            Prediction's notes and each view's ``crop_box`` / ``pixel_aspect`` say what
+            happened.
     """
 
     process_res: int = 504
@@ -239,9 +250,15 @@ class InferenceOptions:
     align_to_input_scale: bool = True
     seed: int = 42
     infer_gaussians: bool = False
+    mixed_shapes: str = "resize"
 
     def __post_init__(self) -> None:
         check_strategy(self.reference_strategy)
+        if self.mixed_shapes not in MIXED_SHAPES:
+            raise ValueError(
+                f"mixed_shapes must be one of {', '.join(MIXED_SHAPES)}, "
+                f"got {self.mixed_shapes!r}"
+            )
         if self.output_resolution not in OUTPUT_RESOLUTIONS:
             raise ValueError(
                 f"output_resolution must be one of {', '.join(OUTPUT_RESOLUTIONS)}, "
@@ -351,7 +368,16 @@ class DepthAnything3:
                 )
                 logger.warning("%s", notes[-1])
         report("preprocessing")
-        batch = prepare_images(arrays, options.process_res, options.resize_method, user_intrinsics)
+        batch = prepare_images(
+            arrays,
+            options.process_res,
+            options.resize_method,
+            user_intrinsics,
+            mixed_shapes=options.mixed_shapes,
+        )
+        if batch.reshaped:
+            notes.append(_mixed_shapes_note(batch, names, options.mixed_shapes))
+            logger.info("%s", notes[-1])
         generator = torch.Generator(device=self.device).manual_seed(options.seed)
 
         posed = user_extrinsics is not None and batch.intrinsics is not None
@@ -548,7 +574,33 @@ class DepthAnything3:
             input_size=geometry.input_size,
             crop_box=geometry.input_crop_box,
             sky=None if sky_mask is None else _frozen(sky_mask),
+            pixel_aspect=geometry.pixel_aspect,
         )
+
+
+def _mixed_shapes_note(batch: PreparedBatch, names: Sequence[str], mixed_shapes: str) -> str:
+    """What happened to the views whose shape differed from the batch's."""
+    height, width = batch.processing_size
+    described = []
+    for index in batch.reshaped:
+        view = batch.views[index]
+        input_height, input_width = view.input_size
+        if mixed_shapes == "resize":
+            change = f"pixel aspect {view.pixel_aspect:.3f}"
+        else:
+            x0, y0, x1, y1 = view.input_crop_box
+            change = f"kept x {x0:.0f}..{x1:.0f}, y {y0:.0f}..{y1:.0f}"
+        described.append(f"{names[index]} ({input_width}x{input_height}: {change})")
+    how = (
+        "resized whole (pixels no longer square; depth and intrinsics are mapped back to "
+        "each whole input image)"
+        if mixed_shapes == "resize"
+        else "centre-cropped, as upstream does (outputs cover the kept part only)"
+    )
+    return (
+        f"views of another shape than the batch's {width}x{height} were {how}: "
+        f"{', '.join(described)}"
+    )
 
 
 def _numpy_or_none(tensor: torch.Tensor | None) -> np.ndarray | None:

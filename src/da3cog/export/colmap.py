@@ -248,7 +248,8 @@ def _colmap_image(view: ViewPrediction, camera: ColmapCamera) -> tuple[np.ndarra
         parts.append(f"upsampled from {view.width}x{view.height}")
     if (left, top, width, height) != (0, 0, camera.width, camera.height):
         parts.append(f"covers only x {left}..{left + width}, y {top}..{top + height} (rest black)")
-    return canvas, f"{camera.name}: " + ", ".join(parts)
+    # Named by its path in the export folder, as the manifest's file list names it.
+    return canvas, f"{COLMAP_FOLDER}/{IMAGES_FOLDER}/{camera.name}: " + ", ".join(parts)
 
 
 def colmap_files(

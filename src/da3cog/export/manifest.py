@@ -222,6 +222,8 @@ def manifest_document(
                 "width": view.width,
                 "height": view.height,
                 "input_size": {"height": view.input_size[0], "width": view.input_size[1]},
+                "crop_box": [round(float(value), 3) for value in view.crop_box],
+                "pixel_aspect": round(float(view.pixel_aspect), 6),
             }
             for index, view in enumerate(prediction.views)
         ],

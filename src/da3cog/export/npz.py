@@ -9,7 +9,8 @@ Cameras: ``extrinsics`` ``(N, 4, 4)`` world-to-camera (OpenCV), ``intrinsics`` `
 views without them (single-view models) hold NaN there and False in ``has_extrinsics`` /
 ``has_intrinsics`` ``(N,)``.
 
-Per view: ``names``, ``input_sizes`` ``(N, 2)`` (height, width), ``crop_boxes`` ``(N, 4)``.
+Per view: ``names``, ``input_sizes`` ``(N, 2)`` (height, width), ``crop_boxes`` ``(N, 4)``,
+``pixel_aspects`` ``(N,)``.
 Flags: ``is_metric``, ``model_id``, ``model_preset``, ``processing_size``,
 ``output_resolution``, ``pose_conditioned``, ``reference_view`` (-1 for none), ``notes``, and
 where the pipeline has them ``cameras_estimated``, ``intrinsics_source`` / ``focal_source``
@@ -62,6 +63,7 @@ def prediction_arrays(prediction: Prediction) -> dict[str, np.ndarray]:
         "names": np.array([v.name for v in views], dtype=str),
         "input_sizes": np.array([v.input_size for v in views], dtype=np.int64),
         "crop_boxes": np.array([v.crop_box for v in views], dtype=np.float64),
+        "pixel_aspects": np.array([v.pixel_aspect for v in views], dtype=np.float64),
         "is_metric": np.array(prediction.is_metric),
         "model_id": np.array(prediction.model_id),
         "model_preset": np.array(prediction.model_preset),
@@ -169,6 +171,10 @@ def load_npz(path: Path) -> Prediction:
                     int(bundle["input_sizes"][index][1]),
                 ),
                 crop_box=tuple(float(value) for value in bundle["crop_boxes"][index]),
+                # Files written before pixel aspects were recorded hold square pixels only.
+                pixel_aspect=float(bundle["pixel_aspects"][index])
+                if "pixel_aspects" in bundle
+                else 1.0,
                 **extra,
             )
         )

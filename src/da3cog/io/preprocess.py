@@ -13,8 +13,11 @@ Per view:
 2. Patch alignment (DA3's ViT uses 14-pixel patches): ``*_resize`` resizes each side to the
    nearest multiple of 14 (ties upwards), ``*_crop`` centre-crops each side down to a multiple
    of 14.
-3. If the views now differ in size, every view is centre-cropped to the smallest height and the
-   smallest width in the batch.
+3. If the views now differ in size (photos of different shapes), ``mixed_shapes`` decides:
+   ``"resize"`` (default) resizes each odd view's whole input image to the size most views
+   have, so nothing the user gave is cut off (its pixels are no longer square: the view's
+   ``scale_x != scale_y``, and its intrinsics follow); ``"crop"`` centre-crops every view to
+   the smallest height and the smallest width in the batch, as the reference does.
 4. ``x / 255`` then ImageNet mean/std normalisation, channels first.
 
 Pixel coordinates are continuous with pixel centres at ``+0.5`` (COLMAP convention), so a resize
@@ -38,6 +41,8 @@ from da3cog.io.images import ImageSource, load_image
 logger = logging.getLogger(__name__)
 
 PATCH_SIZE = 14
+MIXED_SHAPES: tuple[str, ...] = ("resize", "crop")
+"""How views that process to different sizes are made one size (see the module docstring)."""
 """Side of the ViT patches; processed images have both sides divisible by it."""
 
 PROCESS_METHODS: tuple[str, ...] = (
@@ -97,6 +102,12 @@ class ViewGeometry:
         )
 
     @property
+    def pixel_aspect(self) -> float:
+        """How much wider than tall an input pixel became (``scale_x / scale_y``): 1 up to
+        patch rounding, otherwise the view was resized to another shape."""
+        return self.scale_x / self.scale_y
+
+    @property
     def input_to_processing_matrix(self) -> np.ndarray:
         """``(3, 3)`` float64 homogeneous map from input pixels to processed pixels."""
         return np.array(
@@ -144,12 +155,15 @@ class PreparedBatch:
             when no intrinsics were given.
         rgb: ``(N, H, W, 3)`` uint8, the processed images before normalisation (for colouring
             point clouds and previews).
+        reshaped: indices of the views that had another processed size than the batch and
+            were resized whole or cropped to it (``mixed_shapes``).
     """
 
     images: torch.Tensor
     views: tuple[ViewGeometry, ...]
     intrinsics: torch.Tensor | None
     rgb: np.ndarray
+    reshaped: tuple[int, ...] = ()
 
     @property
     def num_views(self) -> int:
@@ -166,8 +180,11 @@ def prepare_images(
     process_res: int = 504,
     method: str = "upper_bound_resize",
     intrinsics: np.ndarray | None = None,
+    mixed_shapes: str = "resize",
 ) -> PreparedBatch:
-    """Turn images into the DA3 input batch, exactly as the reference implementation does.
+    """Turn images into the DA3 input batch, exactly as the reference implementation does
+    (with ``mixed_shapes="crop"``; the default differs from it only for views of different
+    shapes).
 
     Args:
         images: ``N >= 1`` images, normally ``(H, W, 3)`` uint8 RGB arrays; anything
@@ -178,6 +195,8 @@ def prepare_images(
         method: One of :data:`PROCESS_METHODS`.
         intrinsics: Optional ``(N, 3, 3)`` pixel intrinsics of the input images (pixel centres
             at ``+0.5``), with positive focal lengths and last row ``(0, 0, 1)``.
+        mixed_shapes: One of :data:`MIXED_SHAPES`: ``"resize"`` keeps every view's whole
+            frame, ``"crop"`` is the reference's centre crop.
 
     Returns:
         A :class:`PreparedBatch`; its ``intrinsics`` are the given ones moved to the processed
@@ -191,18 +210,30 @@ def prepare_images(
     """
     _validate_method(method)
     _validate_process_res(process_res)
+    if mixed_shapes not in MIXED_SHAPES:
+        raise ValueError(
+            f"mixed_shapes must be one of {', '.join(MIXED_SHAPES)}, got {mixed_shapes!r}"
+        )
     if len(images) == 0:
         raise ValueError("prepare_images needs at least one image, got an empty sequence")
     input_intrinsics = _validate_intrinsics(intrinsics, len(images))
 
+    inputs: list[np.ndarray] = []
     processed: list[np.ndarray] = []
     views: list[ViewGeometry] = []
     for index, source in enumerate(images):
-        rgb, view = _process_view(load_image(source), int(process_res), method, index)
+        inputs.append(load_image(source))
+        rgb, view = _process_view(inputs[-1], int(process_res), method, index)
         processed.append(rgb)
         views.append(view)
 
-    processed, views = _crop_to_common_size(processed, views)
+    before = [view.processing_size for view in views]
+    if mixed_shapes == "crop":
+        processed, views = _crop_to_common_size(processed, views)
+    else:
+        processed, views = _resize_to_common_size(inputs, processed, views)
+    del inputs
+    reshaped = tuple(i for i, view in enumerate(views) if view.processing_size != before[i])
 
     rgb_batch = np.stack(processed)
     normalised = _normalise(rgb_batch)
@@ -216,7 +247,11 @@ def prepare_images(
         )
         adjusted_intrinsics = torch.from_numpy(adjusted).to(torch.float32)
     return PreparedBatch(
-        images=normalised, views=tuple(views), intrinsics=adjusted_intrinsics, rgb=rgb_batch
+        images=normalised,
+        views=tuple(views),
+        intrinsics=adjusted_intrinsics,
+        rgb=rgb_batch,
+        reshaped=reshaped,
     )
 
 
@@ -324,6 +359,55 @@ def _crop_to_common_size(
             )
         )
     return cropped_images, cropped_views
+
+
+def common_size(sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The ``(height, width)`` most views have (the earliest view's among equals)."""
+    counts: dict[tuple[int, int], int] = {}
+    for size in sizes:
+        counts[size] = counts.get(size, 0) + 1
+    return max(counts, key=lambda size: counts[size])
+
+
+def _resize_to_common_size(
+    inputs: list[np.ndarray], processed: list[np.ndarray], views: list[ViewGeometry]
+) -> tuple[list[np.ndarray], list[ViewGeometry]]:
+    """Views of another size than most: their whole input image resized to that size (one
+    resize from the input, so no second resampling), pixels no longer square."""
+    sizes = [view.processing_size for view in views]
+    if len(set(sizes)) <= 1:
+        return processed, views
+    height, width = common_size(sizes)
+    logger.info(
+        "views have different processed sizes %s; resizing the others whole to %dx%d",
+        sorted(set(sizes)),
+        height,
+        width,
+    )
+    resized_images: list[np.ndarray] = []
+    resized_views: list[ViewGeometry] = []
+    for rgb, view, image in zip(processed, views, inputs, strict=True):
+        if view.processing_size == (height, width):
+            resized_images.append(rgb)
+            resized_views.append(view)
+            continue
+        input_height, input_width = view.input_size
+        enlarging = width > input_width or height > input_height
+        interpolation = cv2.INTER_CUBIC if enlarging else cv2.INTER_AREA
+        resized_images.append(
+            np.ascontiguousarray(cv2.resize(image, (width, height), interpolation=interpolation))
+        )
+        resized_views.append(
+            ViewGeometry(
+                input_size=view.input_size,
+                processing_size=(height, width),
+                scale_x=width / float(input_width),
+                scale_y=height / float(input_height),
+                offset_x=0.0,
+                offset_y=0.0,
+            )
+        )
+    return resized_images, resized_views
 
 
 def _normalise(rgb_batch: np.ndarray) -> torch.Tensor:

@@ -176,9 +176,27 @@ def export_prediction(
             renamed[part.as_posix()] = f"{added.path.name}!{part.relative_to(COLMAP_FOLDER)}"
     document = dict(manifest.document)
     document["files"] = [
-        {**item, "path": renamed.get(item["path"], item["path"])} for item in document["files"]
+        {
+            **item,
+            "path": renamed.get(item["path"], item["path"]),
+            **({"notes": _renamed_notes(item["notes"], renamed)} if "notes" in item else {}),
+        }
+        for item in document["files"]
     ]
+    document["notes"] = _renamed_notes(document.get("notes", []), renamed)
     return document
+
+
+def _renamed_notes(notes: list[str], renamed: dict[str, str]) -> list[str]:
+    """``notes`` with every exported path they name replaced by the name it is returned
+    under (``colmap/images/image_0000_a.png`` -> ``view_0001_colmap.zip!images/...``)."""
+    result = []
+    for note in notes:
+        for old, new in renamed.items():
+            if note.startswith(f"{old}:"):
+                note = new + note[len(old) :]
+        result.append(note)
+    return result
 
 
 def depth_video(outputs: OutputFolder, fps: float) -> OutputFile:
