@@ -564,3 +564,28 @@ def test_gaussian_video_with_video_frames(
     # than the default 120 shows the option took effect.
     assert frames == row["frames"]
     assert 3 <= frames <= 6
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("small@1.1", "da3-small has no Hub version '1.1'; its versions: 1.0"),
+        ("giant@0.9", "its versions: 1.1 (depth-anything/DA3-GIANT-1.1), 1.0"),
+    ],
+)
+def test_a_release_that_does_not_exist_exits_2_naming_the_releases(
+    images: list[Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    model: str,
+    message: str,
+) -> None:
+    """``--model giant@1.0`` picks a release; an unknown one is refused before any download."""
+
+    def no_download(*args: object, **kwargs: object) -> None:
+        raise AssertionError("nothing may be downloaded for an unknown release")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", no_download)
+    assert main(predict_args(Path(model), tmp_path / "out", images)) == 2
+    assert message in capsys.readouterr().err

@@ -118,3 +118,83 @@ def test_transforms_json_projects_like_nerfstudio(prediction, tmp_path: Path) ->
     assert camera[2] == pytest.approx(depth, rel=1e-5)
     uv = (view.intrinsics.astype(float) @ camera)[:2] / camera[2]
     np.testing.assert_allclose(uv, [col + 0.5, row + 0.5], atol=1e-3)
+
+
+# nerfstudio 1.1's nerfstudio_dataparser and splatfacto's initial points, as documented and
+# coded there: a file without "applied_transform" but with colmap/sparse/0 beside it is taken as
+# COLMAP-derived and its points get this axis swap.
+NERFSTUDIO_COLMAP_GUESS = np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, -1, 0]], dtype=float)
+
+
+def nerfstudio_initial_points(folder: Path) -> np.ndarray:
+    """The points splatfacto starts from, in the frame of the frames' transform_matrix, by
+    nerfstudio's rules: ``ply_file_path`` read as is; else the COLMAP points3D converted with
+    ``applied_transform`` (or the COLMAP guess when the file has none)."""
+    plyfile = require("plyfile")
+    meta = json.loads((folder / "transforms.json").read_text())
+    if "ply_file_path" in meta:
+        vertices = plyfile.PlyData.read(folder / meta["ply_file_path"])["vertex"]
+        return np.stack([vertices["x"], vertices["y"], vertices["z"]], axis=1).astype(float)
+    pycolmap = require("pycolmap")
+    reconstruction = pycolmap.Reconstruction(str(folder / "colmap" / "sparse" / "0"))
+    points = np.array([p.xyz for p in reconstruction.points3D.values()])
+    applied = np.array(meta.get("applied_transform", NERFSTUDIO_COLMAP_GUESS), dtype=float)
+    return points @ applied[:3, :3].T + applied[:3, 3]
+
+
+@pytest.mark.parametrize("with_ply", [True, False])
+def test_nerfstudio_starts_from_points_in_front_of_the_cameras(
+    prediction, tmp_path: Path, with_ply: bool
+) -> None:
+    """transforms.json beside a COLMAP model (and the PLY): the points nerfstudio would start
+    splatfacto from lie in front of the cameras and on their pixels' rays (within 2% of the
+    depth), with or without ``ply_file_path``; ``applied_transform`` is the identity."""
+    from da3cog.export.manifest import export_all
+
+    formats = ["transforms_json", "colmap", *(["ply"] if with_ply else [])]
+    export_all(prediction, tmp_path, formats)
+    meta = json.loads((tmp_path / "transforms.json").read_text())
+    assert meta["applied_transform"] == np.eye(4)[:3].tolist()
+    assert ("ply_file_path" in meta) == with_ply
+    points = nerfstudio_initial_points(tmp_path)
+    frame = meta["frames"][0]
+    c2w = np.array(frame["transform_matrix"])
+    in_camera = (points - c2w[:3, 3]) @ c2w[:3, :3]  # OpenGL camera: in front means z < 0
+    assert (in_camera[:, 2] < 0).mean() > 0.5
+    # Every depth pixel of view 0, through nerfstudio's ray model, has a point nearby.
+    from scipy.spatial import cKDTree
+
+    view = prediction.views[0]
+    rows, cols = np.nonzero(np.isfinite(view.depth) & (view.depth > 0))
+    pick = slice(None, None, 7)
+    rows, cols = rows[pick], cols[pick]
+    depth = view.depth[rows, cols].astype(float)
+    directions = np.stack(
+        [
+            (cols + 0.5 - frame["cx"]) / frame["fl_x"],
+            -(rows + 0.5 - frame["cy"]) / frame["fl_y"],
+            -np.ones_like(depth),
+        ],
+        axis=1,
+    )
+    on_rays = (directions * depth[:, None]) @ c2w[:3, :3].T + c2w[:3, 3]
+    distance, _ = cKDTree(points).query(on_rays)
+    assert np.median(distance / depth) < 0.02
+
+
+def test_without_applied_transform_nerfstudio_would_swap_the_axes(
+    prediction, tmp_path: Path
+) -> None:
+    """The check above can fail: the same files minus ``applied_transform`` (as written before)
+    put the COLMAP points where nerfstudio's guess sends them, off the rays."""
+    from da3cog.export.manifest import export_all
+
+    export_all(prediction, tmp_path, ["transforms_json", "colmap"])
+    meta = json.loads((tmp_path / "transforms.json").read_text())
+    del meta["applied_transform"]
+    (tmp_path / "transforms.json").write_text(json.dumps(meta))
+    swapped = nerfstudio_initial_points(tmp_path)
+    export_all(prediction, tmp_path / "right", ["transforms_json", "colmap"])
+    right = nerfstudio_initial_points(tmp_path / "right")
+    assert swapped.shape == right.shape
+    assert np.abs(swapped - right).max() > 0.1 * np.abs(right).max()

@@ -87,8 +87,6 @@ def test_glb_read_by_trimesh(prediction, tmp_path: Path) -> None:
     # glTF axes: x, -y, -z of the world (OpenCV) frame; colours are the source pixels'.
     expected = cloud.xyz * np.array([1.0, -1.0, -1.0])
     np.testing.assert_allclose(points.vertices, expected, atol=1e-6)
-    np.testing.assert_array_equal(points.colors[:, :3], cloud.rgb)
-    assert (points.colors[:, 3] == 255).all()
     for index, view in enumerate(prediction.views):
         frustum = scene.geometry[f"frustum_{index:04d}_{['left', 'mid_dle', 'right'][index]}"]
         apex = OPENCV_TO_GLTF @ invert_rigid_np(view.extrinsics.astype(float))[:3, 3]
@@ -96,6 +94,74 @@ def test_glb_read_by_trimesh(prediction, tmp_path: Path) -> None:
         # Apex of the pyramid at the camera centre, in glTF axes.
         assert np.isclose(vertices, apex, atol=1e-5).all(axis=1).any()
     assert_unchanged(prediction, before)
+
+
+def _attribute(path: Path, mesh_name: str, attribute: str) -> np.ndarray:
+    """A vertex attribute of a mesh, decoded from the GLB's binary chunk as stored."""
+    data = path.read_bytes()
+    document = _gltf_json(path)
+    json_length = struct.unpack_from("<I", data, 12)[0]
+    binary = data[20 + json_length + 8 :]
+    (mesh,) = [m for m in document["meshes"] if m["name"] == mesh_name]
+    accessor = document["accessors"][mesh["primitives"][0]["attributes"][attribute]]
+    view = document["bufferViews"][accessor["bufferView"]]
+    dtype = {5126: np.float32, 5121: np.uint8, 5123: np.uint16}[accessor["componentType"]]
+    width = {"VEC3": 3, "VEC4": 4}[accessor["type"]]
+    values = np.frombuffer(binary, dtype, accessor["count"] * width, view["byteOffset"])
+    values = values.reshape(-1, width)
+    if accessor.get("normalized"):
+        return values / np.iinfo(dtype).max
+    return values
+
+
+def test_glb_colours_are_linear_as_gltf_defines_them(prediction, tmp_path: Path) -> None:
+    """glTF 2.0: COLOR_0 is linear RGB (viewers encode it to sRGB for display). Stored as the
+    photo's sRGB bytes, a spec-following viewer shows the scene washed out; stored linear, a
+    viewer's sRGB encoding gives the photo's bytes back."""
+    (path,) = export_glb(prediction, tmp_path)
+    cloud = fuse_points(prediction)
+    colours = _attribute(path, "points", "COLOR_0")
+    assert colours.shape == (len(cloud), 4) and (colours[:, 3] == 1).all()
+    linear = colours[:, :3]
+    displayed = np.where(
+        linear <= 0.0031308, linear * 12.92, 1.055 * np.power(linear, 1 / 2.4) - 0.055
+    )
+    np.testing.assert_allclose(displayed * 255, cloud.rgb, atol=0.51)
+    mid_grey = np.array([[128, 128, 128]], np.uint8)
+    from da3cog.export.glb import srgb_to_linear
+
+    assert srgb_to_linear(mid_grey)[0, 0] == pytest.approx(0.2158605, abs=1e-6)
+    assert "linear RGB" in _manifest_details(path)["colours"]
+
+
+def _manifest_details(path: Path) -> dict:
+    from da3cog.export.manifest import export_all
+
+    manifest = export_all(make_prediction(views=2), path.parent / "with_manifest", ["glb"])
+    (entry,) = manifest.by_role("glb_scene")
+    return entry.details
+
+
+def test_off_centre_principal_points_are_noted(tmp_path: Path) -> None:
+    """glTF cameras cannot carry a principal point: the manifest names the views whose camera
+    node is shown through the image centre instead (here cy is 1.5 px above the centre)."""
+    import dataclasses
+
+    from da3cog.export.manifest import export_all
+
+    shifted = make_prediction(views=2)
+    (entry,) = export_all(shifted, tmp_path / "shifted", ["glb"]).by_role("glb_scene")
+    (note,) = [n for n in entry.details["notes"] if "no principal point" in n]
+    assert "view_0000, view_0001" in note
+
+    def centred(view):
+        intrinsics = np.array(view.intrinsics, copy=True)
+        intrinsics[:2, 2] = view.width / 2, view.height / 2
+        return dataclasses.replace(view, intrinsics=intrinsics)
+
+    exact = dataclasses.replace(shifted, views=tuple(centred(v) for v in shifted.views))
+    (entry,) = export_all(exact, tmp_path / "centred", ["glb"]).by_role("glb_scene")
+    assert not any("no principal point" in n for n in entry.details.get("notes", []))
 
 
 def test_glb_cameras_and_structure(prediction, tmp_path: Path) -> None:

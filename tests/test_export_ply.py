@@ -133,3 +133,11 @@ def test_single_view_and_empty_cloud(tmp_path: Path) -> None:
     )
     (path,) = export_ply(blank, tmp_path / "none")
     assert len(_read(path)) == 0
+
+
+def test_header_says_how_to_view_it_upright(prediction, tmp_path: Path) -> None:
+    plyfile = require("plyfile")
+    (path,) = export_ply(prediction, tmp_path)
+    comments = " ".join(plyfile.PlyData.read(path).comments)
+    assert "OpenCV axes (x right, y down, z forward)" in comments
+    assert "rotate 180 degrees about x (y -> -y, z -> -z)" in comments

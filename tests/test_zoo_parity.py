@@ -575,7 +575,7 @@ def test_posed_pipeline_gaussians_follow_the_given_poses(small_gs: SmallPair) ->
     ring, _ = ring_cameras(3, 1, 1)
     intrinsics = photo_intrinsics(images)
     model = small_model(small_gs.folder, small_gs.ours.preset)
-    batch = prepare_images(images, PROCESS_RES, intrinsics=intrinsics)
+    batch = prepare_images(images, PROCESS_RES, intrinsics=intrinsics, mixed_shapes="crop")
 
     # Pose conditioning normalises the poses' scale away: the network's output does not
     # depend on their unit (up to rounding), only s does.

@@ -110,10 +110,18 @@ def image_file_name(index: int, name: str) -> str:
     return view_file_name("image", index, name, ".png")
 
 
-def transforms_document(prediction: Prediction) -> dict:
+# nerfstudio's applied_transform maps the data's original frame to the file's: ours is the
+# same frame. Without it, nerfstudio assumes a COLMAP-derived scene whenever colmap/sparse/0 is
+# beside the file and swaps the axes of those points (they end up behind the cameras).
+IDENTITY_APPLIED_TRANSFORM = [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]
+
+
+def transforms_document(prediction: Prediction, ply_file_path: str | None = None) -> dict:
     """nerfstudio's ``transforms.json``: per frame ``file_path``, ``transform_matrix``
     (camera-to-world, OpenGL camera axes: x right, y up, z back), ``fl_x fl_y cx cy w h``
-    (pixels, pixel centres at +0.5 as in COLMAP and nerfstudio)."""
+    (pixels, pixel centres at +0.5 as in COLMAP and nerfstudio); an identity
+    ``applied_transform`` (the frame is the world of cameras.json as it is) and, when given,
+    ``ply_file_path``: the fused point cloud in the same frame, which splatfacto starts from."""
     require_cameras(prediction, "transforms.json")
     frames = []
     for index, view in enumerate(prediction.views):
@@ -132,12 +140,14 @@ def transforms_document(prediction: Prediction) -> dict:
                 "colmap_im_id": index + 1,
             }
         )
-    return {
+    document: dict[str, Any] = {
         "camera_model": "OPENCV",
         "k1": 0.0,
         "k2": 0.0,
         "p1": 0.0,
         "p2": 0.0,
+        "applied_transform": IDENTITY_APPLIED_TRANSFORM,
+        **({"ply_file_path": ply_file_path} if ply_file_path is not None else {}),
         "frames": frames,
         "da3cog": {
             "world_frame": "world of cameras.json (OpenCV axes); camera axes converted to OpenGL",
@@ -145,14 +155,19 @@ def transforms_document(prediction: Prediction) -> dict:
             "model": prediction.model_id,
         },
     }
+    return document
 
 
-def transforms_json_files(prediction: Prediction, folder: Path) -> list[ManifestEntry]:
+def transforms_json_files(
+    prediction: Prediction, folder: Path, *, ply_file_path: str | None = None
+) -> list[ManifestEntry]:
     """Write ``transforms.json`` and the ``image_0000_<name>.png`` files it points at (needs
-    cameras: see :func:`da3cog.export.points.camera_problem`)."""
+    cameras: see :func:`da3cog.export.points.camera_problem`). ``ply_file_path``: the point
+    cloud written beside it, relative to ``folder`` (:func:`~da3cog.export.manifest.export_all`
+    sets it when it writes the PLY too)."""
     from PIL import Image
 
-    text = json.dumps(transforms_document(prediction), indent=2)
+    text = json.dumps(transforms_document(prediction, ply_file_path), indent=2)
     with all_or_nothing() as batch:
         for index, view in enumerate(prediction.views):
 

@@ -3,14 +3,21 @@
 Layout: ``colmap/sparse/0/{cameras,images,points3D}.{txt,bin}`` and, optionally, the images the
 model names in ``colmap/images/`` (``image_0000_<name>.png``).
 
-Cameras are PINHOLE (one per view) at each view's *input* image size: with
-``output_resolution="input"`` the views' intrinsics already are at input size (a view cropped
-out of its input is offset by its crop box), with ``"processing"`` they are scaled from the
-processing size onto the crop box of the input image (and the images written are upsampled from
-the processing resolution; the entry's notes say so). Images carry the world-to-camera pose as
-COLMAP wants it (``qw qx qy qz``, ``tx ty tz``). Points3D are the fused, confidence-filtered
-points (:func:`da3cog.export.points.fuse_points`), each with a one-element track: the view and
-pixel it came from, listed as that image's 2D point (pixel centre, COLMAP convention ``+0.5``).
+Cameras are PINHOLE (one per view) describing exactly the image written for the view: the
+part of the input the view covers (its crop box; the whole input unless a crop was asked for),
+at the input's pixel size. With ``output_resolution="input"`` that is the view's own image and
+intrinsics; with ``"processing"`` the intrinsics are scaled from the processing size onto it
+and the image written is upsampled (the entry's notes say so). Images carry the world-to-camera
+pose as COLMAP wants it (``qw qx qy qz``, ``tx ty tz``).
+
+Points3D are the fused, confidence-filtered points (:func:`da3cog.export.points.fuse_points`)
+with multi-view tracks built from the predicted geometry (:func:`build_tracks`): a point is
+observed in its source view at its pixel's centre and in every other view where it projects
+inside the image onto a pixel whose depth agrees with the point's depth in that camera within
+``track_depth_tolerance`` (relative); a farther point is occluded there and not observed. 2D
+points are at the exact projections (COLMAP convention, pixel centres at ``+0.5``). With two or
+more views only points seen by at least two keep their place (bundle adjustment needs tracks of
+two or more; ``min_track_length`` changes that).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from da3cog.export.points import (
     PointCloud,
     fuse_points,
     require_cameras,
+    surface_mask,
     world_to_camera,
 )
 from da3cog.geometry import matrix_to_quaternion
@@ -68,55 +76,137 @@ def colmap_image_name(index: int, name: str) -> str:
 
 
 def colmap_camera(prediction: Prediction, index: int) -> ColmapCamera:
-    """The COLMAP camera of view ``index`` at its input image size (see the module docstring)."""
+    """The COLMAP camera of view ``index`` (see the module docstring)."""
     view = prediction.views[index]
     x0, y0, x1, y1 = view.crop_box
     if prediction.output_resolution == "processing":
-        scale_x, scale_y = (x1 - x0) / view.width, (y1 - y0) / view.height
-        offset_x, offset_y = float(x0), float(y0)
-    else:  # the view's image is input[round(y0):, round(x0):] at the input's pixel size
+        width = max(1, round(x1 - x0))
+        height = max(1, round(y1 - y0))
+        scale_x, scale_y = width / view.width, height / view.height
+    else:  # the view's image is the covered part of the input at the input's pixel size
+        width, height = view.width, view.height
         scale_x = scale_y = 1.0
-        offset_x, offset_y = float(round(x0)), float(round(y0))
     intrinsics = np.asarray(view.intrinsics, dtype=np.float64)
     extrinsics = world_to_camera(view)
     xyzw = matrix_to_quaternion(torch.from_numpy(extrinsics[:3, :3])).numpy()
     xyzw = xyzw / np.linalg.norm(xyzw)
-    input_height, input_width = view.input_size
     return ColmapCamera(
-        width=int(input_width),
-        height=int(input_height),
+        width=int(width),
+        height=int(height),
         params=(
             float(intrinsics[0, 0] * scale_x),
             float(intrinsics[1, 1] * scale_y),
-            float(intrinsics[0, 2] * scale_x + offset_x),
-            float(intrinsics[1, 2] * scale_y + offset_y),
+            float(intrinsics[0, 2] * scale_x),
+            float(intrinsics[1, 2] * scale_y),
         ),
         qvec=(float(xyzw[3]), float(xyzw[0]), float(xyzw[1]), float(xyzw[2])),
         tvec=tuple(float(value) for value in extrinsics[:3, 3]),
         scale_x=float(scale_x),
         scale_y=float(scale_y),
-        offset_x=offset_x,
-        offset_y=offset_y,
+        offset_x=0.0,
+        offset_y=0.0,
         name=colmap_image_name(index, view.name),
     )
 
 
-def _observations(points: PointCloud, cameras: Sequence[ColmapCamera]) -> tuple[np.ndarray, ...]:
-    """Per point: its 2D position in its COLMAP image and its index among that image's 2D points."""
-    count = len(cameras)
-    scale = np.array([[c.scale_x, c.scale_y] for c in cameras] or np.zeros((0, 2)))
-    offset = np.array([[c.offset_x, c.offset_y] for c in cameras] or np.zeros((0, 2)))
-    xy = (points.pixel.astype(np.float64) + 0.5) * scale[points.view] + offset[points.view]
-    order = np.argsort(points.view, kind="stable")
-    per_view = np.bincount(points.view, minlength=count)
+DEFAULT_TRACK_DEPTH_TOLERANCE = 0.02
+
+
+@dataclass(frozen=True)
+class Tracks:
+    """The points of a COLMAP model and where each is seen.
+
+    Attributes:
+        points: indices into the fused cloud of the points kept.
+        point: ``(K,)`` for each observation, its point's position in ``points``.
+        view: ``(K,)`` the view it is seen in.
+        xy: ``(K, 2)`` where, in that view's COLMAP image pixels (pixel centres at +0.5).
+        Observations are sorted by point, then view; each point's source view comes first.
+    """
+
+    points: np.ndarray
+    point: np.ndarray
+    view: np.ndarray
+    xy: np.ndarray
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Track length of each kept point."""
+        return np.bincount(self.point, minlength=len(self.points))
+
+
+def build_tracks(
+    prediction: Prediction,
+    points: PointCloud,
+    cameras: Sequence[ColmapCamera],
+    *,
+    depth_tolerance: float = DEFAULT_TRACK_DEPTH_TOLERANCE,
+    min_track_length: int | None = None,
+    drop_sky: bool = True,
+) -> Tracks:
+    """Multi-view tracks from the predicted geometry (see the module docstring).
+    ``min_track_length``: points seen by fewer views are left out (default: 2 with two or more
+    views, else 1)."""
+    if min_track_length is None:
+        min_track_length = 2 if len(prediction.views) > 1 else 1
+    scale = np.array([[c.scale_x, c.scale_y] for c in cameras], dtype=np.float64)
+    offset = np.array([[c.offset_x, c.offset_y] for c in cameras], dtype=np.float64)
+    source_xy = (points.pixel.astype(np.float64) + 0.5) * scale[points.view] + offset[points.view]
+    observed_point = [np.arange(len(points))]
+    observed_view = [points.view.astype(np.int64)]
+    observed_xy = [source_xy]
+    xyz = points.xyz.astype(np.float64)
+    for index, view in enumerate(prediction.views):
+        others = np.flatnonzero(points.view != index)
+        if not len(others):
+            continue
+        extrinsics = world_to_camera(view)
+        in_camera = xyz[others] @ extrinsics[:3, :3].T + extrinsics[:3, 3]
+        z = in_camera[:, 2]
+        ahead = z > 1e-9
+        others, in_camera, z = others[ahead], in_camera[ahead], z[ahead]
+        projected = in_camera @ np.asarray(view.intrinsics, dtype=np.float64).T
+        u, v = projected[:, 0] / z, projected[:, 1] / z
+        inside = (u >= 0) & (u < view.width) & (v >= 0) & (v < view.height)
+        others, z, u, v = others[inside], z[inside], u[inside], v[inside]
+        cols, rows = u.astype(np.int64), v.astype(np.int64)
+        depth = np.asarray(view.depth, dtype=np.float64)[rows, cols]
+        usable = surface_mask(view, drop_sky)[rows, cols]
+        agrees = usable & (np.abs(z - depth) <= depth_tolerance * depth)
+        observed_point.append(others[agrees])
+        observed_view.append(np.full(int(agrees.sum()), index, dtype=np.int64))
+        observed_xy.append(
+            np.stack([u[agrees], v[agrees]], axis=1) * scale[index] + offset[index]
+        )
+    point = np.concatenate(observed_point)
+    view_index = np.concatenate(observed_view)
+    xy = np.concatenate(observed_xy)
+    lengths = np.bincount(point, minlength=len(points))
+    kept = np.flatnonzero(lengths >= min_track_length)
+    renumber = np.full(len(points), -1, dtype=np.int64)
+    renumber[kept] = np.arange(len(kept))
+    keep = renumber[point] >= 0
+    point, view_index, xy = renumber[point[keep]], view_index[keep], xy[keep]
+    # Stable: within a point, the source observation (listed first) stays first.
+    order = np.lexsort((np.arange(len(point)), point))
+    return Tracks(kept, point[order], view_index[order], xy[order])
+
+
+def _image_order(tracks: Tracks, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Observations grouped by image (``order``), each image's count (``per_view``), and each
+    observation's index among its image's 2D points (``rank``: COLMAP's POINT2D_IDX)."""
+    order = np.argsort(tracks.view, kind="stable")
+    per_view = np.bincount(tracks.view, minlength=count)
     starts = np.concatenate([[0], np.cumsum(per_view)[:-1]])
-    rank = np.empty(len(points), dtype=np.int64)
-    rank[order] = np.arange(len(points)) - np.repeat(starts, per_view)
-    return xy, rank, order, per_view
+    rank = np.empty(len(tracks.view), dtype=np.int64)
+    rank[order] = np.arange(len(tracks.view)) - np.repeat(starts, per_view)
+    return order, per_view, rank
 
 
-def _text_files(points: PointCloud, cameras: Sequence[ColmapCamera]) -> dict[str, str]:
-    xy, rank, order, per_view = _observations(points, cameras)
+def _text_files(
+    points: PointCloud, tracks: Tracks, cameras: Sequence[ColmapCamera]
+) -> dict[str, str]:
+    order, per_view, rank = _image_order(tracks, len(cameras))
     camera_lines = [
         "# Camera list with one line of data per camera:",
         "#   CAMERA_ID, MODEL, WIDTH, HEIGHT, PARAMS[]",
@@ -126,14 +216,14 @@ def _text_files(points: PointCloud, cameras: Sequence[ColmapCamera]) -> dict[str
         params = " ".join(repr(value) for value in camera.params)
         camera_lines.append(f"{camera_id} PINHOLE {camera.width} {camera.height} {params}")
 
-    mean = len(points) / max(len(cameras), 1)
+    mean = len(tracks.view) / max(len(cameras), 1)
     image_lines = [
         "# Image list with two lines of data per image:",
         "#   IMAGE_ID, QW, QX, QY, QZ, TX, TY, TZ, CAMERA_ID, NAME",
         "#   POINTS2D[] as (X, Y, POINT3D_ID)",
         f"# Number of images: {len(cameras)}, mean observations per image: {mean!r}",
     ]
-    point_ids = np.arange(1, len(points) + 1)
+    point_ids = tracks.point + 1
     start = 0
     for image_id, camera in enumerate(cameras, start=1):
         pose = " ".join(repr(value) for value in (*camera.qvec, *camera.tvec))
@@ -144,30 +234,31 @@ def _text_files(points: PointCloud, cameras: Sequence[ColmapCamera]) -> dict[str
             " ".join(
                 f"{x:.6f} {y:.6f} {pid}"
                 for x, y, pid in zip(
-                    xy[chosen, 0].tolist(),
-                    xy[chosen, 1].tolist(),
+                    tracks.xy[chosen, 0].tolist(),
+                    tracks.xy[chosen, 1].tolist(),
                     point_ids[chosen].tolist(),
                     strict=True,
                 )
             )
         )
 
+    lengths = tracks.lengths
+    mean_track = float(lengths.mean()) if len(lengths) else 0.0
     point_lines = [
         "# 3D point list with one line of data per point:",
         "#   POINT3D_ID, X, Y, Z, R, G, B, ERROR, TRACK[] as (IMAGE_ID, POINT2D_IDX)",
-        f"# Number of points: {len(points)}, mean track length: 1",
+        f"# Number of points: {len(tracks.points)}, mean track length: {mean_track!r}",
     ]
-    rows = zip(
-        point_ids.tolist(),
-        points.xyz.tolist(),
-        points.rgb.tolist(),
-        (points.view + 1).tolist(),
-        rank.tolist(),
-        strict=True,
-    )
+    pairs = [f"{image} {index}" for image, index in zip(
+        (tracks.view + 1).tolist(), rank.tolist(), strict=True
+    )]
+    bounds = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+    xyz = points.xyz[tracks.points].tolist()
+    rgb = points.rgb[tracks.points].tolist()
     point_lines.extend(
-        f"{pid} {x:.9g} {y:.9g} {z:.9g} {r} {g} {b} 0 {image} {index}"
-        for pid, (x, y, z), (r, g, b), image, index in rows
+        f"{pid + 1} {x:.9g} {y:.9g} {z:.9g} {r} {g} {b} 0 "
+        + " ".join(pairs[bounds[pid] : bounds[pid + 1]])
+        for pid, ((x, y, z), (r, g, b)) in enumerate(zip(xyz, rgb, strict=True))
     )
     return {
         "cameras.txt": "\n".join(camera_lines) + "\n",
@@ -176,8 +267,10 @@ def _text_files(points: PointCloud, cameras: Sequence[ColmapCamera]) -> dict[str
     }
 
 
-def _binary_files(points: PointCloud, cameras: Sequence[ColmapCamera]) -> dict[str, bytes]:
-    xy, rank, order, per_view = _observations(points, cameras)
+def _binary_files(
+    points: PointCloud, tracks: Tracks, cameras: Sequence[ColmapCamera]
+) -> dict[str, bytes]:
+    order, per_view, rank = _image_order(tracks, len(cameras))
     camera_bytes = bytearray(struct.pack("<Q", len(cameras)))
     for camera_id, camera in enumerate(cameras, start=1):
         camera_bytes += struct.pack(
@@ -193,63 +286,59 @@ def _binary_files(points: PointCloud, cameras: Sequence[ColmapCamera]) -> dict[s
         image_bytes += struct.pack("<i4d3di", image_id, *camera.qvec, *camera.tvec, image_id)
         image_bytes += camera.name.encode("utf-8") + b"\0"
         records = np.empty(len(chosen), dtype=observation)
-        records["x"], records["y"] = xy[chosen, 0], xy[chosen, 1]
-        records["point3D_id"] = chosen + 1
+        records["x"], records["y"] = tracks.xy[chosen, 0], tracks.xy[chosen, 1]
+        records["point3D_id"] = tracks.point[chosen] + 1
         image_bytes += struct.pack("<Q", len(chosen)) + records.tobytes()
 
-    point = np.dtype(
+    # Each point: a fixed header, then its variable-length track; headers and track entries
+    # are laid out with numpy and interleaved by slicing.
+    header = np.dtype(
         [
             ("id", "<u8"),
             ("xyz", "<f8", (3,)),
             ("rgb", "u1", (3,)),
             ("error", "<f8"),
             ("track_length", "<u8"),
-            ("image_id", "<i4"),
-            ("point2D_idx", "<i4"),
         ]
     )
-    records = np.empty(len(points), dtype=point)
-    records["id"] = np.arange(1, len(points) + 1)
-    records["xyz"] = points.xyz
-    records["rgb"] = points.rgb
-    records["error"] = 0.0
-    records["track_length"] = 1
-    records["image_id"] = points.view + 1
-    records["point2D_idx"] = rank
+    lengths = tracks.lengths
+    headers = np.empty(len(tracks.points), dtype=header)
+    headers["id"] = np.arange(1, len(tracks.points) + 1)
+    headers["xyz"] = points.xyz[tracks.points]
+    headers["rgb"] = points.rgb[tracks.points]
+    headers["error"] = 0.0
+    headers["track_length"] = lengths
+    entry = np.dtype([("image_id", "<i4"), ("point2D_idx", "<i4")])
+    entries = np.empty(len(tracks.point), dtype=entry)
+    entries["image_id"] = tracks.view + 1
+    entries["point2D_idx"] = rank
+    header_bytes = memoryview(headers.tobytes())
+    entry_bytes = memoryview(entries.tobytes())
+    size, bounds = header.itemsize, np.concatenate([[0], np.cumsum(lengths)]) * entry.itemsize
+    parts: list[bytes | memoryview] = [struct.pack("<Q", len(tracks.points))]
+    for pid in range(len(tracks.points)):
+        parts.append(header_bytes[pid * size : (pid + 1) * size])
+        parts.append(entry_bytes[bounds[pid] : bounds[pid + 1]])
     return {
         "cameras.bin": bytes(camera_bytes),
         "images.bin": bytes(image_bytes),
-        "points3D.bin": struct.pack("<Q", len(points)) + records.tobytes(),
+        "points3D.bin": b"".join(parts),
     }
 
 
 def _colmap_image(view: ViewPrediction, camera: ColmapCamera) -> tuple[np.ndarray, str | None]:
-    """The view's image on its COLMAP camera's canvas, and a note when it is not exact."""
+    """The image the view's COLMAP camera describes, and a note when it was resampled."""
     image = np.asarray(view.image, dtype=np.uint8)
-    identity = camera.scale_x == camera.scale_y == 1.0 and camera.offset_x == camera.offset_y == 0
-    if identity and image.shape[:2] == (camera.height, camera.width):
+    if image.shape[:2] == (camera.height, camera.width):
         return image, None
     import cv2
 
-    left, top = round(camera.offset_x), round(camera.offset_y)
-    width = round(view.width * camera.scale_x)
-    height = round(view.height * camera.scale_y)
-    if (width, height) != (view.width, view.height):
-        image = cv2.resize(image, (width, height), interpolation=cv2.INTER_CUBIC)
-    canvas = np.zeros((camera.height, camera.width, 3), dtype=np.uint8)
-    box_top, box_left = max(top, 0), max(left, 0)
-    box_bottom = min(top + height, camera.height)
-    box_right = min(left + width, camera.width)
-    canvas[box_top:box_bottom, box_left:box_right] = image[
-        box_top - top : box_bottom - top, box_left - left : box_right - left
-    ]
-    parts = []
-    if (width, height) != (view.width, view.height):
-        parts.append(f"upsampled from {view.width}x{view.height}")
-    if (left, top, width, height) != (0, 0, camera.width, camera.height):
-        parts.append(f"covers only x {left}..{left + width}, y {top}..{top + height} (rest black)")
+    resized = cv2.resize(image, (camera.width, camera.height), interpolation=cv2.INTER_CUBIC)
     # Named by its path in the export folder, as the manifest's file list names it.
-    return canvas, f"{COLMAP_FOLDER}/{IMAGES_FOLDER}/{camera.name}: " + ", ".join(parts)
+    return resized, (
+        f"{COLMAP_FOLDER}/{IMAGES_FOLDER}/{camera.name}: upsampled from "
+        f"{view.width}x{view.height} to {camera.width}x{camera.height}"
+    )
 
 
 def colmap_files(
@@ -262,10 +351,13 @@ def colmap_files(
     max_points: int | None = DEFAULT_MAX_POINTS,
     seed: int = DEFAULT_SEED,
     drop_sky: bool = True,
+    track_depth_tolerance: float = DEFAULT_TRACK_DEPTH_TOLERANCE,
+    min_track_length: int | None = None,
     points: PointCloud | None = None,
 ) -> list[ManifestEntry]:
     """Write the COLMAP model in ``colmap_formats`` (``text``, ``binary``) and, with
-    ``colmap_images``, the images (see the module docstring)."""
+    ``colmap_images``, the images (see the module docstring and :func:`build_tracks` for
+    ``track_depth_tolerance`` and ``min_track_length``)."""
     unknown = sorted(set(colmap_formats) - set(COLMAP_FORMATS))
     if unknown or not colmap_formats:
         raise ValueError(
@@ -282,21 +374,42 @@ def colmap_files(
             drop_sky=drop_sky,
         )
     cameras = [colmap_camera(prediction, index) for index in range(len(prediction))]
+    tracks = build_tracks(
+        prediction,
+        points,
+        cameras,
+        depth_tolerance=track_depth_tolerance,
+        min_track_length=min_track_length,
+        drop_sky=drop_sky,
+    )
+    lengths = tracks.lengths
     notes = []
     if prediction.output_resolution == "processing":
         notes.append(
             "the prediction is at processing resolution: cameras and 2D points are scaled to "
-            "each view's input size through its crop box"
+            "the input pixels of each view's crop box"
         )
     if any(abs(float(view.intrinsics[0, 1])) > 1e-6 for view in prediction.views):
         notes.append("intrinsics skew is dropped: COLMAP PINHOLE cameras have none")
+    left_out = len(points) - len(tracks.points)
+    if left_out:
+        notes.append(
+            f"{left_out} of {len(points)} fused points are seen by fewer than "
+            f"{min_track_length or 2} views and are left out of the COLMAP model (bundle "
+            "adjustment needs tracks of two or more); the PLY and GLB keep them"
+        )
     model = folder / COLMAP_FOLDER / MODEL_FOLDER
-    details: dict = {"points": len(points), "camera_model": "PINHOLE"}
+    details: dict = {
+        "points": len(tracks.points),
+        "camera_model": "PINHOLE",
+        "mean_track_length": round(float(lengths.mean()), 4) if len(lengths) else 0.0,
+        "track_depth_tolerance": track_depth_tolerance,
+    }
     if notes:
         details["notes"] = notes
     with all_or_nothing() as batch:
         if "text" in colmap_formats:
-            for name, text in _text_files(points, cameras).items():
+            for name, text in _text_files(points, tracks, cameras).items():
                 batch.write(
                     model / name,
                     lambda target, text=text: target.write_text(text, encoding="utf-8"),
@@ -304,7 +417,7 @@ def colmap_files(
                     **details,
                 )
         if "binary" in colmap_formats:
-            for name, payload in _binary_files(points, cameras).items():
+            for name, payload in _binary_files(points, tracks, cameras).items():
                 batch.write(
                     model / name,
                     lambda target, payload=payload: target.write_bytes(payload),
@@ -341,6 +454,8 @@ def export_colmap(
     max_points: int | None = DEFAULT_MAX_POINTS,
     seed: int = DEFAULT_SEED,
     drop_sky: bool = True,
+    track_depth_tolerance: float = DEFAULT_TRACK_DEPTH_TOLERANCE,
+    min_track_length: int | None = None,
     points: PointCloud | None = None,
 ) -> list[Path]:
     """Write a COLMAP sparse model (see :func:`colmap_files`)."""
@@ -353,6 +468,8 @@ def export_colmap(
         max_points=max_points,
         seed=seed,
         drop_sky=drop_sky,
+        track_depth_tolerance=track_depth_tolerance,
+        min_track_length=min_track_length,
         points=points,
     )
     return [entry.path for entry in entries]

@@ -5,6 +5,12 @@ z forward). This exporter, and only it, converts: ``p_gltf = diag(1, -1, -1) @ p
 is re-centred or scaled, so glTF coordinates are the world coordinates of ``cameras.json`` with y
 and z negated.
 
+Colours: glTF 2.0 defines ``COLOR_0`` as linear RGB, which viewers convert to sRGB for display;
+the photos' sRGB bytes are therefore linearised (IEC 61966-2-1) and stored as normalised 16-bit
+values (8 bits would band the darks). glTF cameras have no principal point: a view whose
+principal point is off-centre is seen through its camera node with the image centre instead,
+which shifts the picture (the manifest says so).
+
 Scene content: one ``points`` node (a POINTS primitive with POSITION and COLOR_0, unlit), and
 per view an optional ``frustum_0000_<name>`` node (LINES: apex to the image corners and the image
 rectangle) and an optional glTF perspective camera node ``camera_0000_<name>`` at the view's pose.
@@ -41,7 +47,9 @@ GLB_NAME = "scene.glb"
 # OpenCV -> glTF axes (x right, y up, z back): negate y and z.
 OPENCV_TO_GLTF = np.diag([1.0, -1.0, -1.0])
 
-_FLOAT, _UNSIGNED_BYTE = 5126, 5121
+_FLOAT, _UNSIGNED_BYTE, _UNSIGNED_SHORT = 5126, 5121, 5123
+_COMPONENT_TYPES = {np.dtype(np.float32): _FLOAT, np.dtype(np.uint8): _UNSIGNED_BYTE}
+_COMPONENT_TYPES[np.dtype(np.uint16)] = _UNSIGNED_SHORT
 _ARRAY_BUFFER = 34962
 _POINTS, _LINES = 0, 1
 
@@ -82,7 +90,7 @@ class _Builder:
         self._append(memoryview(data).cast("B"))
         accessor: dict[str, Any] = {
             "bufferView": view,
-            "componentType": _FLOAT if data.dtype == np.float32 else _UNSIGNED_BYTE,
+            "componentType": _COMPONENT_TYPES[data.dtype],
             "count": len(data),
             "type": kind,
         }
@@ -128,9 +136,21 @@ def to_gltf(points: np.ndarray) -> np.ndarray:
     return points * np.diagonal(OPENCV_TO_GLTF).astype(points.dtype)
 
 
-def _view_colour(index: int, count: int) -> tuple[int, int, int, int]:
+def srgb_to_linear(rgb: np.ndarray) -> np.ndarray:
+    """sRGB-encoded ``(..., 3)`` uint8 -> linear RGB in [0, 1] (float64), IEC 61966-2-1."""
+    values = np.asarray(rgb, dtype=np.float64) / 255.0
+    return np.where(values <= 0.04045, values / 12.92, ((values + 0.055) / 1.055) ** 2.4)
+
+
+def linear_colours(rgb: np.ndarray) -> np.ndarray:
+    """sRGB bytes ``(N, 3)`` -> ``(N, 4)`` normalised uint16 linear RGBA (opaque): COLOR_0."""
+    linear = np.round(srgb_to_linear(rgb) * 65535.0).astype(np.uint16)
+    return np.concatenate([linear, np.full((len(linear), 1), 65535, np.uint16)], axis=1)
+
+
+def _view_colour(index: int, count: int) -> tuple[int, int, int]:
     red, green, blue = colorsys.hsv_to_rgb((index + 0.5) / max(count, 1), 0.85, 0.95)
-    return round(red * 255), round(green * 255), round(blue * 255), 255
+    return round(red * 255), round(green * 255), round(blue * 255)
 
 
 def scene_extent(prediction: Prediction, points: PointCloud) -> float:
@@ -204,11 +224,10 @@ def glb_parts(
                 "extensions": {"KHR_materials_unlit": {}},
             },
         )
-        colours = np.concatenate([points.rgb, np.full((len(points), 1), 255, np.uint8)], axis=1)
         primitive = {
             "attributes": {
                 "POSITION": builder.accessor(to_gltf(points.xyz).astype(np.float32), "VEC3"),
-                "COLOR_0": builder.accessor(colours.astype(np.uint8), "VEC4", normalized=True),
+                "COLOR_0": builder.accessor(linear_colours(points.rgb), "VEC4", normalized=True),
             },
             "mode": _POINTS,
             "material": material,
@@ -229,7 +248,7 @@ def glb_parts(
             primitive = {
                 "attributes": {
                     "POSITION": builder.accessor(vertices, "VEC3"),
-                    "COLOR_0": builder.accessor(colour, "VEC4", normalized=True),
+                    "COLOR_0": builder.accessor(linear_colours(colour), "VEC4", normalized=True),
                 },
                 "mode": _LINES,
             }
@@ -283,6 +302,16 @@ def _camera_node(builder: _Builder, view: Any, label: str, near: float) -> int:
     )
 
 
+def _off_centre(view: Any, tolerance: float = 0.01) -> bool:
+    """Whether the principal point is off the image centre by more than ``tolerance`` of the
+    image size (a pixel or two of rounding is not worth a note)."""
+    cx, cy = float(view.intrinsics[0, 2]), float(view.intrinsics[1, 2])
+    return (
+        abs(cx - view.width / 2) > tolerance * view.width
+        or abs(cy - view.height / 2) > tolerance * view.height
+    )
+
+
 def glb_files(
     prediction: Prediction,
     folder: Path,
@@ -314,6 +343,15 @@ def glb_files(
         with target.open("wb") as handle:
             handle.writelines(parts)
 
+    notes = []
+    off_centre = [view.name for view in prediction.views if _off_centre(view)]
+    if gltf_cameras and off_centre:
+        notes.append(
+            "glTF cameras have no principal point: the camera nodes of "
+            f"{', '.join(off_centre)} look through the image centre instead of their "
+            "off-centre principal point, so their view is shifted (the frustums and points are "
+            "exact; cameras.json has the full intrinsics)"
+        )
     with all_or_nothing() as batch:
         batch.write(
             folder / GLB_NAME,
@@ -323,6 +361,8 @@ def glb_files(
             frustums=frustums,
             gltf_cameras=gltf_cameras,
             frame="glTF axes: world x, -y, -z",
+            colours="COLOR_0: linear RGB (sRGB pixels linearised), normalised 16-bit",
+            **({"notes": notes} if notes else {}),
         )
     return batch.entries
 

@@ -25,8 +25,8 @@ from da3cog.export.depth import (
 from da3cog.export.files import ManifestEntry, _current_umask, write_text_atomically
 from da3cog.export.gaussians import gaussians_ply_files, gaussians_problem
 from da3cog.export.glb import glb_files
-from da3cog.export.npz import npz_files
-from da3cog.export.ply import point_cloud_files
+from da3cog.export.npz import npz_files, npz_upstream_files, upstream_layout_problem
+from da3cog.export.ply import PLY_NAME, point_cloud_files
 from da3cog.export.points import camera_problem, fuse_points
 from da3cog.export.video import gaussians_video_files
 from da3cog.pipeline import Prediction
@@ -49,6 +49,7 @@ _EXPORTERS: dict[str, _Writer] = {
     "colmap_text": colmap_files,
     "colmap_binary": colmap_files,
     "npz": npz_files,
+    "npz_upstream": npz_upstream_files,
     "gaussians_ply": gaussians_ply_files,
     "gaussians_video": gaussians_video_files,
 }
@@ -63,10 +64,11 @@ _FUSION_OPTIONS = ("confidence_percentile", "max_points", "seed", "drop_sky")
 # Formats that need every view in one world frame (see points.camera_problem).
 _CAMERA_FORMATS = ("ply", "glb", "transforms_json", "colmap", "colmap_text", "colmap_binary")
 _POINT_FORMATS = ("ply", "glb", "colmap")
-# Left out of "all": slow without gsplat on CUDA (minutes on a CPU); asked for by name only.
-_NOT_IN_ALL = ("colmap_text", "colmap_binary", "gaussians_video")
+# Left out of "all", asked for by name only: parts of colmap; a second copy of npz's arrays
+# for upstream's scripts; slow without gsplat on CUDA (minutes on a CPU).
+_NOT_IN_ALL = ("colmap_text", "colmap_binary", "npz_upstream", "gaussians_video")
 # Set by export_all itself, never by a caller.
-_INTERNAL_OPTIONS = ("points", "colmap_formats")
+_INTERNAL_OPTIONS = ("points", "colmap_formats", "ply_file_path")
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,8 @@ def inapplicable(prediction: Prediction, name: str) -> str | None:
         return "the model predicts no confidence"
     if name in ("gaussians_ply", "gaussians_video"):
         return gaussians_problem(prediction)
+    if name == "npz_upstream":
+        return upstream_layout_problem(prediction)
     return None
 
 
@@ -260,6 +264,8 @@ def _write_formats(
                 continue
             kwargs["colmap_formats"] = colmap_formats
             colmap_done = True
+        if name == "transforms_json" and "ply" in formats:
+            kwargs["ply_file_path"] = PLY_NAME
         entries.extend(exporter(prediction, folder, **kwargs))
     return entries
 

@@ -101,11 +101,15 @@ def prediction_arrays(prediction: Prediction) -> dict[str, np.ndarray]:
     return arrays
 
 
-def npz_files(
-    prediction: Prediction, folder: Path, *, compress: bool = True
+def _write_npz(
+    folder: Path,
+    name: str,
+    arrays: dict[str, np.ndarray],
+    compress: bool,
+    role: str,
+    **details: Any,
 ) -> list[ManifestEntry]:
-    """Write ``prediction.npz`` (zip-deflated when ``compress``)."""
-    arrays = prediction_arrays(prediction)
+    """Write ``arrays`` as ``folder / name`` (zip-deflated when ``compress``), no pickles."""
     save = np.savez_compressed if compress else np.savez
 
     def write(target: Path) -> None:
@@ -113,8 +117,72 @@ def npz_files(
             save(handle, allow_pickle=False, **arrays)
 
     with all_or_nothing() as batch:
-        batch.write(folder / NPZ_NAME, write, "npz", layout=str(arrays["layout"]))
+        batch.write(folder / name, write, role, **details)
     return batch.entries
+
+
+def npz_files(
+    prediction: Prediction, folder: Path, *, compress: bool = True
+) -> list[ManifestEntry]:
+    """Write ``prediction.npz`` (zip-deflated when ``compress``)."""
+    arrays = prediction_arrays(prediction)
+    return _write_npz(folder, NPZ_NAME, arrays, compress, "npz", layout=str(arrays["layout"]))
+
+
+UPSTREAM_NPZ_NAME = "prediction_upstream.npz"
+
+
+def upstream_layout_problem(prediction: Prediction) -> str | None:
+    """Why ``prediction`` cannot be written in upstream's NPZ layout, or None."""
+    sizes = {(view.height, view.width) for view in prediction.views}
+    if len(sizes) > 1:
+        return (
+            "upstream's NPZ layout stacks the views into one (N, H, W) array and these views "
+            "have different sizes: export at output_resolution='processing'"
+        )
+    return None
+
+
+def upstream_arrays(prediction: Prediction) -> dict[str, np.ndarray]:
+    """The arrays of upstream's ``export_to_npz`` (``depth_anything_3.utils.export.npz``),
+    under its keys, so scripts written for upstream's files read ours: ``image`` ``(N, H, W,
+    3)`` uint8, ``depth`` ``(N, H, W)`` float32, ``conf`` ``(N, H, W)`` float32 when the model
+    predicts confidence, ``extrinsics`` ``(N, 3, 4)`` world-to-camera and ``intrinsics``
+    ``(N, 3, 3)`` float32 when the views have them. Values are not rounded (upstream rounds
+    depth to 6 and confidence to 2 decimals). ValueError when the views differ in size."""
+    problem = upstream_layout_problem(prediction)
+    if problem is not None:
+        raise ValueError(problem)
+    views = prediction.views
+    arrays = {
+        "image": np.stack([np.asarray(v.image, dtype=np.uint8) for v in views]),
+        "depth": np.stack([np.asarray(v.depth, dtype=np.float32) for v in views]),
+    }
+    if all(v.confidence is not None for v in views):
+        arrays["conf"] = np.stack([np.asarray(v.confidence, dtype=np.float32) for v in views])
+    if all(v.extrinsics is not None for v in views):
+        arrays["extrinsics"] = np.stack(
+            [np.asarray(v.extrinsics, dtype=np.float32)[:3, :] for v in views]
+        )
+    if all(v.intrinsics is not None for v in views):
+        arrays["intrinsics"] = np.stack([np.asarray(v.intrinsics, dtype=np.float32) for v in views])
+    return arrays
+
+
+def npz_upstream_files(
+    prediction: Prediction, folder: Path, *, compress: bool = True
+) -> list[ManifestEntry]:
+    """Write ``prediction_upstream.npz`` in upstream's layout (see :func:`upstream_arrays`)."""
+    arrays = upstream_arrays(prediction)
+    return _write_npz(
+        folder,
+        UPSTREAM_NPZ_NAME,
+        arrays,
+        compress,
+        "npz_upstream",
+        keys=sorted(arrays),
+        layout="depth_anything_3 export_to_npz (image, depth, conf, extrinsics, intrinsics)",
+    )
 
 
 def export_npz(prediction: Prediction, folder: Path, *, compress: bool = True) -> list[Path]:

@@ -86,6 +86,8 @@ def point_cloud_files(
     comments = (
         f"da3cog {prediction.model_id} ({prediction.model_preset}), {len(prediction)} view(s)",
         "frame: world of cameras.json, OpenCV axes (x right, y down, z forward), " + unit,
+        "viewing: a Y-up viewer shows this upside down; rotate 180 degrees about x "
+        "(y -> -y, z -> -z) to see it upright",
         f"confidence threshold {points.confidence_threshold!r}",
     )
     payload = ply_bytes(points, confidence=ply_confidence, comments=comments)
@@ -98,6 +100,7 @@ def point_cloud_files(
             confidence_threshold=json_number(points.confidence_threshold),
             normals=points.normals is not None,
             frame="world, OpenCV axes",
+            viewing="y down: rotate 180 degrees about x (y -> -y, z -> -z) in a Y-up viewer",
         )
     return batch.entries
 
