@@ -589,3 +589,26 @@ def test_a_release_that_does_not_exist_exits_2_naming_the_releases(
     monkeypatch.setattr("huggingface_hub.snapshot_download", no_download)
     assert main(predict_args(Path(model), tmp_path / "out", images)) == 2
     assert message in capsys.readouterr().err
+
+
+def test_chunk_flags_run_a_long_request_in_chunks(
+    small_checkpoint: Path, images: list[Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    three = [*images, images[0]]
+    assert main(predict_args(small_checkpoint, out, three, "--chunk-size", "2")) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [view["chunk"] for view in manifest["views"]] == [0, 0, 1]
+    assert any("reconstructed in 2 chunks of 2 views sharing 1" in n for n in manifest["notes"])
+
+
+def test_a_bad_chunk_plan_exits_2_before_loading(
+    images: list[Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    no_model_load: list[str],
+) -> None:
+    args = predict_args(tmp_path / "w", tmp_path / "out", images, "--chunk-size", "4")
+    assert main([*args, "--chunk-overlap", "4"]) == 2
+    assert "chunk overlap must be between 1 and size - 1 = 3" in capsys.readouterr().err
+    assert no_model_load == []

@@ -478,3 +478,54 @@ def test_notes_name_files_as_they_are_returned() -> None:
         "view_0001_colmap.zip!images/image_0000_b.png: upsampled from 40x36",
         "the prediction is at processing resolution",
     ]
+
+
+def test_a_request_too_big_for_one_pass_runs_in_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_checkpoint: Path, photo: Callable
+) -> None:
+    """With a memory budget that holds 6 views' outputs and one chunk's activations but not
+    one pass over all 6, the multi-view request runs as aligned chunks (and says so) instead
+    of being refused."""
+    from da3cog.model.presets import PRESETS
+    from da3cog.serve import budget
+    from da3cog.serve.handler import MIN_CHUNK, Server
+    from da3cog.serve.provenance import RequestFiles
+
+    monkeypatch.setenv("DA3COG_WEIGHTS_DIR", str(tmp_path / "weights"))
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "da3-small").symlink_to(small_checkpoint)
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    size = budget.request_size([(128, 96)] * 6, 140, "input", False, 0)
+    preset = PRESETS["da3-small"]
+    one_pass = budget.estimate(preset, size, on_gpu=False).host
+    chunked = budget.estimate(preset, size, on_gpu=False, chunk=MIN_CHUNK).host
+    bigger = budget.estimate(preset, size, on_gpu=False, chunk=MIN_CHUNK + 1).host
+    assert chunked < bigger < one_pass
+    # Room for chunks of 4 views, not 5 (nor one pass over all 6).
+    monkeypatch.setenv(budget.MEMORY_BUDGET_ENV, f"{(chunked + bigger) / 2 / budget.GIB:.9f}")
+    server = Server(
+        torch.device("cpu"), tmp_root=tmp_path / "requests", files=RequestFiles(downloads)
+    )
+    server.setup("small", progress=lambda _: None)
+    # The runtime's downloads for this request: six frames of a camera panning.
+    picture = photo("coffee")
+    paths = []
+    for index in range(6):
+        path = downloads / f"tmp{index:08d}frame.png"
+        path.write_bytes(_png(np.ascontiguousarray(picture[100:196, 40 * index :][:, :128])))
+        paths.append(path)
+    messages: list[str] = []
+    values = RequestValues(
+        image=paths[0],
+        images=tuple(paths[1:]),
+        model_size="small",
+        export_format="none",
+        process_resolution=140,
+    )
+    files = server.handle(values, progress=messages.append)
+    assert "6 views do not fit in one pass: chunks of 4 views" in messages
+    manifest = json.loads(files[0].read_text())
+    (prediction,) = manifest["predictions"]
+    assert [view["chunk"] for view in prediction["views"]] == [0, 0, 0, 1, 1, 1]
+    assert any("reconstructed in 2 chunks of 4 views" in note for note in manifest["notes"])

@@ -67,6 +67,21 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     predict.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help=(
+            "run more views than this as overlapping chunks aligned into one world "
+            "(memory stays that of one chunk; default: one pass)"
+        ),
+    )
+    predict.add_argument(
+        "--chunk-overlap",
+        type=int,
+        default=None,
+        help="views each chunk shares with the previous one (default: half the chunk)",
+    )
+    predict.add_argument(
         "--ray-pose",
         action="store_true",
         help="cameras from the ray map instead of the camera head",
@@ -216,6 +231,8 @@ def predict(args: argparse.Namespace) -> list[Path]:
         seed=args.seed,
         infer_gaussians=args.gaussians,
         mixed_shapes=args.mixed_shapes,
+        chunk_size=args.chunk_size,
+        chunk_overlap=args.chunk_overlap,
     )
     cameras = _read_user_cameras(args)
     model = DepthAnything3.from_pretrained(args.model, device=args.device, cache_dir=args.cache_dir)

@@ -425,19 +425,28 @@ class Similarity:
     scale: float
 
 
-def umeyama(source: np.ndarray, target: np.ndarray) -> Similarity:
-    """Least-squares similarity mapping points ``source (N, 3)`` onto ``target (N, 3)``.
+def umeyama(
+    source: np.ndarray, target: np.ndarray, weights: np.ndarray | None = None
+) -> Similarity:
+    """Least-squares similarity mapping points ``source (N, 3)`` onto ``target (N, 3)``,
+    each pair weighted by ``weights (N,)`` (non-negative; default: all equal).
 
     Raises ValueError when the cross-covariance is degenerate (fewer than 3 points, or all points
-    on a line), where rotation is not determined.
+    on a line), where rotation is not determined, or when the weights sum to zero.
     """
     source = np.asarray(source, dtype=np.float64)
     target = np.asarray(target, dtype=np.float64)
-    count = len(source)
-    mean_source, mean_target = source.mean(axis=0), target.mean(axis=0)
+    if weights is None:
+        share = np.full(len(source), 1.0 / max(len(source), 1))
+    else:
+        total = float(np.sum(weights))
+        if not total > 0:
+            raise ValueError("the weights sum to zero: similarity is not determined")
+        share = np.asarray(weights, dtype=np.float64) / total
+    mean_source, mean_target = share @ source, share @ target
     centred_source, centred_target = source - mean_source, target - mean_target
-    variance = (np.linalg.norm(centred_source) ** 2) / count
-    covariance = centred_target.T @ centred_source / count
+    variance = float(share @ np.einsum("ij,ij->i", centred_source, centred_source))
+    covariance = (centred_target * share[:, None]).T @ centred_source
     u, d, vt = np.linalg.svd(covariance)
     # Relative test: rounding leaves the second singular value of collinear points at about
     # 1e-16 of the first, above any absolute epsilon once coordinates are large.
@@ -454,6 +463,88 @@ def umeyama(source: np.ndarray, target: np.ndarray) -> Similarity:
 
 def _apply_similarity(points: np.ndarray, similarity: Similarity) -> np.ndarray:
     return similarity.scale * points @ similarity.rotation.T + similarity.translation
+
+
+@dataclass(frozen=True)
+class RobustFit:
+    """A similarity fitted by :func:`robust_similarity`.
+
+    Attributes:
+        similarity: maps source points onto target points.
+        residual: the weighted median distance between mapped source and target points, in
+            the target's unit.
+        inlier_share: the share of the weight on pairs within the final Huber threshold.
+        iterations: reweighting rounds run.
+    """
+
+    similarity: Similarity
+    residual: float
+    inlier_share: float
+    iterations: int
+
+
+def robust_similarity(
+    source: np.ndarray,
+    target: np.ndarray,
+    weights: np.ndarray | None = None,
+    *,
+    huber_k: float = 1.345,
+    max_iterations: int = 20,
+    tolerance: float = 1e-7,
+) -> RobustFit:
+    """Similarity mapping ``source (N, 3)`` onto ``target (N, 3)`` by iteratively reweighted
+    least squares with Huber's loss: each round refits :func:`umeyama` with the given weights
+    times ``min(1, threshold / distance)``, the threshold ``huber_k`` robust standard
+    deviations (1.4826 x the median distance) of the current fit. Points far off the fit
+    (wrong matches, moving objects, bad depth) thus lose their pull. Stops when scale,
+    rotation and translation change by less than ``tolerance`` (relative to the scene size).
+    """
+    source = np.asarray(source, dtype=np.float64)
+    target = np.asarray(target, dtype=np.float64)
+    base = np.ones(len(source)) if weights is None else np.asarray(weights, dtype=np.float64)
+    size = float(np.sqrt(np.mean(np.sum((target - target.mean(axis=0)) ** 2, axis=1)))) or 1.0
+    fit = umeyama(source, target, base)
+    rounds = 0
+    for _ in range(max_iterations):
+        rounds += 1
+        distance = np.linalg.norm(_apply_similarity(source, fit) - target, axis=1)
+        threshold = max(huber_k * 1.4826 * float(np.median(distance)), 1e-12 * size)
+        robust = base * np.minimum(1.0, threshold / np.maximum(distance, 1e-300))
+        refit = umeyama(source, target, robust)
+        change = (
+            abs(refit.scale - fit.scale) / fit.scale
+            + float(np.abs(refit.rotation - fit.rotation).max())
+            + float(np.abs(refit.translation - fit.translation).max()) / size
+        )
+        fit = refit
+        if change < tolerance:
+            break
+    distance = np.linalg.norm(_apply_similarity(source, fit) - target, axis=1)
+    threshold = huber_k * 1.4826 * float(np.median(distance))
+    return RobustFit(
+        similarity=fit,
+        residual=_weighted_median(distance, base),
+        inlier_share=float(base[distance <= threshold].sum() / base.sum()),
+        iterations=rounds,
+    )
+
+
+def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+    order = np.argsort(values)
+    cumulative = np.cumsum(weights[order])
+    return float(values[order][np.searchsorted(cumulative, 0.5 * cumulative[-1])])
+
+
+def similarity_world_to_camera(extrinsics: np.ndarray, similarity: Similarity) -> np.ndarray:
+    """World-to-camera ``(4, 4)`` of a camera after its world is mapped by ``similarity``
+    (``X' = s R X + t``), with the camera frame scaled by ``s`` too, so that depths scale by
+    ``s``: ``E' = [R_c R^T | s t_c - R_c R^T t]``."""
+    extrinsics = np.asarray(extrinsics, dtype=np.float64)
+    rotation = extrinsics[:3, :3] @ similarity.rotation.T
+    result = np.eye(4)
+    result[:3, :3] = rotation
+    result[:3, 3] = similarity.scale * extrinsics[:3, 3] - rotation @ similarity.translation
+    return result
 
 
 def _ransac_umeyama(

@@ -8,7 +8,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -81,6 +81,10 @@ class ViewPrediction:
         pixel_aspect: how the network saw this view's pixels: their width over height
             (``ViewGeometry.pixel_aspect``); 1 up to patch rounding, else the view had
             another shape than most and was resized whole (``mixed_shapes="resize"``).
+        chunk: the chunk that predicted this view when the request ran in chunks
+            (:mod:`da3cog.chunked`), else None.
+        alignment_residual: that chunk's alignment residual onto the world, relative to the
+            depth of the views it was fitted on (None for the first chunk and single passes).
     """
 
     name: str
@@ -93,6 +97,8 @@ class ViewPrediction:
     crop_box: tuple[float, float, float, float]
     sky: np.ndarray | None = None
     pixel_aspect: float = 1.0
+    chunk: int | None = None
+    alignment_residual: float | None = None
 
     @property
     def height(self) -> int:
@@ -240,6 +246,10 @@ class InferenceOptions:
             whole image; ``crop`` centre-crops all to the smallest, as upstream does. The
             Prediction's notes and each view's ``crop_box`` / ``pixel_aspect`` say what
             happened.
+        chunk_size: with more views than this, the request runs as overlapping chunks of
+            this many views aligned into one world (:mod:`da3cog.chunked`); None: one pass.
+        chunk_overlap: views each chunk shares with the previous one (default: half the
+            chunk, as upstream's streaming).
     """
 
     process_res: int = 504
@@ -251,6 +261,8 @@ class InferenceOptions:
     seed: int = 42
     infer_gaussians: bool = False
     mixed_shapes: str = "resize"
+    chunk_size: int | None = None
+    chunk_overlap: int | None = None
 
     def __post_init__(self) -> None:
         check_strategy(self.reference_strategy)
@@ -266,6 +278,24 @@ class InferenceOptions:
             )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise TypeError(f"seed must be an integer, got {self.seed!r}")
+        if self.chunk_overlap is not None and self.chunk_size is None:
+            raise ValueError("chunk_overlap needs chunk_size")
+        if self.chunk_size is not None:
+            from da3cog.chunked import chunk_ranges
+
+            # Validates both (size >= 2, 1 <= overlap < size).
+            chunk_ranges(0, self.chunk_size, self.overlap)
+
+    @property
+    def overlap(self) -> int:
+        """The chunk overlap in use (see ``chunk_overlap``); 0 without chunks."""
+        if self.chunk_size is None:
+            return 0
+        from da3cog.chunked import default_overlap
+
+        return self.chunk_overlap if self.chunk_overlap is not None else default_overlap(
+            self.chunk_size
+        )
 
 
 ProgressCallback = Callable[[str], None]
@@ -345,6 +375,10 @@ class DepthAnything3:
         self._check_request(extrinsics, intrinsics, options)
         user_extrinsics = check_extrinsics(extrinsics, count) if extrinsics is not None else None
         user_intrinsics = check_intrinsics(intrinsics, count) if intrinsics is not None else None
+        if options.chunk_size is not None and count > options.chunk_size:
+            return self._predict_in_chunks(
+                images, user_extrinsics, user_intrinsics, options, report
+            )
 
         started = time.perf_counter()
         report(f"decoding {count} image(s)")
@@ -495,6 +529,52 @@ class DepthAnything3:
             focal_source=focal_source,
             metric_scale=metric_scale,
             gaussians=gaussians,
+        )
+
+    def _predict_in_chunks(
+        self,
+        images: Sequence[ImageSource],
+        extrinsics: np.ndarray | None,
+        intrinsics: np.ndarray | None,
+        options: InferenceOptions,
+        report: ProgressCallback,
+    ) -> Prediction:
+        """:meth:`predict` as overlapping chunks aligned into one world (:mod:`da3cog.chunked`):
+        each chunk runs the single-pass stages on its views (and their cameras, if given)."""
+        from da3cog.chunked import reconstruct_in_chunks
+
+        if options.infer_gaussians:
+            raise ValueError(
+                "3D Gaussians are not predicted in chunks yet: use at most chunk_size views "
+                "with infer_gaussians, or no chunks"
+            )
+        single_pass = replace(options, chunk_size=None, chunk_overlap=None)
+        names = [image_name(source, index) for index, source in enumerate(images)]
+
+        def predict_chunk(views: range) -> Prediction:
+            part = slice(views.start, views.stop)
+            prediction = self.predict(
+                list(images[part]),
+                extrinsics=None if extrinsics is None else extrinsics[part],
+                intrinsics=None if intrinsics is None else intrinsics[part],
+                options=single_pass,
+                progress=report,
+            )
+            renamed = (
+                replace(view, name=names[index])
+                for view, index in zip(prediction.views, views, strict=True)
+            )
+            return replace(prediction, views=tuple(renamed))
+
+        return reconstruct_in_chunks(
+            len(images),
+            options.chunk_size or len(images),
+            options.overlap,
+            predict_chunk,
+            # The user's poses put every chunk in their frame and unit already.
+            align=extrinsics is None,
+            progress=report,
+            seed=options.seed,
         )
 
     def _check_request(

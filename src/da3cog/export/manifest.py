@@ -185,6 +185,17 @@ def _entry_document(entry: ManifestEntry, root: Path) -> dict[str, Any]:
     return document
 
 
+def _chunk_record(view: Any) -> dict[str, Any]:
+    """Which chunk predicted the view and how well it aligned, for chunked predictions."""
+    if getattr(view, "chunk", None) is None:
+        return {}
+    residual = view.alignment_residual
+    return {
+        "chunk": int(view.chunk),
+        "alignment_residual": None if residual is None else round(float(residual), 6),
+    }
+
+
 def manifest_document(
     prediction: Prediction,
     entries: Sequence[ManifestEntry],
@@ -228,6 +239,7 @@ def manifest_document(
                 "input_size": {"height": view.input_size[0], "width": view.input_size[1]},
                 "crop_box": [round(float(value), 3) for value in view.crop_box],
                 "pixel_aspect": round(float(view.pixel_aspect), 6),
+                **_chunk_record(view),
             }
             for index, view in enumerate(prediction.views)
         ],

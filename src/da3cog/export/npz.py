@@ -10,7 +10,8 @@ views without them (single-view models) hold NaN there and False in ``has_extrin
 ``has_intrinsics`` ``(N,)``.
 
 Per view: ``names``, ``input_sizes`` ``(N, 2)`` (height, width), ``crop_boxes`` ``(N, 4)``,
-``pixel_aspects`` ``(N,)``.
+``pixel_aspects`` ``(N,)``, ``chunks`` ``(N,)`` (-1: not chunked) and
+``alignment_residuals`` ``(N,)`` (NaN: none).
 Flags: ``is_metric``, ``model_id``, ``model_preset``, ``processing_size``,
 ``output_resolution``, ``pose_conditioned``, ``reference_view`` (-1 for none), ``notes``, and
 where the pipeline has them ``cameras_estimated``, ``intrinsics_source`` / ``focal_source``
@@ -64,6 +65,11 @@ def prediction_arrays(prediction: Prediction) -> dict[str, np.ndarray]:
         "input_sizes": np.array([v.input_size for v in views], dtype=np.int64),
         "crop_boxes": np.array([v.crop_box for v in views], dtype=np.float64),
         "pixel_aspects": np.array([v.pixel_aspect for v in views], dtype=np.float64),
+        "chunks": np.array([-1 if v.chunk is None else v.chunk for v in views], dtype=np.int64),
+        "alignment_residuals": np.array(
+            [np.nan if v.alignment_residual is None else v.alignment_residual for v in views],
+            dtype=np.float64,
+        ),
         "is_metric": np.array(prediction.is_metric),
         "model_id": np.array(prediction.model_id),
         "model_preset": np.array(prediction.model_preset),
@@ -243,6 +249,13 @@ def load_npz(path: Path) -> Prediction:
                 pixel_aspect=float(bundle["pixel_aspects"][index])
                 if "pixel_aspects" in bundle
                 else 1.0,
+                chunk=int(bundle["chunks"][index])
+                if "chunks" in bundle and bundle["chunks"][index] >= 0
+                else None,
+                alignment_residual=float(bundle["alignment_residuals"][index])
+                if "alignment_residuals" in bundle
+                and np.isfinite(bundle["alignment_residuals"][index])
+                else None,
                 **extra,
             )
         )

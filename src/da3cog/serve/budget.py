@@ -109,12 +109,21 @@ def network_bytes(preset: ModelPreset, size: RequestSize) -> int:
     return total
 
 
-def estimate(preset: ModelPreset, size: RequestSize, on_gpu: bool) -> MemoryEstimate:
-    """Peak memory of a request with ``preset`` (weights excluded: they are loaded already)."""
+def estimate(
+    preset: ModelPreset, size: RequestSize, on_gpu: bool, chunk: int | None = None
+) -> MemoryEstimate:
+    """Peak memory of a request with ``preset`` (weights excluded: they are loaded already).
+    ``chunk``: the request runs in chunks of this many views (:mod:`da3cog.chunked`), so the
+    network holds the activations of one chunk (its largest views) while every view's
+    decoded image and outputs are kept."""
     views = DECODED_BYTES_PER_PIXEL * sum(size.view_pixels)
     outputs = OUTPUT_BYTES_PER_PIXEL * sum(size.output_pixels) + POINT_BYTES * size.points
     gaussians = GAUSSIAN_BYTES * sum(size.processing_pixels) if size.gaussians else 0
-    network = network_bytes(preset, size)
+    network_size = size
+    if chunk is not None and chunk < len(size.processing_pixels):
+        largest = tuple(sorted(size.processing_pixels, reverse=True)[:chunk])
+        network_size = RequestSize(largest, largest, largest)
+    network = network_bytes(preset, network_size)
     if on_gpu:
         return MemoryEstimate(host=views + outputs + gaussians, device=network)
     return MemoryEstimate(host=views + outputs + gaussians + network, device=0)

@@ -63,6 +63,9 @@ REQUEST_PREFIX = "da3cog-request-"
 _REQUEST_FOLDER = re.compile(rf"^{REQUEST_PREFIX}(\d+)-")
 
 Progress = Callable[[str], None]
+# Chunks of views a request that does not fit one pass may run as: at least 4 (two shared
+# views and two new ones), at most upstream's streaming default.
+MIN_CHUNK, MAX_CHUNK = 4, 120
 
 
 def gaussian_video_problem() -> str | None:
@@ -179,9 +182,13 @@ class Server:
         progress(f"request done in {time.perf_counter() - started:.1f}s, {len(files)} files")
         return files
 
-    def _check_memory(self, values: RequestValues, preset: ModelPreset, views: list[View]) -> None:
-        """Refuse a request whose estimated peak exceeds the memory the worker has, naming
-        the largest one of the same views that would fit."""
+    def _check_memory(
+        self, values: RequestValues, preset: ModelPreset, views: list[View]
+    ) -> int | None:
+        """How the request fits the memory the worker has: None in one pass, else the
+        largest chunk of views (multi-view requests run as aligned chunks: only one chunk's
+        activations are held). A request that fits neither way is refused, naming the largest
+        one of the same views that would fit."""
         host, device = budget.host_budget(), None
         on_gpu = self.device.type == "cuda"
         if on_gpu:
@@ -205,7 +212,25 @@ class Server:
 
         estimate = needed(len(views), values.output_resolution)
         if fits(estimate):
-            return
+            return None
+        if values.mode == "multi-view":
+            size = budget.request_size(
+                [v.size for v in views],
+                values.process_resolution,
+                values.output_resolution,
+                gaussians,
+                points,
+            )
+            chunk = max(
+                (
+                    c
+                    for c in range(MIN_CHUNK, len(views))
+                    if fits(budget.estimate(preset, size, on_gpu, chunk=c))
+                ),
+                default=None,
+            )
+            if chunk is not None:
+                return min(chunk, MAX_CHUNK)
         have = [f"{host / budget.GIB:.1f} GiB of RAM" if host is not None else ""]
         if device is not None:
             have.append(f"{device / budget.GIB:.1f} GiB of GPU memory")
@@ -265,7 +290,9 @@ class Server:
         if not choice.spec.cameras and (cameras is None or cameras.intrinsics is None):
             missing_focal = [v.name for v in views if isinstance(exif_focal(v.path), str)]
         check_formats(values, choice.spec, cameras, missing_focal)
-        self._check_memory(values, choice.spec, views)
+        chunk = self._check_memory(values, choice.spec, views)
+        if chunk is not None:
+            progress(f"{len(views)} views do not fit in one pass: chunks of {chunk} views")
 
         model = self.cache.get(choice.key, progress)
         options = InferenceOptions(
@@ -273,6 +300,7 @@ class Server:
             output_resolution=values.output_resolution,  # type: ignore[arg-type]
             seed=values.seed,
             infer_gaussians=values.mode == "gaussian-splat",
+            chunk_size=chunk,
         )
         try:
             predictions = self._predict(model, views, cameras, options, values.mode, progress)

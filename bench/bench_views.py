@@ -1,0 +1,128 @@
+#!/usr/bin/env python
+"""Many views: one pass against aligned chunks, views per second and peak memory.
+
+    python bench/bench_views.py [--model small] [--res 280] [--views 8 32 64] [--chunk 16]
+
+For every N, a fresh subprocess per path loads a random-weight Hub-layout checkpoint (written
+once under bench/.cache/) and predicts N frames panning across a real photo (scikit-image's
+coffee, 400x300 crops panning back and forth), through ``DepthAnything3.predict``:
+
+* one pass: ``InferenceOptions(process_res=res)``;
+* chunked: the same with ``chunk_size=chunk`` (overlap half the chunk).
+
+It prints the wall time of the prediction, views per second, and the peak memory the
+prediction added (CPU: ``VmHWM`` after a reset minus the RSS before; CUDA:
+``max_memory_allocated``). The chunked path's peak should stay flat in N (one chunk's
+activations plus the outputs), the one-pass path's grows with N. Random weights: the timing and
+memory are those of the real network; the depth is not meaningful. Upstream's streaming code
+needs CUDA and is not run here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "bench" / ".cache"
+MODEL_NAMES = {"small": "da3-small", "base": "da3-base", "large": "da3-large", "giant": "da3-giant"}
+
+CHILD = r"""
+import json, sys, time
+from pathlib import Path
+import numpy as np, torch
+import skimage.data
+from da3cog import DepthAnything3, InferenceOptions
+
+folder, device, chunk = sys.argv[1], sys.argv[2], sys.argv[5]
+views, res = int(sys.argv[3]), int(sys.argv[4])
+model = DepthAnything3.from_pretrained(folder, device=device)
+photo = skimage.data.coffee()
+# 400x300 crops panning across the 600x400 photo, back and forth.
+span = photo.shape[1] - 400
+offsets = [round(span * abs((2 * i / max(views - 1, 1)) % 2 - 1)) for i in range(views)]
+frames = [np.ascontiguousarray(photo[50:350, x : x + 400]) for x in offsets]
+options = InferenceOptions(process_res=res, chunk_size=None if chunk == "none" else int(chunk))
+# Warm-up: one small request, as the served model does in setup.
+model.predict(frames[:1], options=InferenceOptions(process_res=140))
+cuda = device.startswith("cuda")
+
+def status(key):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(key)
+
+if cuda:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+else:
+    Path("/proc/self/clear_refs").write_text("5")
+    before = status("VmRSS:")
+started = time.perf_counter()
+prediction = model.predict(frames, options=options)
+if cuda:
+    torch.cuda.synchronize()
+seconds = time.perf_counter() - started
+added = (torch.cuda.max_memory_allocated() if cuda else status("VmHWM:")) - before
+assert len(prediction.views) == views
+print(json.dumps({"seconds": seconds, "added": added}))
+"""
+
+
+def checkpoint(preset: str) -> Path:
+    folder = CACHE / f"{preset}-random"
+    if not (folder / "model.safetensors").is_file():
+        sys.path.insert(0, str(ROOT / "tests"))
+        from oracle import save_checkpoint
+
+        save_checkpoint(preset, folder, 0)
+    return folder
+
+
+def run(folder: Path, device: str, views: int, res: int, chunk: str) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, str(folder), device, str(views), str(res), chunk],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+    )
+    if result.returncode != 0:
+        tail = result.stderr.strip().splitlines()[-1:] or ["?"]
+        return {"error": tail[0][:120]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="small", choices=MODEL_NAMES)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--res", type=int, default=280)
+    parser.add_argument("--views", type=int, nargs="+", default=[8, 32, 64])
+    parser.add_argument("--chunk", type=int, default=16)
+    args = parser.parse_args()
+    folder = checkpoint(MODEL_NAMES[args.model])
+    print(f"{args.model} at {args.res} px on {args.device}; chunks of {args.chunk} views")
+    print("| views | path | seconds | views/s | peak added (MiB) |")
+    print("| --- | --- | --- | --- | --- |")
+    for views in args.views:
+        for path, chunk in (("one pass", "none"), ("chunked", str(args.chunk))):
+            row = run(folder, args.device, views, args.res, chunk)
+            if "error" in row:
+                print(f"| {views} | {path} | failed: {row['error']} | | |", flush=True)
+                continue
+            print(
+                f"| {views} | {path} | {row['seconds']:.1f} | {views / row['seconds']:.2f} | "
+                f"{row['added'] / 2**20:.0f} |",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
