@@ -14,7 +14,7 @@ forward at 140 px as the served model is in its setup:
 * CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation before the forward (the
   backbone under bf16 autocast, as the pipeline runs it).
 
-Each row prints the estimate of :func:`da3cog.serve.budget.network_bytes` and the ratio
+Each row prints the estimate of :func:`da3cog.memory.network_bytes` and the ratio
 measured / estimate: the estimate is meant as an upper bound (ratio <= 1), and the ratio's
 spread says how loose it is. The last run's table is in bench/README.md.
 """
@@ -105,8 +105,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="three points per model")
     args = parser.parse_args()
 
+    from da3cog import memory
     from da3cog.model.presets import PRESETS
-    from da3cog.serve import budget
 
     print(f"device: {args.device}")
     print(
@@ -120,8 +120,8 @@ def main() -> int:
         for views, res in QUICK_GRID if args.quick else GRID:
             row = measure(preset, views, res, args.device)
             pixels = row["height"] * row["width"]
-            size = budget.RequestSize((pixels,) * views, (pixels,) * views, (pixels,) * views)
-            estimate = budget.network_bytes(PRESETS[preset], size)
+            size = memory.RequestSize((pixels,) * views, (pixels,) * views, (pixels,) * views)
+            estimate = memory.network_bytes(PRESETS[preset], size)
             ratio = row["added"] / estimate
             ratios.append(ratio)
             print(

@@ -58,10 +58,11 @@ def test_bad_chunk_plans_are_refused(size: int, overlap: int) -> None:
 
 
 def test_overlap_defaults_to_half_the_chunk() -> None:
-    assert InferenceOptions(chunk_size=120).overlap == 60
-    assert InferenceOptions(chunk_size=5).overlap == 3
+    assert InferenceOptions(chunk_size=120).overlap_for(120) == 60
+    assert InferenceOptions(chunk_size=5).overlap_for(5) == 3
+    assert InferenceOptions(chunk_overlap=50).overlap_for(20) == 19, "auto: at most size - 1"
     with pytest.raises(ValueError, match="chunk_overlap needs chunk_size"):
-        InferenceOptions(chunk_overlap=3)
+        InferenceOptions(chunk_size=None, chunk_overlap=3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,6 +256,27 @@ def test_pipeline_runs_long_requests_in_chunks(
     assert all(
         (v.alignment_residual is None) == (v.chunk == 0) for v in found.views
     )
+
+
+def test_auto_picks_chunks_when_one_pass_does_not_fit(
+    small_model: DepthAnything3, frames: list[np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default ``chunk_size="auto"``: one pass while the memory model says it fits; with
+    room for 4 views' activations (not 5), chunks of 4."""
+    from da3cog import memory
+
+    size = memory.request_size([(128, 96)] * 10, 112, "input", gaussians=False, points=0)
+    preset = small_model.loaded.preset
+    one_pass = memory.estimate(preset, size, on_gpu=False).host
+    four = memory.estimate(preset, size, on_gpu=False, chunk=4).host
+    five = memory.estimate(preset, size, on_gpu=False, chunk=5).host
+    options = InferenceOptions(process_res=112)
+    monkeypatch.setattr(memory, "host_budget", lambda: one_pass)
+    assert all(v.chunk is None for v in small_model.predict(frames, options=options).views)
+    monkeypatch.setattr(memory, "host_budget", lambda: (four + five) // 2)
+    found = small_model.predict(frames, options=options)
+    assert [v.chunk for v in found.views] == [0, 0, 0, 1, 1, 2, 2, 3, 3, 3]
+    assert any("reconstructed in 4 chunks of 4 views sharing 2" in n for n in found.notes)
 
 
 def test_chunks_with_given_poses_stay_in_the_users_frame(

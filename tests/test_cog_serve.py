@@ -486,9 +486,10 @@ def test_a_request_too_big_for_one_pass_runs_in_chunks(
     """With a memory budget that holds 6 views' outputs and one chunk's activations but not
     one pass over all 6, the multi-view request runs as aligned chunks (and says so) instead
     of being refused."""
+    from da3cog import memory
+    from da3cog.memory import MIN_CHUNK
     from da3cog.model.presets import PRESETS
-    from da3cog.serve import budget
-    from da3cog.serve.handler import MIN_CHUNK, Server
+    from da3cog.serve.handler import Server
     from da3cog.serve.provenance import RequestFiles
 
     monkeypatch.setenv("DA3COG_WEIGHTS_DIR", str(tmp_path / "weights"))
@@ -496,14 +497,14 @@ def test_a_request_too_big_for_one_pass_runs_in_chunks(
     (tmp_path / "weights" / "da3-small").symlink_to(small_checkpoint)
     downloads = tmp_path / "downloads"
     downloads.mkdir()
-    size = budget.request_size([(128, 96)] * 6, 140, "input", False, 0)
+    size = memory.request_size([(128, 96)] * 6, 140, "input", False, 0)
     preset = PRESETS["da3-small"]
-    one_pass = budget.estimate(preset, size, on_gpu=False).host
-    chunked = budget.estimate(preset, size, on_gpu=False, chunk=MIN_CHUNK).host
-    bigger = budget.estimate(preset, size, on_gpu=False, chunk=MIN_CHUNK + 1).host
+    one_pass = memory.estimate(preset, size, on_gpu=False).host
+    chunked = memory.estimate(preset, size, on_gpu=False, chunk=MIN_CHUNK).host
+    bigger = memory.estimate(preset, size, on_gpu=False, chunk=MIN_CHUNK + 1).host
     assert chunked < bigger < one_pass
     # Room for chunks of 4 views, not 5 (nor one pass over all 6).
-    monkeypatch.setenv(budget.MEMORY_BUDGET_ENV, f"{(chunked + bigger) / 2 / budget.GIB:.9f}")
+    monkeypatch.setenv(memory.MEMORY_BUDGET_ENV, f"{(chunked + bigger) / 2 / memory.GIB:.9f}")
     server = Server(
         torch.device("cpu"), tmp_root=tmp_path / "requests", files=RequestFiles(downloads)
     )

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from da3cog import memory
 from da3cog.model.presets import PRESETS
-from da3cog.serve import budget
 
 CHILD = r"""
 import json, os, sys, tempfile
@@ -58,10 +58,10 @@ print(json.dumps({"outcome": outcome, "added": peak - before}))
 VIEWS, SIDE, EXPORT = 3, 1200, "glb"
 
 
-def _estimate() -> budget.MemoryEstimate:
+def _estimate() -> memory.MemoryEstimate:
     sizes = [(SIDE, SIDE * 3 // 4)] * VIEWS
-    size = budget.request_size(sizes, 280, "input", False, 1_000_000)
-    return budget.estimate(PRESETS["da3-small"], size, on_gpu=False)
+    size = memory.request_size(sizes, 280, "input", False, 1_000_000)
+    return memory.estimate(PRESETS["da3-small"], size, on_gpu=False)
 
 
 def _run(tmp_path: Path, small_checkpoint: Path, budget_bytes: int) -> dict[str, object]:
@@ -73,7 +73,7 @@ def _run(tmp_path: Path, small_checkpoint: Path, budget_bytes: int) -> dict[str,
     env = {
         **os.environ,
         "DA3COG_WEIGHTS_DIR": str(weights),
-        budget.MEMORY_BUDGET_ENV: f"{budget_bytes / budget.GIB:.6f}",
+        memory.MEMORY_BUDGET_ENV: f"{budget_bytes / memory.GIB:.6f}",
         "OMP_NUM_THREADS": "2",
     }
     result = subprocess.run(

@@ -68,11 +68,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     predict.add_argument(
         "--chunk-size",
-        type=int,
-        default=None,
+        type=_chunk_size,
+        default="auto",
+        metavar="N|auto|none",
         help=(
-            "run more views than this as overlapping chunks aligned into one world "
-            "(memory stays that of one chunk; default: one pass)"
+            "run more views than N as overlapping chunks aligned into one world (memory stays "
+            "that of one chunk); auto (default): one pass if the memory model says it fits, "
+            "else the largest chunk that does; none: always one pass"
         ),
     )
     predict.add_argument(
@@ -152,6 +154,16 @@ def _parser() -> argparse.ArgumentParser:
         help="Hub download cache (default: $DA3COG_CACHE_DIR or the HF cache)",
     )
     return parser
+
+
+def _chunk_size(text: str) -> int | str | None:
+    """``--chunk-size``: a number of views, ``auto`` or ``none``."""
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, auto or none, got {text!r}") from None
 
 
 def _read_user_cameras(args: argparse.Namespace) -> UserCameras | None:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from da3cog import memory
 from da3cog.geometry import (
     anchor_to_first_view,
     check_extrinsics,
@@ -33,6 +34,7 @@ from da3cog.io import (
     image_name,
     load_image,
     prepare_images,
+    source_size,
 )
 from da3cog.model.gaussian_adapter import build_gaussians
 from da3cog.model.metric import SKY_THRESHOLD, canonical_to_metric
@@ -247,7 +249,10 @@ class InferenceOptions:
             Prediction's notes and each view's ``crop_box`` / ``pixel_aspect`` say what
             happened.
         chunk_size: with more views than this, the request runs as overlapping chunks of
-            this many views aligned into one world (:mod:`da3cog.chunked`); None: one pass.
+            this many views aligned into one world (:mod:`da3cog.chunked`); ``"auto"``
+            (default): one pass when the memory model (:mod:`da3cog.memory`) says it fits the
+            memory this process can still take (the GPU's free memory on CUDA), else the
+            largest chunk that fits; None: always one pass.
         chunk_overlap: views each chunk shares with the previous one (default: half the
             chunk, as upstream's streaming).
     """
@@ -261,7 +266,7 @@ class InferenceOptions:
     seed: int = 42
     infer_gaussians: bool = False
     mixed_shapes: str = "resize"
-    chunk_size: int | None = None
+    chunk_size: int | Literal["auto"] | None = "auto"
     chunk_overlap: int | None = None
 
     def __post_init__(self) -> None:
@@ -280,22 +285,25 @@ class InferenceOptions:
             raise TypeError(f"seed must be an integer, got {self.seed!r}")
         if self.chunk_overlap is not None and self.chunk_size is None:
             raise ValueError("chunk_overlap needs chunk_size")
-        if self.chunk_size is not None:
+        if self.chunk_size == "auto":
+            if self.chunk_overlap is not None and self.chunk_overlap < 1:
+                raise ValueError(f"chunk overlap must be at least 1, got {self.chunk_overlap}")
+        elif self.chunk_size is not None:
             from da3cog.chunked import chunk_ranges
 
             # Validates both (size >= 2, 1 <= overlap < size).
-            chunk_ranges(0, self.chunk_size, self.overlap)
+            chunk_ranges(0, self.chunk_size, self.overlap_for(self.chunk_size))
 
-    @property
-    def overlap(self) -> int:
-        """The chunk overlap in use (see ``chunk_overlap``); 0 without chunks."""
-        if self.chunk_size is None:
-            return 0
+    def overlap_for(self, size: int) -> int:
+        """The overlap of chunks of ``size`` views: ``chunk_overlap`` (at most ``size - 1``
+        when the size was chosen automatically), else half the chunk."""
         from da3cog.chunked import default_overlap
 
-        return self.chunk_overlap if self.chunk_overlap is not None else default_overlap(
-            self.chunk_size
-        )
+        if self.chunk_overlap is None:
+            return default_overlap(size)
+        if self.chunk_size == "auto":
+            return min(self.chunk_overlap, size - 1)
+        return self.chunk_overlap
 
 
 ProgressCallback = Callable[[str], None]
@@ -375,9 +383,12 @@ class DepthAnything3:
         self._check_request(extrinsics, intrinsics, options)
         user_extrinsics = check_extrinsics(extrinsics, count) if extrinsics is not None else None
         user_intrinsics = check_intrinsics(intrinsics, count) if intrinsics is not None else None
-        if options.chunk_size is not None and count > options.chunk_size:
+        chunk = self._auto_chunk(images, options) if options.chunk_size == "auto" else None
+        if options.chunk_size != "auto":
+            chunk = options.chunk_size
+        if chunk is not None and count > chunk:
             return self._predict_in_chunks(
-                images, user_extrinsics, user_intrinsics, options, report
+                images, user_extrinsics, user_intrinsics, options, chunk, report
             )
 
         started = time.perf_counter()
@@ -531,12 +542,43 @@ class DepthAnything3:
             gaussians=gaussians,
         )
 
+    def _auto_chunk(
+        self, images: Sequence[ImageSource], options: InferenceOptions
+    ) -> int | None:
+        """The chunk size the memory model picks for these views (None: one pass), from
+        their sizes as their headers give them; None when a size cannot be read (the
+        decoder then says why) or Gaussians are asked for (they are not chunked)."""
+        if len(images) <= memory.MIN_CHUNK or options.infer_gaussians:
+            return None
+        sizes = [source_size(source) for source in images]
+        if any(size is None for size in sizes):
+            return None
+        size = memory.request_size(
+            [s for s in sizes if s is not None],
+            options.process_res,
+            options.output_resolution,
+            gaussians=False,
+            points=0,
+        )
+        on_gpu = self.device.type == "cuda"
+        chunk = memory.plan_chunk(
+            self.loaded.preset,
+            size,
+            on_gpu,
+            memory.host_budget(),
+            memory.device_budget() if on_gpu else None,
+        )
+        if chunk is not None:
+            logger.info("%d views do not fit one pass in memory: chunks of %d", len(images), chunk)
+        return chunk
+
     def _predict_in_chunks(
         self,
         images: Sequence[ImageSource],
         extrinsics: np.ndarray | None,
         intrinsics: np.ndarray | None,
         options: InferenceOptions,
+        chunk: int,
         report: ProgressCallback,
     ) -> Prediction:
         """:meth:`predict` as overlapping chunks aligned into one world (:mod:`da3cog.chunked`):
@@ -568,8 +610,8 @@ class DepthAnything3:
 
         return reconstruct_in_chunks(
             len(images),
-            options.chunk_size or len(images),
-            options.overlap,
+            chunk,
+            options.overlap_for(chunk),
             predict_chunk,
             # The user's poses put every chunk in their frame and unit already.
             align=extrinsics is None,

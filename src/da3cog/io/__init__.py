@@ -2,7 +2,7 @@
 
 from da3cog.io.cameras import CameraFileError, UserCameras, read_camera_file
 from da3cog.io.exif import ExifFocal, exif_focal
-from da3cog.io.images import ImageSource, image_name, load_image
+from da3cog.io.images import ImageSource, image_name, load_image, source_size
 from da3cog.io.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -35,4 +35,5 @@ __all__ = [
     "load_image",
     "prepare_images",
     "read_camera_file",
+    "source_size",
 ]

@@ -241,6 +241,27 @@ def image_name(source: ImageSource, index: int) -> str:
     return f"view_{index:04d}"
 
 
+def source_size(source: ImageSource) -> tuple[int, int] | None:
+    """``(width, height)`` of an image as :func:`load_image` would return it (EXIF
+    orientation applied), without decoding its pixels: from a file's header, a PIL image's
+    size or an array's shape. None when it cannot be told (unreadable file, odd array)."""
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            header = read_image_header(source)
+            width, height = header.width, header.height
+            return (height, width) if header.transposed else (width, height)
+        if isinstance(source, Image.Image):
+            transposed = source.getexif().get(_ORIENTATION) in _TRANSPOSING_ORIENTATIONS
+            width, height = source.size
+            return (height, width) if transposed else (width, height)
+        array = np.asarray(source)
+        if array.ndim in (2, 3):
+            return int(array.shape[1]), int(array.shape[0])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def _load_image_file(path: Path, max_pixels: int | None) -> np.ndarray:
     with open_image_file(path) as opened:
         width, height = opened.size

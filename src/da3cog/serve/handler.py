@@ -6,7 +6,7 @@ when the next request starts, or at once when the request fails or is cancelled;
 removes the folders a killed worker left. Before any model runs, a request's files are
 checked for provenance (:mod:`da3cog.serve.provenance`), its views bounded
 (:mod:`da3cog.serve.limits`) and its peak memory estimated against what the worker has
-(:mod:`da3cog.serve.budget`): a request that cannot fit is refused with the limit it hit.
+(:mod:`da3cog.memory`): a request that cannot fit is refused with the limit it hit.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from da3cog import memory
 from da3cog.geometry import check_intrinsics_for_images
 from da3cog.io import exif_focal
 from da3cog.model.presets import ModelPreset, get_preset
 from da3cog.pipeline import DepthAnything3, InferenceOptions, Prediction, default_device
-from da3cog.serve import budget
 from da3cog.serve.limits import DEFAULT_LIMITS, Limits
 from da3cog.serve.media import View, gather_views, input_label
 from da3cog.serve.models import ModelCache, warm_up
@@ -63,9 +63,6 @@ REQUEST_PREFIX = "da3cog-request-"
 _REQUEST_FOLDER = re.compile(rf"^{REQUEST_PREFIX}(\d+)-")
 
 Progress = Callable[[str], None]
-# Chunks of views a request that does not fit one pass may run as: at least 4 (two shared
-# views and two new ones), at most upstream's streaming default.
-MIN_CHUNK, MAX_CHUNK = 4, 120
 
 
 def gaussian_video_problem() -> str | None:
@@ -189,51 +186,42 @@ class Server:
         largest chunk of views (multi-view requests run as aligned chunks: only one chunk's
         activations are held). A request that fits neither way is refused, naming the largest
         one of the same views that would fit."""
-        host, device = budget.host_budget(), None
+        host, device = memory.host_budget(), None
         on_gpu = self.device.type == "cuda"
         if on_gpu:
-            device = budget.device_budget()
+            device = memory.device_budget()
         points = values.max_points if values.export_format != "none" else 0
         gaussians = values.mode == "gaussian-splat"
 
-        def needed(count: int, output: str) -> budget.MemoryEstimate:
+        def needed(count: int, output: str) -> memory.MemoryEstimate:
             chosen = views[:count]
             if values.mode == "monocular":
                 chosen = [max(views, key=lambda v: v.size[0] * v.size[1])]
-            size = budget.request_size(
+            size = memory.request_size(
                 [v.size for v in chosen], values.process_resolution, output, gaussians, points
             )
-            return budget.estimate(preset, size, on_gpu)
+            return memory.estimate(preset, size, on_gpu)
 
-        def fits(estimate: budget.MemoryEstimate) -> bool:
-            return (host is None or estimate.host <= host) and (
-                device is None or estimate.device <= device
-            )
+        def fits(estimate: memory.MemoryEstimate) -> bool:
+            return memory.fits(estimate, host, device)
 
         estimate = needed(len(views), values.output_resolution)
         if fits(estimate):
             return None
         if values.mode == "multi-view":
-            size = budget.request_size(
+            size = memory.request_size(
                 [v.size for v in views],
                 values.process_resolution,
                 values.output_resolution,
                 gaussians,
                 points,
             )
-            chunk = max(
-                (
-                    c
-                    for c in range(MIN_CHUNK, len(views))
-                    if fits(budget.estimate(preset, size, on_gpu, chunk=c))
-                ),
-                default=None,
-            )
-            if chunk is not None:
-                return min(chunk, MAX_CHUNK)
-        have = [f"{host / budget.GIB:.1f} GiB of RAM" if host is not None else ""]
+            chunk = memory.plan_chunk(preset, size, on_gpu, host, device)
+            if chunk is not None and fits(memory.estimate(preset, size, on_gpu, chunk=chunk)):
+                return chunk
+        have = [f"{host / memory.GIB:.1f} GiB of RAM" if host is not None else ""]
         if device is not None:
-            have.append(f"{device / budget.GIB:.1f} GiB of GPU memory")
+            have.append(f"{device / memory.GIB:.1f} GiB of GPU memory")
         advice = []
         largest = max(
             (n for n in range(1, len(views)) if fits(needed(n, values.output_resolution))),
@@ -244,9 +232,9 @@ class Server:
         if values.output_resolution == "input" and fits(needed(len(views), "processing")):
             advice.append("output_resolution=processing")
         if values.process_resolution > 280 and fits(
-            budget.estimate(
+            memory.estimate(
                 preset,
-                budget.request_size(
+                memory.request_size(
                     [v.size for v in views], 280, values.output_resolution, gaussians, points
                 ),
                 on_gpu,

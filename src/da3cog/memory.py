@@ -1,4 +1,5 @@
-"""Peak memory of a request, estimated before any model runs, and the memory the worker has.
+"""Peak memory of a request, estimated before any model runs, the memory this process has,
+and the chunk size that makes a request fit (:func:`plan_chunk`).
 
 The estimate is a linear model fitted to measured peaks (``bench/memory_model.py`` measures
 them; its table is in bench/README.md), deliberately an upper bound:
@@ -188,3 +189,38 @@ def host_budget() -> int | None:
 def device_budget() -> int | None:
     available = available_device_bytes()
     return None if available is None else int(available * SAFETY_FRACTION)
+
+
+# Chunks of views a request that does not fit one pass may run as: at least 4 (two shared
+# views and two new ones), at most upstream's streaming default.
+MIN_CHUNK, MAX_CHUNK = 4, 120
+
+
+def fits(needed: MemoryEstimate, host: int | None, device: int | None) -> bool:
+    """Whether ``needed`` fits the budgets (None: unbounded)."""
+    return (host is None or needed.host <= host) and (device is None or needed.device <= device)
+
+
+def plan_chunk(
+    preset: ModelPreset,
+    size: RequestSize,
+    on_gpu: bool,
+    host: int | None,
+    device: int | None,
+) -> int | None:
+    """How a request of ``size`` fits the budgets: None in one pass, else the largest chunk
+    of views (``MIN_CHUNK`` to ``MAX_CHUNK``) whose activations fit beside every view's
+    outputs; ``MIN_CHUNK`` when even that does not (the estimate is an upper bound: the
+    smallest chunk is the best chance)."""
+    if fits(estimate(preset, size, on_gpu), host, device):
+        return None
+    views = len(size.processing_pixels)
+    if views <= MIN_CHUNK:
+        return None
+    fitting = [
+        chunk
+        for chunk in range(MIN_CHUNK, min(views, MAX_CHUNK + 1))
+        if fits(estimate(preset, size, on_gpu, chunk=chunk), host, device)
+    ]
+    return max(fitting, default=MIN_CHUNK)
+
