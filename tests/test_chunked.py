@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+import torch
 from scipy.spatial.transform import Rotation
 from test_export_scene import make_prediction, make_view
 
@@ -20,7 +21,7 @@ from da3cog.chunked import (
     transform_view,
 )
 from da3cog.geometry import Similarity, robust_similarity, umeyama
-from da3cog.pipeline import DepthAnything3, InferenceOptions, Prediction
+from da3cog.pipeline import DepthAnything3, Gaussians, InferenceOptions, Prediction
 
 # --------------------------------------------------------------------------------------------
 # Chunk plans
@@ -209,9 +210,7 @@ def test_alignment_holds_against_bad_depth_and_a_wrong_alignment_fails_the_check
     found = reconstruct_in_chunks(VIEWS, SIZE, OVERLAP, predict_chunk)
     expected = _world_of_first_chunk(truth, gauges[0])
     good = [
-        (f, e)
-        for f, e in zip(found.views, expected, strict=True)
-        if np.isfinite(f.depth).all()
+        (f, e) for f, e in zip(found.views, expected, strict=True) if np.isfinite(f.depth).all()
     ]
     # Depth: compare where the corruption did not strike (its median error).
     ratios = np.concatenate([np.ravel(f.depth / e.depth) for f, e in good])
@@ -253,9 +252,7 @@ def test_pipeline_runs_long_requests_in_chunks(
     np.testing.assert_allclose(found.views[0].extrinsics, np.eye(4), atol=1e-6)
     assert sum(1 for m in messages if m.startswith("chunk ") and ": views " in m) == 4
     assert any("aligned on 2 shared views" in m for m in messages)
-    assert all(
-        (v.alignment_residual is None) == (v.chunk == 0) for v in found.views
-    )
+    assert all((v.alignment_residual is None) == (v.chunk == 0) for v in found.views)
 
 
 def test_auto_picks_chunks_when_one_pass_does_not_fit(
@@ -305,31 +302,81 @@ def test_a_request_within_one_chunk_is_a_single_pass(
         assert b.chunk is None
 
 
-def test_gaussians_are_refused_in_chunks(
+# --------------------------------------------------------------------------------------------
+# Gaussians follow their chunk's similarity
+# --------------------------------------------------------------------------------------------
+
+
+def _random_gaussians(count: int = 300) -> Gaussians:
+    from da3cog.geometry import matrix_to_quaternion
+
+    rng = np.random.default_rng(3)
+    rotations = Rotation.random(count, random_state=4).as_matrix()
+    return Gaussians(
+        means=rng.normal(size=(count, 3)).astype(np.float32),
+        scales=rng.uniform(0.01, 0.2, size=(count, 3)).astype(np.float32),
+        rotations=matrix_to_quaternion(torch.from_numpy(rotations).float()).numpy(),
+        harmonics=rng.normal(scale=0.3, size=(count, 3, 9)).astype(np.float32),
+        opacities=rng.uniform(0.1, 0.9, size=count).astype(np.float32),
+        grid=(3, 10, 10),
+    )
+
+
+def test_gaussians_follow_the_similarity() -> None:
+    """Mapped by a similarity, each Gaussian's centre moves with the world, its covariance
+    becomes s^2 R C R^T, and its colour seen along R d is the colour it had along d."""
+    from da3cog.chunked import transform_gaussians
+    from da3cog.export.splat_render import sh_colors
+    from da3cog.geometry import quaternion_to_matrix
+
+    before = _random_gaussians()
+    similarity = _truth()
+    after = transform_gaussians(before, similarity)
+    rotation = similarity.rotation
+    np.testing.assert_allclose(
+        after.means,
+        similarity.scale * before.means @ rotation.T + similarity.translation,
+        atol=1e-5,
+    )
+
+    def covariance(g) -> np.ndarray:
+        turn = quaternion_to_matrix(torch.from_numpy(np.array(g.rotations))).double().numpy()
+        return turn @ (np.asarray(g.scales, dtype=np.float64)[..., None] ** 2 * turn.swapaxes(1, 2))
+
+    np.testing.assert_allclose(
+        covariance(after),
+        similarity.scale**2 * rotation @ covariance(before) @ rotation.T,
+        atol=1e-6,
+    )
+    directions = np.random.default_rng(5).normal(size=(len(before), 3))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    seen_before = sh_colors(
+        torch.from_numpy(np.array(before.harmonics)), torch.from_numpy(directions).float(), 2
+    )
+    seen_after = sh_colors(
+        torch.from_numpy(np.array(after.harmonics)),
+        torch.from_numpy(directions @ rotation.T).float(),
+        2,
+    )
+    np.testing.assert_allclose(seen_after.numpy(), seen_before.numpy(), atol=1e-5)
+    np.testing.assert_array_equal(after.opacities, before.opacities)
+
+
+def test_pipeline_chunks_keep_the_gaussians_of_the_emitted_views(
     small_zoo_checkpoint: Callable, frames: list[np.ndarray]
 ) -> None:
-    """Not built yet: said before any chunk runs (a Gaussian-head stand-in)."""
+    """A Gaussian-head stand-in on 6 frames in chunks of 4: one grid of Gaussians per
+    emitted view, finite, in the same order as the views."""
     from small_zoo import SMALL_GS, small_model
 
     model = small_model(small_zoo_checkpoint("small-gs")[0], SMALL_GS)
-    options = InferenceOptions(process_res=112, chunk_size=4, infer_gaussians=True)
-    with pytest.raises(ValueError, match="not predicted in chunks yet"):
-        model.predict(frames, options=options)
-
-
-def test_the_chunk_record_reaches_the_manifest_and_the_npz(tmp_path) -> None:
-    from da3cog.export.manifest import export_all
-    from da3cog.export.npz import load_npz
-
-    _, predict_chunk, _ = _scene()
-    found = reconstruct_in_chunks(VIEWS, SIZE, OVERLAP, predict_chunk)
-    manifest = export_all(found, tmp_path, ["npz", "cameras_json"])
-    views = manifest.document["views"]
-    assert [v["chunk"] for v in views] == [v.chunk for v in found.views]
-    assert views[0]["alignment_residual"] is None
-    assert all(v["alignment_residual"] < 1e-5 for v in views if v["chunk"])
-    back = load_npz(tmp_path / "prediction.npz")
-    assert [v.chunk for v in back.views] == [v.chunk for v in found.views]
-    assert [v.alignment_residual for v in back.views] == pytest.approx(
-        [v.alignment_residual for v in found.views], nan_ok=True
+    options = InferenceOptions(
+        process_res=112, chunk_size=4, infer_gaussians=True, output_resolution="processing"
     )
+    found = model.predict(frames[:6], options=options)
+    assert [v.chunk for v in found.views] == [0, 0, 0, 1, 1, 1]
+    assert found.gaussians is not None
+    views, height, width = found.gaussians.grid
+    assert (views, height, width) == (6, *found.processing_size)
+    assert len(found.gaussians) == 6 * height * width
+    assert np.isfinite(found.gaussians.means).all()

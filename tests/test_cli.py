@@ -148,7 +148,10 @@ def no_model_load(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     ("make", "message"),
     [
         (lambda folder: folder / "no_such_photo.jpg", "no_such_photo.jpg: no such file"),
-        (lambda folder: folder, "images: not a file"),
+        (
+            lambda folder: (folder / "empty", (folder / "empty").mkdir())[0],
+            "empty: a folder with no image files",
+        ),
         (
             lambda folder: (folder / "notes.txt", (folder / "notes.txt").write_text("hi"))[0],
             "notes.txt",
@@ -158,7 +161,7 @@ def no_model_load(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             "cut.png",
         ),
     ],
-    ids=["missing", "folder", "not-an-image", "empty"],
+    ids=["missing", "folder-without-images", "not-an-image", "empty"],
 )
 def test_bad_images_exit_2_before_any_model_is_loaded(
     images: list[Path],
@@ -612,3 +615,28 @@ def test_a_bad_chunk_plan_exits_2_before_loading(
     assert main([*args, "--chunk-overlap", "4"]) == 2
     assert "chunk overlap must be between 1 and size - 1 = 3" in capsys.readouterr().err
     assert no_model_load == []
+
+
+def test_folders_and_videos_are_expanded_into_views(
+    small_checkpoint: Path, images: list[Path], tmp_path: Path
+) -> None:
+    """A folder gives its images in name order (other files skipped); a video its frames
+    sampled by --stride (or --fps), named after the video."""
+    from da3cog.export.video import encode_mp4
+
+    folder = tmp_path / "images"
+    (folder / "notes.txt").write_text("not an image")
+    generator = np.random.default_rng(0)
+    base = generator.integers(0, 255, (72, 96, 3), dtype=np.uint8)
+    clip = tmp_path / "clip.mp4"
+    encode_mp4((np.roll(base, 4 * i, axis=1) for i in range(12)), clip, fps=6)
+    out = tmp_path / "out"
+    args = predict_args(small_checkpoint, out, [folder, clip], "--stride", "5")
+    assert main(args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    names = [view["name"] for view in manifest["views"]]
+    assert names == ["astronaut", "camera", "clip_frame_0000", "clip_frame_0001", "clip_frame_0002"]
+    assert main([*predict_args(small_checkpoint, tmp_path / "o2", [clip]), "--fps", "1"]) == 0
+    manifest = json.loads((tmp_path / "o2" / "manifest.json").read_text())
+    assert len(manifest["views"]) == 2  # 2 s of video at 1 frame a second
+

@@ -14,7 +14,8 @@ the chunk that produced it and that chunk's alignment residual.
 
 Requests with the user's own poses need no alignment: every chunk is conditioned on the
 user's cameras and is in the user's frame and unit already. Single-view models (mono, metric)
-predict every view on its own, so their chunks are simply concatenated.
+predict every view on its own, so their chunks are simply concatenated. 3D Gaussians follow
+their chunk's similarity (:func:`transform_gaussians`) and are kept for the emitted views.
 """
 
 from __future__ import annotations
@@ -25,14 +26,18 @@ import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import torch
 
 from da3cog.geometry import (
     RobustFit,
     Similarity,
+    matrix_to_quaternion,
+    quaternion_to_matrix,
     robust_similarity,
     similarity_world_to_camera,
 )
-from da3cog.pipeline import Prediction, ViewPrediction
+from da3cog.model.gaussian_adapter import rotate_harmonics
+from da3cog.pipeline import Gaussians, Prediction, ViewPrediction
 
 IDENTITY = Similarity(rotation=np.eye(3), translation=np.zeros(3), scale=1.0)
 # Pixel pairs an alignment fits on at most (an even, seeded subsample of the shared views).
@@ -139,6 +144,72 @@ def transform_view(view: ViewPrediction, similarity: Similarity) -> ViewPredicti
     return dataclasses.replace(view, depth=depth, extrinsics=extrinsics)
 
 
+def transform_gaussians(gaussians: Gaussians, similarity: Similarity) -> Gaussians:
+    """Gaussians in the world mapped by ``similarity``: centres mapped, scales times its
+    scale, orientations and spherical harmonics turned by its rotation (the same routines
+    that placed them, :mod:`da3cog.model.gaussian_adapter`); opacities as they are."""
+    if similarity is IDENTITY:
+        return gaussians
+    rotation = torch.from_numpy(similarity.rotation).float()
+    orientations = quaternion_to_matrix(torch.from_numpy(np.array(gaussians.rotations)))
+    harmonics = rotate_harmonics(torch.from_numpy(np.array(gaussians.harmonics)), rotation)
+    means = similarity.scale * np.asarray(gaussians.means, dtype=np.float64)
+    means = means @ similarity.rotation.T + similarity.translation
+
+    def frozen(array: np.ndarray | torch.Tensor) -> np.ndarray:
+        values = np.ascontiguousarray(np.asarray(array, dtype=np.float32))
+        values.flags.writeable = False
+        return values
+
+    return dataclasses.replace(
+        gaussians,
+        means=frozen(means),
+        scales=frozen(np.asarray(gaussians.scales) * similarity.scale),
+        rotations=frozen(matrix_to_quaternion(rotation @ orientations).numpy()),
+        harmonics=frozen(harmonics.numpy()),
+    )
+
+
+def _gaussians_of(gaussians: Gaussians, views: Sequence[int]) -> Gaussians:
+    """The Gaussians of some views (local indices) of a prediction."""
+    _, height, width = gaussians.grid
+    per_view = height * width
+    pick = np.concatenate([np.arange(v * per_view, (v + 1) * per_view) for v in views])
+    return dataclasses.replace(
+        gaussians,
+        means=gaussians.means[pick],
+        scales=gaussians.scales[pick],
+        rotations=gaussians.rotations[pick],
+        harmonics=gaussians.harmonics[pick],
+        opacities=gaussians.opacities[pick],
+        grid=(len(views), height, width),
+    )
+
+
+def _concatenate(parts: Sequence[Gaussians]) -> Gaussians:
+    sizes = {part.grid[1:] for part in parts}
+    if len(sizes) > 1:
+        raise ValueError(
+            f"chunks predicted Gaussians at different processing sizes {sorted(sizes)}: "
+            "give views of one shape, or no chunks"
+        )
+
+    def joined(name: str) -> np.ndarray:
+        values = np.concatenate([getattr(part, name) for part in parts])
+        values.flags.writeable = False
+        return values
+
+    height, width = parts[0].grid[1:]
+    return Gaussians(
+        means=joined("means"),
+        scales=joined("scales"),
+        rotations=joined("rotations"),
+        harmonics=joined("harmonics"),
+        opacities=joined("opacities"),
+        grid=(sum(part.grid[0] for part in parts), height, width),
+    )
+
+
 ChunkPredictor = Callable[[range], Prediction]
 
 
@@ -167,6 +238,7 @@ def reconstruct_in_chunks(
     notes: list[str] = []
     residuals: list[float] = []
     metric: list[bool] = []
+    gaussians: list[Gaussians] = []
     first: Prediction | None = None
     # The previous chunk's views, already in the world frame: the next chunk is fitted on them.
     previous: tuple[ViewPrediction, ...] = ()
@@ -202,6 +274,11 @@ def reconstruct_in_chunks(
                     previous[global_index - chunk.start], chunk=index, alignment_residual=residual
                 )
             )
+        if prediction.gaussians is not None:
+            local = [v - chunk.start for v in emit]
+            gaussians.append(
+                transform_gaussians(_gaussians_of(prediction.gaussians, local), to_world)
+            )
         notes.extend(note for note in prediction.notes if note not in notes)
         metric.append(prediction.is_metric)
         if first is None:
@@ -219,7 +296,11 @@ def reconstruct_in_chunks(
         )
     notes.append(how)
     return dataclasses.replace(
-        first, views=tuple(views), notes=tuple(notes), is_metric=all(metric), gaussians=None
+        first,
+        views=tuple(views),
+        notes=tuple(notes),
+        is_metric=all(metric),
+        gaussians=_concatenate(gaussians) if gaussians else None,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,7 +33,27 @@ def _parser() -> argparse.ArgumentParser:
         "predict", help="predict depth and cameras for one or more images"
     )
     predict.add_argument(
-        "images", nargs="*", type=Path, help="image files (JPEG, PNG, WebP, HEIC), one per view"
+        "images",
+        nargs="*",
+        type=Path,
+        help=(
+            "image files (JPEG, PNG, WebP, HEIC, TIFF, BMP), one per view; folders (their "
+            "images, in name order); videos (MP4, MOV, WebM, MKV, AVI, GIF: frames sampled "
+            "by --fps or --stride)"
+        ),
+    )
+    sampling = predict.add_mutually_exclusive_group()
+    sampling.add_argument(
+        "--fps", type=float, default=None, help="video inputs: frames per second kept (default 2)"
+    )
+    sampling.add_argument(
+        "--stride", type=int, default=None, help="video inputs: keep every N-th frame instead"
+    )
+    predict.add_argument(
+        "--max-frames",
+        type=int,
+        default=1000,
+        help="video inputs: at most this many frames from each video (default 1000)",
     )
     predict.add_argument(
         "--sample",
@@ -208,6 +229,46 @@ def _fresh_output(folder: Path) -> None:
         raise ValueError(f"output folder {folder} exists and is not empty: choose a new one")
 
 
+def _expand_inputs(args: argparse.Namespace, frames_folder: Path) -> list[Path]:
+    """The views the inputs name, in order: a folder gives its image files (by content, in
+    name order), a video its sampled frames (written as PNGs into ``frames_folder``),
+    anything else stays as given (and is checked as an image next)."""
+    from PIL import Image
+
+    from da3cog.io.images import HEADER_BYTES, sniff_image_format
+    from da3cog.io.video import sample_frames, sniff_video_format
+
+    def head(path: Path) -> bytes:
+        with path.open("rb") as stream:
+            return stream.read(HEADER_BYTES)
+
+    if args.max_frames < 1:
+        raise ValueError(f"--max-frames must be at least 1, got {args.max_frames}")
+    views: list[Path] = []
+    for number, path in enumerate(args.images):
+        if path.is_dir():
+            members = sorted(p for p in path.iterdir() if p.is_file())
+            images = [p for p in members if sniff_image_format(head(p)) is not None]
+            if not images:
+                raise ValueError(f"{path}: a folder with no image files")
+            views.extend(images)
+        elif path.is_file() and sniff_video_format(head(path)) is not None:
+            sampling = {"stride": args.stride} if args.stride else {"fps": args.fps or 2.0}
+            folder = frames_folder / f"{number:03d}"
+            folder.mkdir(parents=True)
+            count = 0
+            for count, frame in enumerate(
+                sample_frames(path, str(path), max_frames=args.max_frames, **sampling), start=1
+            ):
+                target = folder / f"{path.stem}_frame_{count - 1:04d}.png"
+                Image.fromarray(frame.picture).save(target, compress_level=1)
+                views.append(target)
+            print(f"[da3cog] {path}: {count} frame(s) sampled", file=sys.stderr)
+        else:
+            views.append(path)
+    return views
+
+
 def _check_images(paths: list[Path]) -> None:
     """Every input is an existing image file in an accepted format with a readable header,
     checked before any model is loaded (or downloaded). ValueError naming the file."""
@@ -222,9 +283,6 @@ def _check_images(paths: list[Path]) -> None:
 
 
 def predict(args: argparse.Namespace) -> list[Path]:
-    from da3cog.export.manifest import export_all
-    from da3cog.pipeline import DepthAnything3, InferenceOptions
-
     if args.sample:
         from da3cog.samples import sample_paths
 
@@ -232,6 +290,15 @@ def predict(args: argparse.Namespace) -> list[Path]:
     if not args.images:
         raise ValueError("no images: name image files, or pass --sample for the bundled photos")
     _fresh_output(args.out)
+    with tempfile.TemporaryDirectory(prefix="da3cog-frames-") as frames_folder:
+        args.images = _expand_inputs(args, Path(frames_folder))
+        return _predict_views(args)
+
+
+def _predict_views(args: argparse.Namespace) -> list[Path]:
+    from da3cog.export.manifest import export_all
+    from da3cog.pipeline import DepthAnything3, InferenceOptions
+
     _check_images(args.images)
     exports = _exports(args)
     options = InferenceOptions(

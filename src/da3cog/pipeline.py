@@ -547,8 +547,8 @@ class DepthAnything3:
     ) -> int | None:
         """The chunk size the memory model picks for these views (None: one pass), from
         their sizes as their headers give them; None when a size cannot be read (the
-        decoder then says why) or Gaussians are asked for (they are not chunked)."""
-        if len(images) <= memory.MIN_CHUNK or options.infer_gaussians:
+        decoder then says why)."""
+        if len(images) <= memory.MIN_CHUNK:
             return None
         sizes = [source_size(source) for source in images]
         if any(size is None for size in sizes):
@@ -557,7 +557,7 @@ class DepthAnything3:
             [s for s in sizes if s is not None],
             options.process_res,
             options.output_resolution,
-            gaussians=False,
+            gaussians=options.infer_gaussians,
             points=0,
         )
         on_gpu = self.device.type == "cuda"
@@ -585,11 +585,6 @@ class DepthAnything3:
         each chunk runs the single-pass stages on its views (and their cameras, if given)."""
         from da3cog.chunked import reconstruct_in_chunks
 
-        if options.infer_gaussians:
-            raise ValueError(
-                "3D Gaussians are not predicted in chunks yet: use at most chunk_size views "
-                "with infer_gaussians, or no chunks"
-            )
         single_pass = replace(options, chunk_size=None, chunk_overlap=None)
         names = [image_name(source, index) for index, source in enumerate(images)]
 

@@ -183,9 +183,9 @@ class Server:
         self, values: RequestValues, preset: ModelPreset, views: list[View]
     ) -> int | None:
         """How the request fits the memory the worker has: None in one pass, else the
-        largest chunk of views (multi-view requests run as aligned chunks: only one chunk's
-        activations are held). A request that fits neither way is refused, naming the largest
-        one of the same views that would fit."""
+        largest chunk of views (multi-view and gaussian-splat requests run as aligned chunks:
+        only one chunk's activations are held). A request that fits neither way is refused,
+        naming the largest one of the same views that would fit."""
         host, device = memory.host_budget(), None
         on_gpu = self.device.type == "cuda"
         if on_gpu:
@@ -208,7 +208,7 @@ class Server:
         estimate = needed(len(views), values.output_resolution)
         if fits(estimate):
             return None
-        if values.mode == "multi-view":
+        if values.mode != "monocular":
             size = memory.request_size(
                 [v.size for v in views],
                 values.process_resolution,

@@ -336,7 +336,8 @@ def gather_views(
     """All views of a request as image files under ``folder``, and the kind of the main input
     (``image``, ``zip`` or ``video``). The paths must have passed
     :func:`da3cog.serve.provenance.check_request_files` already."""
-    from da3cog.serve.video import sample_video_frames, sniff_video_format
+    from da3cog.io.video import sniff_video_format
+    from da3cog.serve.video import sample_video_frames
 
     image = Path(image)
     label = input_label("image", image)
