@@ -1,5 +1,9 @@
-"""Images (+ optional cameras) -> :class:`Prediction`: preprocessing, the network, pose
-conditioning and scale alignment, re-anchoring and output resolution."""
+"""Images (+ optional cameras) -> :class:`Prediction`, in named stages that
+:meth:`DepthAnything3.predict` runs in order: ``_decode`` (images, names, the intrinsics to
+use), ``_preprocess`` (the network's batch), ``_forward`` (the network, pose-conditioned when
+given poses), ``_resolve`` (cameras and units: anchoring, scale alignment to the user's poses,
+metric depth) and ``_assemble`` (Gaussians and every view at the output resolution). Requests
+with more views than fit run the same stages per chunk (:mod:`da3cog.chunked`)."""
 
 from __future__ import annotations
 
@@ -309,6 +313,36 @@ class InferenceOptions:
 ProgressCallback = Callable[[str], None]
 
 
+@dataclass(frozen=True)
+class _Decoded:
+    """Stage 1: the decoded images, their names, and the intrinsics to use (the user's or
+    EXIF's, input pixels) with where they came from."""
+
+    names: list[str]
+    arrays: list[np.ndarray]
+    intrinsics: np.ndarray | None
+    intrinsics_source: CameraSource | None
+    notes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    """Stage 4: depth (processing resolution, the Prediction's unit), cameras (processing
+    pixels) and what they mean."""
+
+    depth: torch.Tensor
+    extrinsics: np.ndarray | None
+    intrinsics: np.ndarray | None
+    intrinsics_source: CameraSource | None
+    is_metric: bool = False
+    focal_source: CameraSource | None = None
+    metric_scale: float | None = None
+    # Factor taking the network's depth unit to the Prediction's (Gaussians follow it).
+    unit: float = 1.0
+    notes: tuple[str, ...] = ()
+    posed: bool = False
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -375,7 +409,6 @@ class DepthAnything3:
         view (upstream keeps its predicted cameras even when given poses).
         """
         options = options or InferenceOptions()
-        preset = self.loaded.preset
         report = progress or (lambda message: logger.info("%s", message))
         if isinstance(images, (str, os.PathLike, np.ndarray)) or not len(images):
             raise ValueError("images must be a non-empty list of paths, PIL images or arrays")
@@ -383,56 +416,96 @@ class DepthAnything3:
         self._check_request(extrinsics, intrinsics, options)
         user_extrinsics = check_extrinsics(extrinsics, count) if extrinsics is not None else None
         user_intrinsics = check_intrinsics(intrinsics, count) if intrinsics is not None else None
-        chunk = self._auto_chunk(images, options) if options.chunk_size == "auto" else None
-        if options.chunk_size != "auto":
-            chunk = options.chunk_size
+        chunk = options.chunk_size
+        if chunk == "auto":
+            chunk = self._auto_chunk(images, options)
         if chunk is not None and count > chunk:
             return self._predict_in_chunks(
                 images, user_extrinsics, user_intrinsics, options, chunk, report
             )
 
         started = time.perf_counter()
-        report(f"decoding {count} image(s)")
+        decoded = self._decode(images, user_intrinsics, report)
+        batch, notes = self._preprocess(decoded, options, report)
+        # Poses condition the network only with intrinsics beside them.
+        poses = user_extrinsics if batch.intrinsics is not None else None
+        output = self._forward(batch, poses, options, report)
+        report("postprocessing")
+        resolved = self._resolve(output, batch, decoded, poses, options)
+        notes = (*decoded.notes, *notes, *resolved.notes)
+        prediction = self._assemble(decoded, batch, output, resolved, notes, options)
+        report(f"done in {time.perf_counter() - started:.2f}s")
+        return prediction
+
+    # The stages of one pass, in order (the chunked path runs them per chunk).
+
+    def _decode(
+        self,
+        images: Sequence[ImageSource],
+        user_intrinsics: np.ndarray | None,
+        report: ProgressCallback,
+    ) -> _Decoded:
+        """Decode the images; the intrinsics to use are the user's, else (single-view models)
+        EXIF's, checked against the decoded sizes."""
+        preset = self.loaded.preset
+        report(f"decoding {len(images)} image(s)")
         names = [image_name(source, index) for index, source in enumerate(images)]
         arrays = [load_image(source) for source in images]
         if user_intrinsics is not None:
             check_intrinsics_for_images(user_intrinsics, [a.shape[:2] for a in arrays])
-        notes: list[str] = []
-        intrinsics_source: CameraSource | None = None
-        if user_intrinsics is not None:
-            intrinsics_source = "user intrinsics"
-        elif not preset.cameras:
-            user_intrinsics, reason = _exif_intrinsics(images, arrays)
-            if user_intrinsics is not None:
-                intrinsics_source = "exif"
-            elif preset.canonical_metric:
-                notes.append(
-                    "depth is not metric: the metric model needs a focal length and none was "
-                    f"given or found in EXIF ({reason}); depth is the model's canonical output "
-                    "(metres only for a 300-pixel focal length at the processing resolution)"
-                )
-                logger.warning("%s", notes[-1])
+            return _Decoded(names, arrays, user_intrinsics, "user intrinsics", ())
+        if preset.cameras:
+            return _Decoded(names, arrays, None, None, ())
+        exif, reason = _exif_intrinsics(images, arrays)
+        if exif is not None:
+            return _Decoded(names, arrays, exif, "exif", ())
+        notes: tuple[str, ...] = ()
+        if preset.canonical_metric:
+            notes = (
+                "depth is not metric: the metric model needs a focal length and none was "
+                f"given or found in EXIF ({reason}); depth is the model's canonical output "
+                "(metres only for a 300-pixel focal length at the processing resolution)",
+            )
+            logger.warning("%s", notes[0])
+        return _Decoded(names, arrays, None, None, notes)
+
+    def _preprocess(
+        self, decoded: _Decoded, options: InferenceOptions, report: ProgressCallback
+    ) -> tuple[PreparedBatch, tuple[str, ...]]:
+        """The network's input batch (and a note when views of other shapes were fitted)."""
         report("preprocessing")
         batch = prepare_images(
-            arrays,
+            decoded.arrays,
             options.process_res,
             options.resize_method,
-            user_intrinsics,
+            decoded.intrinsics,
             mixed_shapes=options.mixed_shapes,
         )
-        if batch.reshaped:
-            notes.append(_mixed_shapes_note(batch, names, options.mixed_shapes))
-            logger.info("%s", notes[-1])
-        generator = torch.Generator(device=self.device).manual_seed(options.seed)
+        if not batch.reshaped:
+            return batch, ()
+        note = _mixed_shapes_note(batch, decoded.names, options.mixed_shapes)
+        logger.info("%s", note)
+        return batch, (note,)
 
-        posed = user_extrinsics is not None and batch.intrinsics is not None
+    def _forward(
+        self,
+        batch: PreparedBatch,
+        user_extrinsics: np.ndarray | None,
+        options: InferenceOptions,
+        report: ProgressCallback,
+    ) -> NetworkOutput:
+        """The network on the batch, conditioned on the user's poses when given."""
+        generator = torch.Generator(device=self.device).manual_seed(options.seed)
         conditioning = None
-        if posed:
+        if user_extrinsics is not None:
             conditioning = normalize_pose_conditioning(
                 torch.from_numpy(user_extrinsics).float()[None].to(self.device)
             )
-        report(f"running {preset.name} on {count} view(s) at {batch.processing_size}")
-        output: NetworkOutput = self.network(
+        report(
+            f"running {self.loaded.preset.name} on {batch.num_views} view(s) at "
+            f"{batch.processing_size}"
+        )
+        return self.network(
             batch.images[None].to(self.device),
             conditioning,
             batch.intrinsics[None].to(self.device) if conditioning is not None else None,
@@ -442,103 +515,141 @@ class DepthAnything3:
             generator=generator,
             autocast_dtype=self.autocast_dtype,
         )
-        report("postprocessing")
+
+    def _resolve(
+        self,
+        output: NetworkOutput,
+        batch: PreparedBatch,
+        decoded: _Decoded,
+        user_extrinsics: np.ndarray | None,
+        options: InferenceOptions,
+    ) -> _Resolved:
+        """Cameras and units: the predicted cameras anchored to the first view, or the user's
+        with depth in their unit; metric depth from the metric model's focal length or the
+        nested model's metric branch."""
+        preset = self.loaded.preset
         depth = output.depth[0].float().cpu()
-        confidence = _numpy_or_none(output.depth_conf)
-        sky = _numpy_or_none(output.sky)
-        is_metric = False
-        focal_source: CameraSource | None = None
-        metric_scale: float | None = None
-        # Factor taking the network's depth unit to the Prediction's (Gaussians follow it).
-        unit = 1.0
-        extrinsics_out: np.ndarray | None
-        intrinsics_out: np.ndarray | None
         if not preset.cameras:
-            extrinsics_out = None
-            intrinsics_out = batch.intrinsics.numpy() if batch.intrinsics is not None else None
+            intrinsics = batch.intrinsics.numpy() if batch.intrinsics is not None else None
             if preset.canonical_metric and batch.intrinsics is not None:
                 # Focal lengths in pixels of the processing image: what the network saw.
-                depth = canonical_to_metric(depth, batch.intrinsics)
-                is_metric, focal_source = True, intrinsics_source
-        else:
-            intrinsics_source = "user intrinsics" if posed else "predicted"
-            if preset.is_nested and output.metric_scales is not None:
-                metric_scale = output.metric_scales[0]
-                if metric_scale is None:
-                    notes.append(
-                        "depth is not metric: too few non-sky pixels to fit the metric scale; "
-                        "depth and cameras keep the any-view model's relative unit"
-                    )
-                    logger.warning("%s", notes[-1])
-                else:
-                    is_metric, focal_source = True, "predicted"
-            predicted_extrinsics = output.extrinsics[0].float().cpu()
-            if posed:
-                extrinsics_out = user_extrinsics.astype(np.float32)
-                intrinsics_out = batch.intrinsics.numpy()
-                if options.align_to_input_scale:
-                    # Scale taking the user's trajectory onto the network's (upstream's
-                    # direction: Umeyama is not symmetric under noise), so depth / scale is in
-                    # user units.
-                    scale = trajectory_scale(
-                        user_extrinsics, predicted_extrinsics.double().numpy(), seed=options.seed
-                    )
-                    if scale is None:
-                        notes.append(
-                            "the input cameras do not determine a scale (one view or coincident "
-                            "centres): depth keeps the network's relative unit"
-                        )
-                    else:
-                        depth = depth / scale
-                        unit = 1.0 / scale
-                        if is_metric:
-                            notes.append(
-                                "depth is in the unit of the given extrinsics, not the metric "
-                                "model's metres (align_to_input_scale)"
-                            )
-                            is_metric, focal_source = False, None
+                return _Resolved(
+                    canonical_to_metric(depth, batch.intrinsics),
+                    None,
+                    intrinsics,
+                    decoded.intrinsics_source,
+                    is_metric=True,
+                    focal_source=decoded.intrinsics_source,
+                )
+            return _Resolved(depth, None, intrinsics, decoded.intrinsics_source)
+        notes: list[str] = []
+        is_metric, focal_source, metric_scale = False, None, None
+        if preset.is_nested and output.metric_scales is not None:
+            metric_scale = output.metric_scales[0]
+            if metric_scale is None:
+                notes.append(
+                    "depth is not metric: too few non-sky pixels to fit the metric scale; "
+                    "depth and cameras keep the any-view model's relative unit"
+                )
+                logger.warning("%s", notes[-1])
             else:
-                extrinsics_out = anchor_to_first_view(predicted_extrinsics).numpy()
-                intrinsics_out = output.intrinsics[0].float().cpu().numpy()
+                is_metric, focal_source = True, "predicted"
+        predicted_extrinsics = output.extrinsics[0].float().cpu()
+        if user_extrinsics is None:
+            return _Resolved(
+                depth,
+                anchor_to_first_view(predicted_extrinsics).numpy(),
+                output.intrinsics[0].float().cpu().numpy(),
+                "predicted",
+                is_metric,
+                focal_source,
+                metric_scale,
+                notes=tuple(notes),
+            )
+        unit = 1.0
+        if options.align_to_input_scale:
+            # Scale taking the user's trajectory onto the network's (upstream's direction:
+            # Umeyama is not symmetric under noise), so depth / scale is in user units.
+            scale = trajectory_scale(
+                user_extrinsics, predicted_extrinsics.double().numpy(), seed=options.seed
+            )
+            if scale is None:
+                notes.append(
+                    "the input cameras do not determine a scale (one view or coincident "
+                    "centres): depth keeps the network's relative unit"
+                )
+            else:
+                depth, unit = depth / scale, 1.0 / scale
+                if is_metric:
+                    notes.append(
+                        "depth is in the unit of the given extrinsics, not the metric "
+                        "model's metres (align_to_input_scale)"
+                    )
+                    is_metric, focal_source = False, None
+        return _Resolved(
+            depth,
+            user_extrinsics.astype(np.float32),
+            batch.intrinsics.numpy() if batch.intrinsics is not None else None,
+            "user intrinsics",
+            is_metric,
+            focal_source,
+            metric_scale,
+            unit,
+            tuple(notes),
+            posed=True,
+        )
 
+    def _assemble(
+        self,
+        decoded: _Decoded,
+        batch: PreparedBatch,
+        output: NetworkOutput,
+        resolved: _Resolved,
+        notes: tuple[str, ...],
+        options: InferenceOptions,
+    ) -> Prediction:
+        """Gaussians placed with the resolved cameras, and every view at the output
+        resolution."""
+        preset = self.loaded.preset
         gaussians = (
-            _gaussians(output, extrinsics_out, intrinsics_out, unit)
+            _gaussians(output, resolved.extrinsics, resolved.intrinsics, resolved.unit)
             if options.infer_gaussians
             else None
         )
-        depth_np = depth.numpy()
+        confidence = _numpy_or_none(output.depth_conf)
+        sky = _numpy_or_none(output.sky)
+        depth = resolved.depth.numpy()
         views = tuple(
             self._view(
-                names[index],
-                arrays[index],
+                decoded.names[index],
+                decoded.arrays[index],
                 batch.views[index],
                 batch.rgb[index],
-                depth_np[index],
+                depth[index],
                 None if confidence is None else confidence[index],
                 None if sky is None else sky[index],
-                None if extrinsics_out is None else extrinsics_out[index],
-                None if intrinsics_out is None else intrinsics_out[index],
+                None if resolved.extrinsics is None else resolved.extrinsics[index],
+                None if resolved.intrinsics is None else resolved.intrinsics[index],
                 options.output_resolution,
             )
-            for index in range(count)
+            for index in range(batch.num_views)
         )
         reference = output.backbone.reference_view
-        report(f"done in {time.perf_counter() - started:.2f}s")
         return Prediction(
             views=views,
-            is_metric=is_metric,
+            is_metric=resolved.is_metric,
             model_id=self.loaded.model_id,
             model_revision=self.loaded.revision,
             model_preset=preset.name,
             processing_size=batch.processing_size,
             output_resolution=options.output_resolution,
-            pose_conditioned=posed,
+            pose_conditioned=resolved.posed,
             reference_view=int(reference[0]) if reference is not None else None,
-            notes=tuple(notes),
+            notes=notes,
             cameras_estimated=preset.cameras,
-            intrinsics_source=intrinsics_source,
-            focal_source=focal_source,
-            metric_scale=metric_scale,
+            intrinsics_source=resolved.intrinsics_source,
+            focal_source=resolved.focal_source,
+            metric_scale=resolved.metric_scale,
             gaussians=gaussians,
         )
 
