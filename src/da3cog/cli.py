@@ -174,6 +174,34 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="Hub download cache (default: $DA3COG_CACHE_DIR or the HF cache)",
     )
+    batch = commands.add_parser(
+        "batch",
+        help="predict every scene of a manifest, each into its own folder, with an index",
+        description=(
+            "Scenes from a .jsonl or .csv manifest (see da3cog.batch.manifest), in this "
+            "process with one model; a rerun skips the scenes already done."
+        ),
+    )
+    batch.add_argument("manifest", type=Path, help="the scenes (.jsonl or .csv)")
+    batch.add_argument(
+        "--out", type=Path, required=True, help="output folder (one folder per scene)"
+    )
+    batch.add_argument(
+        "--model", default="small", help="preset (optionally @version), Hub id or folder"
+    )
+    batch.add_argument("--process-res", type=int, default=504)
+    batch.add_argument(
+        "--export",
+        nargs="+",
+        choices=(*FORMATS, "all"),
+        default=list(DEFAULT_EXPORTS),
+        metavar="FORMAT",
+        help=f"files per scene (default: {' '.join(DEFAULT_EXPORTS)})",
+    )
+    batch.add_argument("--chunk-size", type=_chunk_size, default="auto", metavar="N|auto|none")
+    batch.add_argument("--seed", type=int, default=42)
+    batch.add_argument("--device", default=None)
+    batch.add_argument("--cache-dir", type=Path, default=None)
     return parser
 
 
@@ -229,59 +257,6 @@ def _fresh_output(folder: Path) -> None:
         raise ValueError(f"output folder {folder} exists and is not empty: choose a new one")
 
 
-def _expand_inputs(args: argparse.Namespace, frames_folder: Path) -> list[Path]:
-    """The views the inputs name, in order: a folder gives its image files (by content, in
-    name order), a video its sampled frames (written as PNGs into ``frames_folder``),
-    anything else stays as given (and is checked as an image next)."""
-    from PIL import Image
-
-    from da3cog.io.images import HEADER_BYTES, sniff_image_format
-    from da3cog.io.video import sample_frames, sniff_video_format
-
-    def head(path: Path) -> bytes:
-        with path.open("rb") as stream:
-            return stream.read(HEADER_BYTES)
-
-    if args.max_frames < 1:
-        raise ValueError(f"--max-frames must be at least 1, got {args.max_frames}")
-    views: list[Path] = []
-    for number, path in enumerate(args.images):
-        if path.is_dir():
-            members = sorted(p for p in path.iterdir() if p.is_file())
-            images = [p for p in members if sniff_image_format(head(p)) is not None]
-            if not images:
-                raise ValueError(f"{path}: a folder with no image files")
-            views.extend(images)
-        elif path.is_file() and sniff_video_format(head(path)) is not None:
-            sampling = {"stride": args.stride} if args.stride else {"fps": args.fps or 2.0}
-            folder = frames_folder / f"{number:03d}"
-            folder.mkdir(parents=True)
-            count = 0
-            for count, frame in enumerate(
-                sample_frames(path, str(path), max_frames=args.max_frames, **sampling), start=1
-            ):
-                target = folder / f"{path.stem}_frame_{count - 1:04d}.png"
-                Image.fromarray(frame.picture).save(target, compress_level=1)
-                views.append(target)
-            print(f"[da3cog] {path}: {count} frame(s) sampled", file=sys.stderr)
-        else:
-            views.append(path)
-    return views
-
-
-def _check_images(paths: list[Path]) -> None:
-    """Every input is an existing image file in an accepted format with a readable header,
-    checked before any model is loaded (or downloaded). ValueError naming the file."""
-    from da3cog.io.images import read_image_header
-
-    for path in paths:
-        if not path.exists():
-            raise ValueError(f"{path}: no such file")
-        if not path.is_file():
-            raise ValueError(f"{path}: not a file")
-        read_image_header(path, str(path))
-
-
 def predict(args: argparse.Namespace) -> list[Path]:
     if args.sample:
         from da3cog.samples import sample_paths
@@ -290,16 +265,31 @@ def predict(args: argparse.Namespace) -> list[Path]:
     if not args.images:
         raise ValueError("no images: name image files, or pass --sample for the bundled photos")
     _fresh_output(args.out)
+    from da3cog.io.inputs import FrameSampling, expand_inputs
+
+    sampling = FrameSampling(args.fps, args.stride, args.max_frames)
     with tempfile.TemporaryDirectory(prefix="da3cog-frames-") as frames_folder:
-        args.images = _expand_inputs(args, Path(frames_folder))
+        args.images = expand_inputs(args.images, Path(frames_folder), sampling, _say)
         return _predict_views(args)
+
+
+def _seeded(exports: list[str], seed: int) -> dict[str, int]:
+    """The export options for ``exports``: the seed of the point-cloud subsample, the only
+    seeded export step, when a point format is among them."""
+    seeded = {"ply", "glb", "colmap", "colmap_text", "colmap_binary", "all"}
+    return {"seed": seed} if seeded & set(exports) else {}
+
+
+def _say(message: str) -> None:
+    print(f"[da3cog] {message}", file=sys.stderr)
 
 
 def _predict_views(args: argparse.Namespace) -> list[Path]:
     from da3cog.export.manifest import export_all
+    from da3cog.io.inputs import check_images
     from da3cog.pipeline import DepthAnything3, InferenceOptions
 
-    _check_images(args.images)
+    check_images(args.images)
     exports = _exports(args)
     options = InferenceOptions(
         process_res=args.process_res,
@@ -323,9 +313,7 @@ def _predict_views(args: argparse.Namespace) -> list[Path]:
         progress=lambda message: print(f"[da3cog] {message}", file=sys.stderr),
     )
     print(f"[da3cog] writing {', '.join(exports)}", file=sys.stderr)
-    # The point-cloud subsample is the only seeded export step.
-    seeded = {"ply", "glb", "colmap", "colmap_text", "colmap_binary", "all"}
-    export_options: dict[str, int] = {"seed": args.seed} if seeded & set(exports) else {}
+    export_options = _seeded(exports, args.seed)
     if args.video_frames is not None:
         export_options["video_frames"] = args.video_frames
     manifest = export_all(prediction, args.out, exports, **export_options)
@@ -340,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     from da3cog.weights import CheckpointError
 
     try:
+        if args.command == "batch":
+            return run_batch_command(args)
         written = predict(args)
     except (ValueError, FileNotFoundError, CheckpointError) as error:
         print(f"da3cog: error: {error}", file=sys.stderr)
@@ -347,6 +337,33 @@ def main(argv: list[str] | None = None) -> int:
     for path in written:
         print(path)
     return 0
+
+
+def run_batch_command(args: argparse.Namespace) -> int:
+    """``da3cog batch``: 0 when every scene is done, 1 when some failed (their errors are in
+    the index and the summary)."""
+    from da3cog.batch import read_manifest, run_batch
+    from da3cog.pipeline import DepthAnything3, InferenceOptions
+
+    scenes = read_manifest(args.manifest)
+    options = InferenceOptions(
+        process_res=args.process_res, seed=args.seed, chunk_size=args.chunk_size
+    )
+    model = DepthAnything3.from_pretrained(args.model, device=args.device, cache_dir=args.cache_dir)
+    results = run_batch(
+        scenes,
+        args.out,
+        model,
+        options=options,
+        formats=args.export,
+        export_options=_seeded(args.export, args.seed),
+        progress=_say,
+    )
+    failed = [r for r in results if r.status != "done"]
+    print(f"{len(results) - len(failed)} scene(s) done, {len(failed)} failed: {args.out}")
+    for result in failed:
+        print(f"  {result.scene}: {result.error}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,83 @@
+"""What a user's input paths mean as views: image files as they are, folders as their image
+files, videos as sampled frames. Shared by the CLI and the batch runner."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from da3cog.io.images import HEADER_BYTES, read_image_header, sniff_image_format
+from da3cog.io.video import sample_frames, sniff_video_format
+
+
+@dataclass(frozen=True)
+class FrameSampling:
+    """How frames are taken from a video: ``fps`` a second (default 2) or every ``stride``-th
+    frame, at most ``max_frames`` from each video."""
+
+    fps: float | None = None
+    stride: int | None = None
+    max_frames: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.fps is not None and self.stride is not None:
+            raise ValueError("give a frame rate or a stride, not both")
+        if self.max_frames < 1:
+            raise ValueError(f"max_frames must be at least 1, got {self.max_frames}")
+
+
+DEFAULT_SAMPLING = FrameSampling()
+
+
+def _head(path: Path) -> bytes:
+    with path.open("rb") as stream:
+        return stream.read(HEADER_BYTES)
+
+
+def expand_inputs(
+    paths: Sequence[Path],
+    frames_folder: Path,
+    sampling: FrameSampling = DEFAULT_SAMPLING,
+    report: Callable[[str], None] | None = None,
+) -> list[Path]:
+    """The views ``paths`` name, in order: a folder gives its image files (by content, in
+    name order), a video its sampled frames (written as ``<video>_frame_0000.png`` into
+    ``frames_folder``); anything else stays as given (see :func:`check_images`)."""
+    from PIL import Image
+
+    views: list[Path] = []
+    for number, path in enumerate(paths):
+        if path.is_dir():
+            members = sorted(p for p in path.iterdir() if p.is_file())
+            images = [p for p in members if sniff_image_format(_head(p)) is not None]
+            if not images:
+                raise ValueError(f"{path}: a folder with no image files")
+            views.extend(images)
+        elif path.is_file() and sniff_video_format(_head(path)) is not None:
+            rate = {"stride": sampling.stride} if sampling.stride else {"fps": sampling.fps or 2.0}
+            folder = frames_folder / f"{number:03d}"
+            folder.mkdir(parents=True)
+            count = 0
+            for count, frame in enumerate(
+                sample_frames(path, str(path), max_frames=sampling.max_frames, **rate), start=1
+            ):
+                target = folder / f"{path.stem}_frame_{count - 1:04d}.png"
+                Image.fromarray(frame.picture).save(target, compress_level=1)
+                views.append(target)
+            if report is not None:
+                report(f"{path}: {count} frame(s) sampled")
+        else:
+            views.append(path)
+    return views
+
+
+def check_images(paths: Sequence[Path]) -> None:
+    """Every path is an existing image file in an accepted format with a readable header
+    (checked before any model is loaded). ValueError naming the file."""
+    for path in paths:
+        if not path.exists():
+            raise ValueError(f"{path}: no such file")
+        if not path.is_file():
+            raise ValueError(f"{path}: not a file")
+        read_image_header(path, str(path))
