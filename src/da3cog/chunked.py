@@ -31,6 +31,7 @@ import torch
 from da3cog.geometry import (
     RobustFit,
     Similarity,
+    depth_to_world_points,
     matrix_to_quaternion,
     quaternion_to_matrix,
     robust_similarity,
@@ -82,18 +83,15 @@ def emitted_views(chunks: Sequence[range]) -> list[range]:
 def _world_points(view: ViewPrediction) -> np.ndarray:
     """``(H, W, 3)`` world points of a view's pixel centres at their depth (NaN where the
     depth is not a surface)."""
-    height, width = view.depth.shape
-    rows, cols = np.mgrid[0:height, 0:width]
-    pixels = np.stack([cols + 0.5, rows + 0.5, np.ones((height, width))], axis=-1)
-    rays = pixels @ np.linalg.inv(np.asarray(view.intrinsics, dtype=np.float64)).T
     depth = np.asarray(view.depth, dtype=np.float64)
     surface = np.isfinite(depth) & (depth > 0)
     if view.sky is not None:
         surface &= ~np.asarray(view.sky, dtype=bool)
-    camera_points = rays * np.where(surface, depth, np.nan)[..., None]
-    world_to_camera = np.asarray(view.extrinsics, dtype=np.float64)
-    rotation, translation = world_to_camera[:3, :3], world_to_camera[:3, 3]
-    return (camera_points - translation) @ rotation
+    return depth_to_world_points(
+        torch.from_numpy(np.where(surface, depth, np.nan)),
+        torch.from_numpy(np.asarray(view.intrinsics, dtype=np.float64)),
+        torch.from_numpy(np.asarray(view.extrinsics, dtype=np.float64)),
+    ).numpy()
 
 
 def _confidence_weight(view: ViewPrediction) -> np.ndarray:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from da3cog.io.cameras import UserCameras
+    from da3cog.pipeline import InferenceOptions
 
 DEFAULT_EXPORTS = ("depth_npy", "depth_vis", "cameras_json")
 # Added to the default exports by --gaussians.
@@ -266,30 +267,9 @@ def predict(args: argparse.Namespace) -> list[Path]:
         raise ValueError("no images: name image files, or pass --sample for the bundled photos")
     _fresh_output(args.out)
     from da3cog.io.inputs import FrameSampling, expand_inputs
+    from da3cog.pipeline import InferenceOptions
 
-    sampling = FrameSampling(args.fps, args.stride, args.max_frames)
-    with tempfile.TemporaryDirectory(prefix="da3cog-frames-") as frames_folder:
-        args.images = expand_inputs(args.images, Path(frames_folder), sampling, _say)
-        return _predict_views(args)
-
-
-def _seeded(exports: list[str], seed: int) -> dict[str, int]:
-    """The export options for ``exports``: the seed of the point-cloud subsample, the only
-    seeded export step, when a point format is among them."""
-    seeded = {"ply", "glb", "colmap", "colmap_text", "colmap_binary", "all"}
-    return {"seed": seed} if seeded & set(exports) else {}
-
-
-def _say(message: str) -> None:
-    print(f"[da3cog] {message}", file=sys.stderr)
-
-
-def _predict_views(args: argparse.Namespace) -> list[Path]:
-    from da3cog.export.manifest import export_all
-    from da3cog.io.inputs import check_images
-    from da3cog.pipeline import DepthAnything3, InferenceOptions
-
-    check_images(args.images)
+    # Options first: a bad one is reported before any video is decoded.
     exports = _exports(args)
     options = InferenceOptions(
         process_res=args.process_res,
@@ -303,6 +283,31 @@ def _predict_views(args: argparse.Namespace) -> list[Path]:
         chunk_size=args.chunk_size,
         chunk_overlap=args.chunk_overlap,
     )
+    sampling = FrameSampling(args.fps, args.stride, args.max_frames)
+    with tempfile.TemporaryDirectory(prefix="da3cog-frames-") as frames_folder:
+        args.images = expand_inputs(args.images, Path(frames_folder), sampling, _say)
+        return _predict_views(args, exports, options)
+
+
+def _seeded(exports: list[str], seed: int) -> dict[str, int]:
+    """The export options for ``exports``: the seed of the point-cloud subsample, the only
+    seeded export step, when a point format is among them."""
+    seeded = {"ply", "glb", "colmap", "colmap_text", "colmap_binary", "all"}
+    return {"seed": seed} if seeded & set(exports) else {}
+
+
+def _say(message: str) -> None:
+    print(f"[da3cog] {message}", file=sys.stderr)
+
+
+def _predict_views(
+    args: argparse.Namespace, exports: list[str], options: InferenceOptions
+) -> list[Path]:
+    from da3cog.export.manifest import export_all
+    from da3cog.io.inputs import check_images
+    from da3cog.pipeline import DepthAnything3
+
+    check_images(args.images)
     cameras = _read_user_cameras(args)
     model = DepthAnything3.from_pretrained(args.model, device=args.device, cache_dir=args.cache_dir)
     prediction = model.predict(
@@ -310,9 +315,9 @@ def _predict_views(args: argparse.Namespace) -> list[Path]:
         extrinsics=None if cameras is None else cameras.extrinsics,
         intrinsics=None if cameras is None else cameras.intrinsics,
         options=options,
-        progress=lambda message: print(f"[da3cog] {message}", file=sys.stderr),
+        progress=_say,
     )
-    print(f"[da3cog] writing {', '.join(exports)}", file=sys.stderr)
+    _say(f"writing {', '.join(exports)}")
     export_options = _seeded(exports, args.seed)
     if args.video_frames is not None:
         export_options["video_frames"] = args.video_frames

@@ -41,7 +41,7 @@ from da3cog.export.points import (
     surface_mask,
     world_to_camera,
 )
-from da3cog.geometry import matrix_to_quaternion
+from da3cog.geometry import matrix_to_quaternion, project_points
 from da3cog.pipeline import Prediction, ViewPrediction
 
 COLMAP_FOLDER = "colmap"
@@ -55,8 +55,8 @@ _PINHOLE_MODEL_ID = 1
 class ColmapCamera:
     """One view as a COLMAP camera + image (input-image pixels).
 
-    ``u_input = scale_x * u_view + offset_x`` (same for v) maps the view's continuous pixel
-    coordinates onto the COLMAP image.
+    ``u_colmap = scale_x * u_view`` (same for v) maps the view's continuous pixel coordinates
+    onto the COLMAP image, which is the part of the input the view covers.
     """
 
     width: int
@@ -66,8 +66,6 @@ class ColmapCamera:
     tvec: tuple[float, float, float]
     scale_x: float
     scale_y: float
-    offset_x: float
-    offset_y: float
     name: str
 
 
@@ -103,8 +101,6 @@ def colmap_camera(prediction: Prediction, index: int) -> ColmapCamera:
         tvec=tuple(float(value) for value in extrinsics[:3, 3]),
         scale_x=float(scale_x),
         scale_y=float(scale_y),
-        offset_x=0.0,
-        offset_y=0.0,
         name=colmap_image_name(index, view.name),
     )
 
@@ -150,34 +146,33 @@ def build_tracks(
     if min_track_length is None:
         min_track_length = 2 if len(prediction.views) > 1 else 1
     scale = np.array([[c.scale_x, c.scale_y] for c in cameras], dtype=np.float64)
-    offset = np.array([[c.offset_x, c.offset_y] for c in cameras], dtype=np.float64)
-    source_xy = (points.pixel.astype(np.float64) + 0.5) * scale[points.view] + offset[points.view]
+    source_xy = (points.pixel.astype(np.float64) + 0.5) * scale[points.view]
     observed_point = [np.arange(len(points))]
     observed_view = [points.view.astype(np.int64)]
     observed_xy = [source_xy]
-    xyz = points.xyz.astype(np.float64)
+    xyz = torch.from_numpy(points.xyz.astype(np.float64))
     for index, view in enumerate(prediction.views):
         others = np.flatnonzero(points.view != index)
         if not len(others):
             continue
-        extrinsics = world_to_camera(view)
-        in_camera = xyz[others] @ extrinsics[:3, :3].T + extrinsics[:3, 3]
-        z = in_camera[:, 2]
-        ahead = z > 1e-9
-        others, in_camera, z = others[ahead], in_camera[ahead], z[ahead]
-        projected = in_camera @ np.asarray(view.intrinsics, dtype=np.float64).T
-        u, v = projected[:, 0] / z, projected[:, 1] / z
-        inside = (u >= 0) & (u < view.width) & (v >= 0) & (v < view.height)
-        others, z, u, v = others[inside], z[inside], u[inside], v[inside]
+        uv, z = (
+            values.numpy()
+            for values in project_points(
+                xyz[others],
+                torch.from_numpy(np.asarray(view.intrinsics, dtype=np.float64)),
+                torch.from_numpy(world_to_camera(view)),
+            )
+        )
+        u, v = uv[:, 0], uv[:, 1]
+        seen = (z > 1e-9) & (u >= 0) & (u < view.width) & (v >= 0) & (v < view.height)
+        others, z, u, v = others[seen], z[seen], u[seen], v[seen]
         cols, rows = u.astype(np.int64), v.astype(np.int64)
         depth = np.asarray(view.depth, dtype=np.float64)[rows, cols]
         usable = surface_mask(view, drop_sky)[rows, cols]
         agrees = usable & (np.abs(z - depth) <= depth_tolerance * depth)
         observed_point.append(others[agrees])
         observed_view.append(np.full(int(agrees.sum()), index, dtype=np.int64))
-        observed_xy.append(
-            np.stack([u[agrees], v[agrees]], axis=1) * scale[index] + offset[index]
-        )
+        observed_xy.append(np.stack([u[agrees], v[agrees]], axis=1) * scale[index])
     point = np.concatenate(observed_point)
     view_index = np.concatenate(observed_view)
     xy = np.concatenate(observed_xy)

@@ -29,7 +29,7 @@ from da3cog.export.npz import npz_files, npz_upstream_files, upstream_layout_pro
 from da3cog.export.ply import PLY_NAME, point_cloud_files
 from da3cog.export.points import camera_problem, fuse_points
 from da3cog.export.video import gaussians_video_files
-from da3cog.pipeline import Prediction
+from da3cog.pipeline import Prediction, ViewPrediction
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA_FILE = "manifest.schema.json"
@@ -185,9 +185,9 @@ def _entry_document(entry: ManifestEntry, root: Path) -> dict[str, Any]:
     return document
 
 
-def _chunk_record(view: Any) -> dict[str, Any]:
+def _chunk_record(view: ViewPrediction) -> dict[str, Any]:
     """Which chunk predicted the view and how well it aligned, for chunked predictions."""
-    if getattr(view, "chunk", None) is None:
+    if view.chunk is None:
         return {}
     residual = view.alignment_residual
     return {

@@ -41,9 +41,9 @@ from da3cog.io.images import ImageSource, load_image
 logger = logging.getLogger(__name__)
 
 PATCH_SIZE = 14
+"""Side of the ViT patches; processed images have both sides divisible by it."""
 MIXED_SHAPES: tuple[str, ...] = ("resize", "crop")
 """How views that process to different sizes are made one size (see the module docstring)."""
-"""Side of the ViT patches; processed images have both sides divisible by it."""
 
 PROCESS_METHODS: tuple[str, ...] = (
     "upper_bound_resize",

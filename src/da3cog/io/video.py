@@ -157,12 +157,9 @@ def sample_frames(
                     next_time = (math.floor((elapsed + 1e-6) / interval) + 1) * interval
                 if kept >= max_frames:
                     break
-    except (av.error.FFmpegError, OSError) as error:
-        reason = str(error).replace(str(path), "the file")
-        raise VideoDecodeError(f"{label}: not a readable video ({reason})") from error
-    except ValueError as error:
-        if isinstance(error, VideoDecodeError):
-            raise
+    except VideoDecodeError:
+        raise
+    except (av.error.FFmpegError, OSError, ValueError) as error:
         reason = str(error).replace(str(path), "the file")
         raise VideoDecodeError(f"{label}: not a readable video ({reason})") from error
     if not kept:

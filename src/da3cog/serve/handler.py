@@ -193,14 +193,18 @@ class Server:
         points = values.max_points if values.export_format != "none" else 0
         gaussians = values.mode == "gaussian-splat"
 
+        def size_of(
+            chosen: list[View], output: str, resolution: int = values.process_resolution
+        ) -> memory.RequestSize:
+            return memory.request_size(
+                [v.size for v in chosen], resolution, output, gaussians, points
+            )
+
         def needed(count: int, output: str) -> memory.MemoryEstimate:
             chosen = views[:count]
             if values.mode == "monocular":
                 chosen = [max(views, key=lambda v: v.size[0] * v.size[1])]
-            size = memory.request_size(
-                [v.size for v in chosen], values.process_resolution, output, gaussians, points
-            )
-            return memory.estimate(preset, size, on_gpu)
+            return memory.estimate(preset, size_of(chosen, output), on_gpu)
 
         def fits(estimate: memory.MemoryEstimate) -> bool:
             return memory.fits(estimate, host, device)
@@ -209,13 +213,7 @@ class Server:
         if fits(estimate):
             return None
         if values.mode != "monocular":
-            size = memory.request_size(
-                [v.size for v in views],
-                values.process_resolution,
-                values.output_resolution,
-                gaussians,
-                points,
-            )
+            size = size_of(views, values.output_resolution)
             chunk = memory.plan_chunk(preset, size, on_gpu, host, device)
             if chunk is not None and fits(memory.estimate(preset, size, on_gpu, chunk=chunk)):
                 return chunk
@@ -232,13 +230,7 @@ class Server:
         if values.output_resolution == "input" and fits(needed(len(views), "processing")):
             advice.append("output_resolution=processing")
         if values.process_resolution > 280 and fits(
-            memory.estimate(
-                preset,
-                memory.request_size(
-                    [v.size for v in views], 280, values.output_resolution, gaussians, points
-                ),
-                on_gpu,
-            )
+            memory.estimate(preset, size_of(views, values.output_resolution, 280), on_gpu)
         ):
             advice.append("process_resolution=280")
         what = " or ".join(advice) if advice else "fewer or smaller views"
