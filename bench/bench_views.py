@@ -26,9 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-CACHE = ROOT / "bench" / ".cache"
-MODEL_NAMES = {"small": "da3-small", "base": "da3-base", "large": "da3-large", "giant": "da3-giant"}
+from random_checkpoints import MODEL_NAMES, ROOT, checkpoint
 
 CHILD = r"""
 import json, sys, time
@@ -73,15 +71,6 @@ assert len(prediction.views) == views
 print(json.dumps({"seconds": seconds, "added": added}))
 """
 
-
-def checkpoint(preset: str) -> Path:
-    folder = CACHE / f"{preset}-random"
-    if not (folder / "model.safetensors").is_file():
-        sys.path.insert(0, str(ROOT / "tests"))
-        from oracle import save_checkpoint
-
-        save_checkpoint(preset, folder, 0)
-    return folder
 
 
 def run(folder: Path, device: str, views: int, res: int, chunk: str) -> dict:

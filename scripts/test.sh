@@ -17,6 +17,8 @@ python -m pip install -q --no-deps gsplat==1.5.3 jaxtyping==0.3.11 wadler_lindig
 # The Replicate model's tests run the real cog server (coglet) at the version cog.yaml pins;
 # PyYAML reads cog.yaml for the config-schema test.
 python -m pip install -q -e ".[cog]" pyyaml==6.0.4
+# Ray Data for the batch backend's tests on a local cluster (the [batch] extra, pinned here).
+python -m pip install -q -e ".[batch]" "ray[data]==2.60.0"
 # The oracle last: every later pip install would check the environment and print an ERROR line
 # for each requirement of its app that --no-deps left out (xformers, gradio...), though nothing
 # here needs them.

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from da3cog.batch import BatchProgress, SceneResult
     from da3cog.io.cameras import UserCameras
     from da3cog.pipeline import InferenceOptions
 
@@ -43,19 +44,7 @@ def _parser() -> argparse.ArgumentParser:
             "by --fps or --stride)"
         ),
     )
-    sampling = predict.add_mutually_exclusive_group()
-    sampling.add_argument(
-        "--fps", type=float, default=None, help="video inputs: frames per second kept (default 2)"
-    )
-    sampling.add_argument(
-        "--stride", type=int, default=None, help="video inputs: keep every N-th frame instead"
-    )
-    predict.add_argument(
-        "--max-frames",
-        type=int,
-        default=1000,
-        help="video inputs: at most this many frames from each video (default 1000)",
-    )
+    _add_sampling(predict)
     predict.add_argument(
         "--sample",
         action="store_true",
@@ -179,13 +168,15 @@ def _parser() -> argparse.ArgumentParser:
         "batch",
         help="predict every scene of a manifest, each into its own folder, with an index",
         description=(
-            "Scenes from a .jsonl or .csv manifest (see da3cog.batch.manifest), in this "
-            "process with one model; a rerun skips the scenes already done."
+            "Scenes from a .jsonl, .csv or .parquet manifest (see da3cog.batch.manifest), in "
+            "this process with one model, or on a Ray cluster with --ray; paths or fsspec URIs "
+            "(s3://, gs://... with their filesystem package installed). A rerun skips the "
+            "scenes already done."
         ),
     )
-    batch.add_argument("manifest", type=Path, help="the scenes (.jsonl or .csv)")
+    batch.add_argument("manifest", help="the scenes (.jsonl, .csv or .parquet; path or URI)")
     batch.add_argument(
-        "--out", type=Path, required=True, help="output folder (one folder per scene)"
+        "--out", required=True, help="output folder or URI (one folder per scene, an index)"
     )
     batch.add_argument(
         "--model", default="small", help="preset (optionally @version), Hub id or folder"
@@ -200,10 +191,67 @@ def _parser() -> argparse.ArgumentParser:
         help=f"files per scene (default: {' '.join(DEFAULT_EXPORTS)})",
     )
     batch.add_argument("--chunk-size", type=_chunk_size, default="auto", metavar="N|auto|none")
+    batch.add_argument("--chunk-overlap", type=int, default=None)
+    _add_sampling(batch)
     batch.add_argument("--seed", type=int, default=42)
     batch.add_argument("--device", default=None)
-    batch.add_argument("--cache-dir", type=Path, default=None)
+    batch.add_argument("--cache-dir", default=None)
+    batch.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help=(
+            "run on Ray Data (pip install 'da3cog[batch]'): no ADDRESS starts a local cluster, "
+            "'auto' joins the one `ray start` runs here, ray://HOST:10001 a remote one"
+        ),
+    )
+    batch.add_argument(
+        "--actors",
+        type=_actor_range,
+        default=None,
+        metavar="N|MIN-MAX",
+        help="with --ray: actor pool size (default: one per GPU, or 1 on a CPU cluster)",
+    )
+    batch.add_argument(
+        "--gpus-per-actor",
+        type=float,
+        default=None,
+        help="with --ray: GPUs each actor reserves (default: 1 if the cluster has GPUs, else 0)",
+    )
+    batch.add_argument(
+        "--cpus-per-actor", type=float, default=1.0, help="with --ray: CPUs each actor reserves"
+    )
     return parser
+
+
+def _add_sampling(parser: argparse.ArgumentParser) -> None:
+    sampling = parser.add_mutually_exclusive_group()
+    sampling.add_argument(
+        "--fps", type=float, default=None, help="video inputs: frames per second kept (default 2)"
+    )
+    sampling.add_argument(
+        "--stride", type=int, default=None, help="video inputs: keep every N-th frame instead"
+    )
+    parser.add_argument(
+        "--max-frames",
+        type=int,
+        default=1000,
+        help="video inputs: at most this many frames from each video (default 1000)",
+    )
+
+
+def _actor_range(text: str) -> tuple[int, int]:
+    """``--actors``: ``N`` or ``MIN-MAX``."""
+    low, separator, high = text.partition("-")
+    try:
+        bounds = (int(low), int(high) if separator else int(low))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or MIN-MAX, got {text!r}") from None
+    if bounds[0] < 1 or bounds[1] < bounds[0]:
+        raise argparse.ArgumentTypeError(f"expected 1 <= MIN <= MAX, got {text!r}")
+    return bounds
 
 
 def _chunk_size(text: str) -> int | str | None:
@@ -346,29 +394,91 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_batch_command(args: argparse.Namespace) -> int:
     """``da3cog batch``: 0 when every scene is done, 1 when some failed (their errors are in
-    the index and the summary)."""
-    from da3cog.batch import read_manifest, run_batch
-    from da3cog.pipeline import DepthAnything3, InferenceOptions
+    the index and the summary table)."""
+    from da3cog.batch import BatchSettings, RayOptions, read_manifest, run_batch
+    from da3cog.io.inputs import FrameSampling
+    from da3cog.pipeline import InferenceOptions
 
-    scenes = read_manifest(args.manifest)
-    options = InferenceOptions(
-        process_res=args.process_res, seed=args.seed, chunk_size=args.chunk_size
-    )
-    model = DepthAnything3.from_pretrained(args.model, device=args.device, cache_dir=args.cache_dir)
-    results = run_batch(
-        scenes,
-        args.out,
-        model,
-        options=options,
-        formats=args.export,
+    ray_only = {"--actors": args.actors, "--gpus-per-actor": args.gpus_per_actor}
+    for flag, value in ray_only.items():
+        if value is not None and args.ray is None:
+            raise ValueError(f"{flag} applies with --ray only")
+    ray = None
+    if args.ray is not None:
+        low, high = args.actors or (1, None)
+        ray = RayOptions(
+            address=args.ray or None,
+            min_actors=low,
+            max_actors=high,
+            gpus_per_actor=args.gpus_per_actor,
+            cpus_per_actor=args.cpus_per_actor,
+        )
+    settings = BatchSettings(
+        model=args.model,
+        device=args.device,
+        cache_dir=args.cache_dir,
+        options=InferenceOptions(
+            process_res=args.process_res,
+            seed=args.seed,
+            chunk_size=args.chunk_size,
+            chunk_overlap=args.chunk_overlap,
+        ),
+        formats=tuple(args.export),
         export_options=_seeded(args.export, args.seed),
-        progress=_say,
+        sampling=FrameSampling(args.fps, args.stride, args.max_frames),
     )
+    scenes = read_manifest(args.manifest)
+    view = _BatchView(len(scenes))
+    try:
+        results = run_batch(scenes, args.out, settings, ray=ray, progress=view)
+    finally:
+        view.close()
+    _print_table(results)
     failed = [r for r in results if r.status != "done"]
     print(f"{len(results) - len(failed)} scene(s) done, {len(failed)} failed: {args.out}")
-    for result in failed:
-        print(f"  {result.scene}: {result.error}")
     return 1 if failed else 0
+
+
+class _BatchView:
+    """Batch progress on stderr: a bar (scenes done / failed / left, views/s) on a terminal,
+    one line per scene otherwise (logs)."""
+
+    def __init__(self, total: int) -> None:
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="scene", file=sys.stderr, dynamic_ncols=True)
+
+    def __call__(self, progress: BatchProgress) -> None:
+        if self.bar is None:
+            _say(progress.message)
+            return
+        self.bar.update(1)
+        self.bar.set_postfix(
+            done=progress.done,
+            failed=progress.failed,
+            left=progress.remaining,
+            views_s=f"{progress.views_per_second:.2f}",
+        )
+        if progress.last.status != "done":
+            self.bar.write(f"[da3cog] {progress.message}", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _print_table(results: list[SceneResult]) -> None:
+    rows = [("scene", "status", "views", "seconds", "views/s", "error")]
+    for r in results:
+        rate = f"{r.views / r.seconds:.2f}" if r.seconds and r.views else ""
+        error = r.error.splitlines()[0] if r.error else ""
+        rows.append((r.scene, r.status, str(r.views), f"{r.seconds:.1f}", rate, error))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        print("  ".join([*cells, row[-1]]).rstrip())
 
 
 if __name__ == "__main__":

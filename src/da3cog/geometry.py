@@ -595,8 +595,8 @@ def trajectory_scale(
     not, the ratio of the centres' RMS spreads is used. Returns None when the scale is
     undetermined (one view, or all centres of either trajectory coincide).
     """
-    estimated_centres = _camera_centres(estimated_extrinsics)
-    reference_centres = _camera_centres(reference_extrinsics)
+    estimated_centres = camera_centres(estimated_extrinsics)
+    reference_centres = camera_centres(reference_extrinsics)
     if len(estimated_centres) < 2:
         return None
     spread_estimated = np.linalg.norm(estimated_centres - estimated_centres.mean(axis=0))
@@ -617,7 +617,9 @@ def trajectory_scale(
         return float(spread_reference / spread_estimated)
 
 
-def _camera_centres(extrinsics: np.ndarray) -> np.ndarray:
+def camera_centres(extrinsics: np.ndarray) -> np.ndarray:
+    """``(N, 3)`` float64 camera centres in world coordinates of ``(N, 3|4, 4)``
+    world-to-camera extrinsics."""
     extrinsics = np.asarray(extrinsics, dtype=np.float64)
     rotation, translation = extrinsics[:, :3, :3], extrinsics[:, :3, 3]
     return -np.einsum("nji,nj->ni", rotation, translation)

@@ -178,6 +178,13 @@ def resolve_checkpoint(source: str | os.PathLike[str], cache_dir: Path | None = 
     return _download(repo_id, cache_dir if cache_dir is not None else default_cache_dir())
 
 
+def check_source(source: str | os.PathLike[str]) -> None:
+    """CheckpointError now when ``source`` names no checkpoint folder (with its files), preset
+    or Hub id; nothing is downloaded (a batch checks its model before starting workers)."""
+    if _hub_id(source) is None:
+        _check_folder(Path(source).expanduser())
+
+
 def _check_folder(path: Path) -> None:
     missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (path / n).is_file()]
     if missing:

@@ -1,166 +1,147 @@
-"""Run the scenes of a manifest, in this process, each into its own folder.
+"""Run the scenes of a manifest, each into its own folder, in this process or on Ray.
 
-Every scene is one unit of work: its inputs are expanded and checked, the model (loaded once)
-predicts it, its exports are written into ``OUT/.partial/<scene>/`` with ``result.json`` and
-a completion marker last, and the folder is then moved to ``OUT/<scene>/`` in one rename. A
-scene that fails becomes a failed result with its message; the others go on. A rerun of the
-same command skips the scenes whose folder is complete (a killed run resumes where it
-stopped; failed scenes are tried again) and removes what a killed run left half-written.
-``OUT/index.jsonl`` lists every scene of the manifest exactly once, in manifest order.
+Every scene is one unit of work (:class:`da3cog.batch.worker.SceneRunner`): its inputs are
+read and checked by the worker that runs it, the model predicts it, its exports land in
+``OUT/<scene>/`` with ``result.json`` and a completion marker last. A scene that fails becomes
+a failed row with its message; the others go on. A rerun of the same command skips the scenes
+whose folder is complete (a killed run resumes where it stopped; failed scenes are tried
+again) and replaces what a killed run left half-written. The index (``OUT/index.jsonl``, and
+``OUT/index.parquet`` with pyarrow) lists every scene of the manifest exactly once, in
+manifest order.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from da3cog.batch.manifest import Scene
-from da3cog.export.manifest import export_all
-from da3cog.io.cameras import read_camera_file
-from da3cog.io.inputs import DEFAULT_SAMPLING, FrameSampling, check_images, expand_inputs
-from da3cog.pipeline import DepthAnything3, InferenceOptions
-
-RESULT_NAME = "result.json"
-COMPLETE_NAME = ".complete"
-PARTIAL_FOLDER = ".partial"
-INDEX_NAME = "index.jsonl"
+from da3cog.batch.ray_backend import RayOptions, run_on_ray
+from da3cog.batch.storage import OutputRoot
+from da3cog.batch.worker import BatchSettings, SceneResult, SceneRunner
+from da3cog.pipeline import DepthAnything3
 
 
 @dataclass(frozen=True)
-class SceneResult:
-    """One scene's row of the index.
+class BatchProgress:
+    """Where a batch stands, after each scene.
 
     Attributes:
-        scene: its id.
-        status: ``done`` or ``failed``.
-        views: views predicted (0 when it failed).
-        seconds: wall time of the scene (as first run, for a resumed scene).
-        folder: its output folder, relative to the batch's output folder, when done.
-        files: its output files, relative to that folder.
-        error: why it failed.
+        total: scenes in the manifest.
+        done: scenes done (skipped ones included).
+        failed: scenes failed.
+        skipped: scenes done by an earlier run.
+        views: views predicted by this run.
+        elapsed: seconds since this run's first scene started.
+        last: the scene that just finished.
+        resumed: True when ``last`` was done by an earlier run.
     """
 
-    scene: str
-    status: str
-    views: int = 0
-    seconds: float = 0.0
-    folder: str | None = None
-    files: tuple[str, ...] = ()
-    error: str | None = None
+    total: int
+    done: int
+    failed: int
+    skipped: int
+    views: int
+    elapsed: float
+    last: SceneResult
+    resumed: bool = False
 
-    def document(self) -> dict[str, Any]:
-        document = asdict(self)
-        document["files"] = list(self.files)
-        return document
+    @property
+    def remaining(self) -> int:
+        return self.total - self.done - self.failed
 
-    @classmethod
-    def from_document(cls, document: dict[str, Any]) -> SceneResult:
-        return cls(**{**document, "files": tuple(document.get("files", ()))})
+    @property
+    def views_per_second(self) -> float:
+        return self.views / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def message(self) -> str:
+        last = self.last
+        finished = self.done + self.failed
+        head = f"scene {finished}/{self.total} {last.scene}: "
+        if self.resumed:
+            return head + "done earlier, skipped"
+        ran = finished - self.skipped
+        eta = self.elapsed / ran * self.remaining if ran else 0.0
+        return head + (
+            f"{last.status} in {last.seconds:.1f}s ({self.done} done, {self.failed} failed, "
+            f"{self.remaining} to go, {self.views_per_second:.2f} views/s, {eta:.0f}s left)"
+        )
 
 
 def run_batch(
     scenes: Sequence[Scene],
-    out: Path,
-    model: DepthAnything3,
+    out: str | Path,
+    settings: BatchSettings,
     *,
-    options: InferenceOptions | None = None,
-    formats: Sequence[str] = ("depth_npy", "depth_vis", "cameras_json"),
-    export_options: dict[str, Any] | None = None,
-    sampling: FrameSampling = DEFAULT_SAMPLING,
-    progress: Callable[[str], None] | None = None,
+    model: DepthAnything3 | None = None,
+    ray: RayOptions | None = None,
+    progress: Callable[[BatchProgress], None] | None = None,
 ) -> list[SceneResult]:
-    """Predict and export every scene (see the module docstring); returns the index rows."""
+    """Predict and export every scene (see the module docstring); returns the index rows in
+    manifest order.
+
+    Args:
+        scenes: the manifest's scenes.
+        out: the output folder, a path or an fsspec URI.
+        settings: the model and the options every scene shares.
+        model: an already loaded model for the in-process run (else loaded from
+            ``settings.model`` when a scene needs it); not used with ``ray``.
+        ray: run on Ray Data with these options instead of in this process.
+        progress: called after each scene.
+    """
+    if ray is not None and model is not None:
+        raise ValueError("with Ray each actor loads settings.model; do not pass a loaded model")
+    root = OutputRoot(out)
+    root.prepare()
+    results: dict[str, SceneResult] = {}
+    pending: list[Scene] = []
+    for scene in scenes:
+        stored = root.completed(scene.id)
+        if stored is None:
+            pending.append(scene)
+        else:
+            results[scene.id] = SceneResult.from_document(stored)
+    skipped = len(results)
     report = progress or (lambda _: None)
-    out.mkdir(parents=True, exist_ok=True)
-    partial = out / PARTIAL_FOLDER
-    shutil.rmtree(partial, ignore_errors=True)
-    results: list[SceneResult] = []
+    for number, result in enumerate(results.values(), start=1):
+        report(BatchProgress(len(scenes), number, 0, skipped, 0, 0.0, result, resumed=True))
+    done, failed, views = skipped, 0, 0
     started = time.perf_counter()
-    for number, scene in enumerate(scenes, start=1):
-        final = out / scene.id
-        if (final / COMPLETE_NAME).is_file():
-            results.append(SceneResult.from_document(json.loads((final / RESULT_NAME).read_text())))
-            report(f"scene {number}/{len(scenes)} {scene.id}: done earlier, skipped")
-            continue
-        shutil.rmtree(final, ignore_errors=True)
-        work = partial / scene.id
-        scene_started = time.perf_counter()
-        try:
-            outputs = work / "outputs"
-            views = _run_scene(
-                scene, work, outputs, model, options, formats, export_options, sampling
+    if pending:
+        if ray is not None:
+            from da3cog.weights import check_source
+
+            check_source(settings.model)
+            finished = run_on_ray(pending, settings, root, ray)
+        else:
+            finished = _in_process(pending, settings, root, model)
+        for result in finished:
+            if result.scene in results:
+                continue
+            results[result.scene] = result
+            done += result.status == "done"
+            failed += result.status != "done"
+            views += result.views
+            report(
+                BatchProgress(
+                    len(scenes), done, failed, skipped, views, time.perf_counter() - started, result
+                )
             )
-            result = SceneResult(
-                scene.id,
-                "done",
-                views=views,
-                seconds=round(time.perf_counter() - scene_started, 3),
-                folder=scene.id,
-                files=tuple(
-                    sorted(
-                        p.relative_to(outputs).as_posix() for p in outputs.rglob("*") if p.is_file()
-                    )
-                ),
-            )
-            (outputs / RESULT_NAME).write_text(json.dumps(result.document(), indent=2))
-            (outputs / COMPLETE_NAME).write_text("")
-            os.replace(outputs, final)
-        # Any failure of a scene (bad input, decoding, the model, a full disk) is its row.
-        except Exception as error:
-            result = SceneResult(
-                scene.id,
-                "failed",
-                seconds=round(time.perf_counter() - scene_started, 3),
-                error=f"{type(error).__name__}: {error}",
-            )
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        results.append(result)
-        done = sum(r.status == "done" for r in results)
-        failed = len(results) - done
-        elapsed = time.perf_counter() - started
-        report(
-            f"scene {number}/{len(scenes)} {scene.id}: {result.status} in {result.seconds:.1f}s "
-            f"({done} done, {failed} failed, {len(scenes) - number} to go, "
-            f"{elapsed / number * (len(scenes) - number):.0f}s left)"
-        )
-    _write_index(out, results)
-    shutil.rmtree(partial, ignore_errors=True)
-    return results
+    ordered = [results[scene.id] for scene in scenes]
+    root.write_index([result.document() for result in ordered])
+    root.finish()
+    return ordered
 
 
-def _run_scene(
-    scene: Scene,
-    work: Path,
-    outputs: Path,
-    model: DepthAnything3,
-    options: InferenceOptions | None,
-    formats: Sequence[str],
-    export_options: dict[str, Any] | None,
-    sampling: FrameSampling,
-) -> int:
-    views = expand_inputs(scene.inputs, work / "frames", sampling)
-    check_images(views)
-    cameras = None
-    if scene.cameras is not None:
-        cameras = read_camera_file(scene.cameras, len(views), label=str(scene.cameras))
-    prediction = model.predict(
-        [str(view) for view in views],
-        extrinsics=None if cameras is None else cameras.extrinsics,
-        intrinsics=None if cameras is None else cameras.intrinsics,
-        options=options,
-    )
-    export_all(prediction, outputs, list(formats), **(export_options or {}))
-    return len(prediction.views)
-
-
-def _write_index(out: Path, results: Sequence[SceneResult]) -> None:
-    temporary = out / f".{INDEX_NAME}.{os.getpid()}"
-    temporary.write_text("".join(json.dumps(r.document()) + "\n" for r in results))
-    os.replace(temporary, out / INDEX_NAME)
+def _in_process(
+    scenes: Sequence[Scene],
+    settings: BatchSettings,
+    root: OutputRoot,
+    model: DepthAnything3 | None,
+) -> Iterator[SceneResult]:
+    runner = SceneRunner(model or settings.load_model(), settings, root)
+    for scene in scenes:
+        yield runner.run(scene)

@@ -1,0 +1,211 @@
+"""Where a batch reads its inputs and writes its scenes, through fsspec.
+
+A location is a local path or a URI (``s3://bucket/run``, ``gs://...``, ``memory://...``; the
+filesystem package, e.g. ``s3fs``, is the user's to install). Local output folders get
+each scene by one atomic rename; on object stores, which have no rename, a scene's files are
+uploaded with the completion marker last, so a reader (and a rerun) trusts only folders that
+have the marker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+RESULT_NAME = "result.json"
+COMPLETE_NAME = ".complete"
+PARTIAL_FOLDER = ".partial"
+INDEX_NAME = "index.jsonl"
+INDEX_PARQUET_NAME = "index.parquet"
+
+# One remote input file larger than this is refused before it is fetched: a batch reads the
+# user's own collection, but one mistyped URI must not fill the worker's disk.
+MAX_REMOTE_INPUT_BYTES = 4 * 1024**3
+
+
+def is_uri(text: str) -> bool:
+    """True for ``protocol://...`` (``file://`` included), False for a plain path."""
+    return "://" in text
+
+
+def join(base: str, relative: str) -> str:
+    """``relative`` under ``base`` (a folder path or URI); absolute paths and URIs as given."""
+    if is_uri(relative) or os.path.isabs(relative):
+        return relative
+    if is_uri(base):
+        return posixpath.join(base, relative)
+    return str(Path(base) / relative)
+
+
+def parent(location: str) -> str:
+    """The folder holding ``location`` (a path or URI)."""
+    if is_uri(location):
+        protocol, _, rest = location.partition("://")
+        return f"{protocol}://{posixpath.dirname(rest.rstrip('/'))}"
+    return str(Path(location).parent)
+
+
+def read_text(location: str) -> str:
+    with fsspec.open(location, "r", encoding="utf-8") as stream:
+        return stream.read()
+
+
+def fetch_inputs(locations: Sequence[str], folder: Path) -> list[Path]:
+    """Local paths for ``locations``: plain paths (and ``file://``) as they are, remote files
+    and folders copied into ``folder`` (names kept). ValueError naming the location when it
+    does not exist or a file is larger than :data:`MAX_REMOTE_INPUT_BYTES`."""
+    paths: list[Path] = []
+    for number, location in enumerate(locations):
+        fs, path = fsspec.core.url_to_fs(location)
+        if isinstance(fs, LocalFileSystem):
+            paths.append(Path(path))
+            continue
+        if not fs.exists(path):
+            raise ValueError(f"{location}: no such file or folder")
+        target = folder / f"{number:03d}" / posixpath.basename(path.rstrip("/"))
+        if fs.isdir(path):
+            members = [m for m in fs.find(path) if fs.isfile(m)]
+            for member in members:
+                _check_size(fs, member, f"{location}/{posixpath.relpath(member, path)}")
+            target.mkdir(parents=True)
+            for member in members:
+                destination = target / posixpath.relpath(member, path)
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(member, str(destination))
+        else:
+            _check_size(fs, path, location)
+            target.parent.mkdir(parents=True)
+            fs.get_file(path, str(target))
+        paths.append(target)
+    return paths
+
+
+def _check_size(fs: fsspec.AbstractFileSystem, path: str, label: str) -> None:
+    size = fs.size(path)
+    if size is not None and size > MAX_REMOTE_INPUT_BYTES:
+        raise ValueError(
+            f"{label}: {size / 1024**3:.1f} GiB, over the {MAX_REMOTE_INPUT_BYTES / 1024**3:.0f} "
+            "GiB limit for one input file"
+        )
+
+
+class OutputRoot:
+    """The batch's output folder: one folder per scene, ``index.jsonl`` (and
+    ``index.parquet`` when pyarrow is installed) beside them."""
+
+    def __init__(self, location: str | os.PathLike[str]) -> None:
+        self.location = str(location)
+        self.fs, self.root = fsspec.core.url_to_fs(self.location)
+        self.local = isinstance(self.fs, LocalFileSystem)
+
+    def __reduce__(self) -> tuple[type[OutputRoot], tuple[str]]:
+        # Sent to Ray workers by location: each opens its own filesystem client.
+        return (OutputRoot, (self.location,))
+
+    def scene(self, scene: str) -> str:
+        return posixpath.join(self.root, scene)
+
+    def scene_location(self, scene: str) -> str:
+        """The scene's folder as the user names it (path or URI)."""
+        return join(self.location, scene)
+
+    def prepare(self) -> None:
+        """Create the folder and drop what a killed run left in its staging area."""
+        self.fs.makedirs(self.root, exist_ok=True)
+        if self.local:
+            shutil.rmtree(Path(self.root) / PARTIAL_FOLDER, ignore_errors=True)
+
+    def finish(self) -> None:
+        if self.local:
+            shutil.rmtree(Path(self.root) / PARTIAL_FOLDER, ignore_errors=True)
+
+    def completed(self, scene: str) -> dict[str, Any] | None:
+        """The stored result of ``scene`` when its folder is complete, else None."""
+        folder = self.scene(scene)
+        if not self.fs.exists(posixpath.join(folder, COMPLETE_NAME)):
+            return None
+        with self.fs.open(posixpath.join(folder, RESULT_NAME), "r") as stream:
+            return json.load(stream)
+
+    def staging(self, scene: str) -> Path:
+        """A fresh local folder to write ``scene`` into before :meth:`publish`: under
+        ``.partial`` on the same disk for a local output (so publishing is one rename), a
+        temporary folder for a remote one. Unique per attempt: a retried scene never writes
+        over an attempt still running elsewhere."""
+        name = f"{scene}.{uuid.uuid4().hex[:12]}"
+        if self.local:
+            folder = Path(self.root) / PARTIAL_FOLDER / name
+            folder.mkdir(parents=True)
+            return folder
+        return Path(tempfile.mkdtemp(prefix=f"da3cog-{name}-"))
+
+    def publish(self, scene: str, folder: Path) -> bool:
+        """Move the complete ``folder`` (its marker included) into place as ``scene``'s
+        folder, replacing a half-written one. False, leaving the landed one untouched, when
+        another attempt of the same scene landed first."""
+        if self.completed(scene) is not None:
+            return False
+        final = self.scene(scene)
+        if self.fs.exists(final):
+            self.fs.rm(final, recursive=True)
+        if self.local:
+            try:
+                os.replace(folder, final)
+            except OSError:
+                # A concurrent attempt renamed its folder in between: it landed first.
+                if self.completed(scene) is not None:
+                    return False
+                raise
+            return True
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE_NAME)
+        for path in files:
+            self.fs.put_file(str(path), posixpath.join(final, path.relative_to(folder).as_posix()))
+        self.fs.pipe_file(posixpath.join(final, COMPLETE_NAME), b"")
+        return True
+
+    def write_index(self, rows: Sequence[dict[str, Any]]) -> list[str]:
+        """``index.jsonl`` (and ``index.parquet`` with pyarrow), each written whole under a
+        temporary name and renamed (uploaded whole on object stores). Returns their locations."""
+        written = [self._write_whole(INDEX_NAME, "".join(json.dumps(r) + "\n" for r in rows))]
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            return written
+        table = pa.Table.from_pylist([_flat(row) for row in rows])
+        with tempfile.TemporaryDirectory(prefix="da3cog-index-") as folder:
+            local = Path(folder) / INDEX_PARQUET_NAME
+            pq.write_table(table, local)
+            written.append(self._write_whole(INDEX_PARQUET_NAME, local.read_bytes()))
+        return written
+
+    def _write_whole(self, name: str, content: str | bytes) -> str:
+        data = content.encode() if isinstance(content, str) else content
+        target = posixpath.join(self.root, name)
+        if self.local:
+            temporary = Path(self.root) / f".{name}.{os.getpid()}"
+            temporary.write_bytes(data)
+            os.replace(temporary, target)
+        else:
+            self.fs.pipe_file(target, data)
+        return join(self.location, name)
+
+
+def _flat(row: dict[str, Any]) -> dict[str, Any]:
+    """An index row with its nested records as columns (``timings.predict`` ->
+    ``seconds_predict``; the cameras summary as JSON text), for Parquet's fixed schema."""
+    flat = {key: value for key, value in row.items() if key not in ("timings", "cameras")}
+    for stage in ("inputs", "predict", "export"):
+        flat[f"seconds_{stage}"] = (row.get("timings") or {}).get(stage)
+    flat["cameras"] = json.dumps(row["cameras"]) if row.get("cameras") else None
+    return flat

@@ -1,0 +1,201 @@
+"""One scene, start to end, on whichever worker runs it: the in-process runner and every Ray
+actor call the same :class:`SceneRunner`.
+
+A scene's inputs are read by the worker (remote ones fetched into its staging folder), the
+model predicts them, the exports, ``result.json`` and the completion marker are written into a
+fresh staging folder that then moves into place (:meth:`OutputRoot.publish`). Any failure is
+the scene's result row; nothing escapes :meth:`SceneRunner.run`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from da3cog.batch.manifest import Scene, scene_settings
+from da3cog.batch.storage import COMPLETE_NAME, RESULT_NAME, OutputRoot, fetch_inputs
+from da3cog.geometry import camera_centres
+from da3cog.io.inputs import DEFAULT_SAMPLING, FrameSampling, check_images, expand_inputs
+from da3cog.pipeline import DepthAnything3, InferenceOptions, Prediction
+
+DEFAULT_FORMATS = ("depth_npy", "depth_vis", "cameras_json")
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """What every scene of a batch shares (a scene's manifest ``options`` override the
+    inference, export and sampling parts).
+
+    Attributes:
+        model: preset (optionally ``@version``), Hub id or checkpoint folder; each worker loads it.
+        device: torch device, None for CUDA when available.
+        cache_dir: Hub download cache.
+        options: inference options.
+        formats: export formats per scene.
+        export_options: keyword options of :func:`da3cog.export.manifest.export_all`.
+        sampling: frame sampling of video inputs.
+    """
+
+    model: str = "small"
+    device: str | None = None
+    cache_dir: str | None = None
+    options: InferenceOptions = field(default_factory=InferenceOptions)
+    formats: tuple[str, ...] = DEFAULT_FORMATS
+    export_options: dict[str, Any] = field(default_factory=dict)
+    sampling: FrameSampling = DEFAULT_SAMPLING
+
+    def load_model(self) -> DepthAnything3:
+        return DepthAnything3.from_pretrained(
+            self.model,
+            device=self.device,
+            cache_dir=None if self.cache_dir is None else Path(self.cache_dir),
+        )
+
+
+@dataclass(frozen=True)
+class SceneResult:
+    """One scene's row of the index.
+
+    Attributes:
+        scene: its id.
+        status: ``done`` or ``failed``.
+        views: views predicted (0 when it failed).
+        seconds: wall time of the scene on its worker (as first run, for a resumed scene).
+        timings: seconds per stage: ``inputs`` (fetch, decode videos, check), ``predict``,
+            ``export`` (write and move into place).
+        folder: its output folder (path or URI), when done.
+        files: its output files, relative to that folder.
+        cameras: a summary: ``metric`` (depth in metres), ``cameras_estimated``,
+            ``median_focal_px`` and ``path_length`` (summed distance between consecutive
+            camera centres, in the depth unit), when done.
+        worker: ``host:pid`` of the process that ran it.
+        error: why it failed.
+    """
+
+    scene: str
+    status: str
+    views: int = 0
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+    folder: str | None = None
+    files: tuple[str, ...] = ()
+    cameras: dict[str, Any] | None = None
+    worker: str = ""
+    error: str | None = None
+
+    def document(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "files": list(self.files)}
+
+    @classmethod
+    def from_document(cls, document: dict[str, Any]) -> SceneResult:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in document.items() if k in known}
+        return cls(**{**values, "files": tuple(values.get("files", ()))})
+
+
+class SceneRunner:
+    """Runs scenes with one loaded model into one output root."""
+
+    def __init__(self, model: DepthAnything3, settings: BatchSettings, root: OutputRoot) -> None:
+        self.model = model
+        self.settings = settings
+        self.root = root
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def run(self, scene: Scene) -> SceneResult:
+        """Predict, export and publish ``scene``; its result row either way. A scene another
+        attempt already landed is not run again (its stored row is returned)."""
+        landed = self.root.completed(scene.id)
+        if landed is not None:
+            return SceneResult.from_document(landed)
+        started = time.perf_counter()
+        staging = self.root.staging(scene.id)
+        try:
+            outputs = staging / "outputs"
+            result = self._run(scene, staging, outputs, started)
+            (outputs / RESULT_NAME).write_text(json.dumps(result.document(), indent=2))
+            (outputs / COMPLETE_NAME).write_text("")
+            if not self.root.publish(scene.id, outputs):
+                landed = self.root.completed(scene.id)
+                if landed is not None:
+                    return SceneResult.from_document(landed)
+            return result
+        # Any failure of a scene (bad input, decoding, the model, a full disk) is its row.
+        except Exception as error:
+            return SceneResult(
+                scene.id,
+                "failed",
+                seconds=round(time.perf_counter() - started, 3),
+                worker=self.worker,
+                error=f"{type(error).__name__}: {error}",
+            )
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _run(self, scene: Scene, staging: Path, outputs: Path, started: float) -> SceneResult:
+        from da3cog.export.manifest import export_all
+        from da3cog.io.cameras import read_camera_file
+
+        options, formats, sampling = scene_settings(
+            scene.options, self.settings.options, self.settings.formats, self.settings.sampling
+        )
+        marks = [time.perf_counter()]
+        local_inputs = fetch_inputs(scene.inputs, staging / "inputs")
+        views = expand_inputs(local_inputs, staging / "frames", sampling)
+        check_images(views)
+        cameras = None
+        if scene.cameras is not None:
+            (camera_file,) = fetch_inputs([scene.cameras], staging / "cameras")
+            cameras = read_camera_file(camera_file, len(views), label=scene.cameras)
+        marks.append(time.perf_counter())
+        prediction = self.model.predict(
+            [str(view) for view in views],
+            extrinsics=None if cameras is None else cameras.extrinsics,
+            intrinsics=None if cameras is None else cameras.intrinsics,
+            options=options,
+        )
+        marks.append(time.perf_counter())
+        export_all(prediction, outputs, list(formats), **self.settings.export_options)
+        marks.append(time.perf_counter())
+        stages = ("inputs", "predict", "export")
+        return SceneResult(
+            scene.id,
+            "done",
+            views=len(prediction.views),
+            seconds=round(marks[-1] - started, 3),
+            timings={
+                s: round(b - a, 3) for s, a, b in zip(stages, marks[:-1], marks[1:], strict=True)
+            },
+            folder=self.root.scene_location(scene.id),
+            files=tuple(
+                sorted(p.relative_to(outputs).as_posix() for p in outputs.rglob("*") if p.is_file())
+            ),
+            cameras=cameras_summary(prediction),
+            worker=self.worker,
+        )
+
+
+def cameras_summary(prediction: Prediction) -> dict[str, Any]:
+    """A few numbers that tell whether a scene's cameras look sane, for the index."""
+    summary: dict[str, Any] = {
+        "metric": prediction.is_metric,
+        "cameras_estimated": prediction.cameras_estimated,
+    }
+    focals = [float(v.intrinsics[0, 0]) for v in prediction.views if v.intrinsics is not None]
+    summary["median_focal_px"] = round(float(np.median(focals)), 2) if focals else None
+    poses = [v.extrinsics for v in prediction.views if v.extrinsics is not None]
+    path_length = None
+    if poses and len(poses) == len(prediction.views):
+        steps = np.diff(camera_centres(np.stack(poses)), axis=0)
+        path_length = round(float(np.linalg.norm(steps, axis=1).sum()), 4)
+    summary["path_length"] = path_length
+    return summary
