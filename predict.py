@@ -130,7 +130,7 @@ class Runner(BaseRunner):
         ),
         render_video: bool = Input(default=False, description=RENDER_VIDEO_HELP),
         video_fps: float = Input(default=2.0, ge=0.1, le=30.0, description=VIDEO_FPS_HELP),
-        max_frames: int = Input(default=32, ge=1, le=128, description=MAX_FRAMES_HELP),
+        max_frames: int = Input(default=32, ge=1, le=1000, description=MAX_FRAMES_HELP),
         seed: int = Input(default=42, ge=0, le=2147483647, description=SEED_HELP),
     ) -> list[Path]:
         """Run one request; manifest.json names every returned file and its role."""

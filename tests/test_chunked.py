@@ -224,6 +224,51 @@ def test_alignment_holds_against_bad_depth_and_a_wrong_alignment_fails_the_check
     assert centre_error > 0.1
 
 
+class _Clock:
+    """A stand-in for :mod:`time` in :mod:`da3cog.chunked`: each chunk takes 10 s."""
+
+    now = 0.0
+
+    @classmethod
+    def perf_counter(cls) -> float:
+        return cls.now
+
+
+@pytest.mark.parametrize(
+    ("budget", "chunks_run", "views_that_fit"),
+    [(60.0, 6, None), (35.0, 1, 24), (5.0, 1, 0)],
+)
+def test_a_time_budget_stops_a_run_after_the_chunk_that_shows_it_cannot_finish(
+    monkeypatch: pytest.MonkeyPatch, budget: float, chunks_run: int, views_that_fit: int | None
+) -> None:
+    """40 frames in 6 chunks of 12 (sharing 6) at 10 s a chunk: 60 s fits a 60 s budget; under
+    35 s the run stops after its first chunk, saying that 3 chunks (24 views) would fit; under
+    5 s not even one chunk does."""
+    from da3cog import chunked
+    from da3cog.chunked import TimeBudgetExceeded
+
+    monkeypatch.setattr(chunked, "time", _Clock)
+    _Clock.now = 0.0
+    _, predict_chunk, _ = _scene()
+    ran: list[range] = []
+
+    def timed(views: range) -> Prediction:
+        ran.append(views)
+        _Clock.now += 10.0
+        return predict_chunk(views)
+
+    if views_that_fit is None:
+        found = reconstruct_in_chunks(VIEWS, SIZE, OVERLAP, timed, time_budget=budget)
+        assert len(found.views) == VIEWS
+    else:
+        with pytest.raises(TimeBudgetExceeded) as stopped:
+            reconstruct_in_chunks(VIEWS, SIZE, OVERLAP, timed, time_budget=budget)
+        assert stopped.value.views_that_fit == views_that_fit
+        assert stopped.value.projected == 60.0 and stopped.value.budget == budget
+        assert "about 60s, over its" in str(stopped.value)
+    assert len(ran) == chunks_run
+
+
 # --------------------------------------------------------------------------------------------
 # The pipeline's chunked path
 # --------------------------------------------------------------------------------------------

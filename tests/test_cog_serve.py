@@ -509,24 +509,37 @@ def test_a_request_too_big_for_one_pass_runs_in_chunks(
         torch.device("cpu"), tmp_root=tmp_path / "requests", files=RequestFiles(downloads)
     )
     server.setup("small", progress=lambda _: None)
-    # The runtime's downloads for this request: six frames of a camera panning.
     picture = photo("coffee")
-    paths = []
-    for index in range(6):
-        path = downloads / f"tmp{index:08d}frame.png"
-        path.write_bytes(_png(np.ascontiguousarray(picture[100:196, 40 * index :][:, :128])))
-        paths.append(path)
+
+    def request() -> RequestValues:
+        """The runtime's downloads for one request: six frames of a camera panning."""
+        paths = []
+        for index in range(6):
+            path = downloads / f"tmp{index:08d}frame.png"
+            path.write_bytes(_png(np.ascontiguousarray(picture[100:196, 40 * index :][:, :128])))
+            paths.append(path)
+        return RequestValues(
+            image=paths[0],
+            images=tuple(paths[1:]),
+            model_size="small",
+            export_format="none",
+            process_resolution=140,
+        )
+
     messages: list[str] = []
-    values = RequestValues(
-        image=paths[0],
-        images=tuple(paths[1:]),
-        model_size="small",
-        export_format="none",
-        process_resolution=140,
-    )
+    values = request()
     files = server.handle(values, progress=messages.append)
     assert "6 views do not fit in one pass: chunks of 4 views" in messages
     manifest = json.loads(files[0].read_text())
     (prediction,) = manifest["predictions"]
     assert [view["chunk"] for view in prediction["views"]] == [0, 0, 0, 1, 1, 1]
     assert any("reconstructed in 2 chunks of 4 views" in note for note in manifest["notes"])
+    # The same request under a time budget that its first chunk already shows it cannot
+    # meet: refused after that chunk, naming the budget; the worker then serves it again.
+    from da3cog.serve.limits import TIME_BUDGET_ENV
+
+    monkeypatch.setenv(TIME_BUDGET_ENV, "0.001")
+    with pytest.raises(RequestError, match=r"over its 0.001s time budget: not even one chunk fits"):
+        server.handle(request(), progress=messages.append)
+    monkeypatch.delenv(TIME_BUDGET_ENV)
+    assert server.handle(request(), progress=lambda _: None)[0].name == "manifest.json"

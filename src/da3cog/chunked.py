@@ -211,6 +211,45 @@ def _concatenate(parts: Sequence[Gaussians]) -> Gaussians:
 ChunkPredictor = Callable[[range], Prediction]
 
 
+class TimeBudgetExceeded(RuntimeError):
+    """A chunked run stopped early: after the chunks run so far, the whole run would take
+    longer than its time budget.
+
+    Attributes:
+        projected: seconds the whole run would take at the measured pace.
+        budget: the budget in seconds.
+        views_that_fit: views of the same request whose chunks would fit the budget (0 when
+            not even one chunk does).
+    """
+
+    def __init__(self, projected: float, budget: float, views_that_fit: int) -> None:
+        self.projected, self.budget, self.views_that_fit = projected, budget, views_that_fit
+        fit = (
+            f"at most {views_that_fit} of these views would fit"
+            if views_that_fit
+            else "not even one chunk fits"
+        )
+        super().__init__(
+            f"this run would take about {_seconds(projected)}, over its {_seconds(budget)} "
+            f"time budget: {fit}"
+        )
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.0f}s" if value >= 10 else f"{value:.2g}s"
+
+
+def _check_pace(chunks: Sequence[range], done: int, elapsed: float, budget: float) -> None:
+    """Raise :class:`TimeBudgetExceeded` when ``done`` chunks took ``elapsed`` seconds and all
+    of ``chunks`` at that pace would pass ``budget``."""
+    per_chunk = elapsed / done
+    projected = per_chunk * len(chunks)
+    if projected <= budget:
+        return
+    fitting = int(budget // per_chunk)
+    raise TimeBudgetExceeded(projected, budget, chunks[fitting - 1].stop if fitting else 0)
+
+
 def reconstruct_in_chunks(
     count: int,
     size: int,
@@ -220,6 +259,7 @@ def reconstruct_in_chunks(
     align: bool = True,
     progress: Callable[[str], None] | None = None,
     seed: int = 0,
+    time_budget: float | None = None,
 ) -> Prediction:
     """Predict ``count`` views as overlapping chunks (see the module docstring).
 
@@ -228,6 +268,10 @@ def reconstruct_in_chunks(
             in order) and returns its Prediction, views named as the user's inputs.
         align: fit each chunk onto the previous one (False when every chunk is in a common
             frame already: the user's poses, or single-view models).
+        time_budget: seconds the whole run may take. After each chunk the pace so far
+            projects the total; once it passes the budget the run stops with
+            :class:`TimeBudgetExceeded` (so at most one chunk's time is spent on a run that
+            cannot finish in time).
     """
     report = progress or (lambda _: None)
     chunks = chunk_ranges(count, size, overlap)
@@ -281,6 +325,8 @@ def reconstruct_in_chunks(
         metric.append(prediction.is_metric)
         if first is None:
             first = prediction
+        if time_budget is not None and index + 1 < len(chunks):
+            _check_pace(chunks, index + 1, time.perf_counter() - started, time_budget)
     if first is None:
         raise ValueError("no views to predict")
     how = (

@@ -259,6 +259,10 @@ class InferenceOptions:
             largest chunk that fits; None: always one pass.
         chunk_overlap: views each chunk shares with the previous one (default: half the
             chunk, as upstream's streaming).
+        time_budget: seconds a chunked run may take: after each chunk the pace so far
+            projects the total, and a run that would pass the budget stops there with
+            :class:`da3cog.chunked.TimeBudgetExceeded` (naming how many views would fit).
+            None (default): no limit. A single pass is not timed (memory bounds it).
     """
 
     process_res: int = 504
@@ -272,8 +276,11 @@ class InferenceOptions:
     mixed_shapes: str = "resize"
     chunk_size: int | Literal["auto"] | None = "auto"
     chunk_overlap: int | None = None
+    time_budget: float | None = None
 
     def __post_init__(self) -> None:
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise ValueError(f"time_budget must be > 0 seconds, got {self.time_budget}")
         check_strategy(self.reference_strategy)
         if self.mixed_shapes not in MIXED_SHAPES:
             raise ValueError(
@@ -723,6 +730,7 @@ class DepthAnything3:
             align=extrinsics is None,
             progress=report,
             seed=options.seed,
+            time_budget=options.time_budget,
         )
 
     def _check_request(

@@ -26,11 +26,12 @@ import numpy as np
 import torch
 
 from da3cog import memory
+from da3cog.chunked import TimeBudgetExceeded
 from da3cog.geometry import check_intrinsics_for_images
 from da3cog.io import exif_focal
 from da3cog.model.presets import ModelPreset, get_preset
 from da3cog.pipeline import DepthAnything3, InferenceOptions, Prediction, default_device
-from da3cog.serve.limits import DEFAULT_LIMITS, Limits
+from da3cog.serve.limits import DEFAULT_LIMITS, Limits, predict_seconds
 from da3cog.serve.media import View, gather_views, input_label
 from da3cog.serve.models import ModelCache, warm_up
 from da3cog.serve.outputs import (
@@ -121,6 +122,8 @@ class Server:
         """Load the default model (``$DA3COG_SETUP_MODEL``, else giant) and warm it up;
         other models load on first use. Raises RuntimeError naming what failed."""
         name = model or os.environ.get(SETUP_MODEL_ENV) or DEFAULT_SETUP_MODEL
+        # A bad $DA3COG_TIME_BUDGET_S fails the boot, not every request.
+        progress(f"time budget of a chunked prediction: {predict_seconds(self.limits):.0f}s")
         try:
             preset = get_preset(name).name
         except ValueError as error:
@@ -281,9 +284,13 @@ class Server:
             seed=values.seed,
             infer_gaussians=values.mode == "gaussian-splat",
             chunk_size=chunk,
+            time_budget=predict_seconds(self.limits),
         )
         try:
             predictions = self._predict(model, views, cameras, options, values.mode, progress)
+        except TimeBudgetExceeded as error:
+            advice = "fewer views (max_frames, video_fps) or a lower process_resolution"
+            raise RequestError(f"{error}. Send {advice}") from error
         except ValueError as error:
             # The views were checked when read; what the pipeline still refuses names our
             # copies of them, which mean nothing to the user.

@@ -23,11 +23,14 @@ PROCESS_RESOLUTION_RANGE = (140, 1008)
 CONFIDENCE_PERCENTILE_RANGE = (0.0, 99.0)
 MAX_POINTS_RANGE = (1_000, 10_000_000)
 VIDEO_FPS_RANGE = (0.1, 30.0)
-MAX_FRAMES_RANGE = (1, 128)
+MAX_FRAMES_RANGE = (1, 1000)
 SEED_RANGE = (0, 2**31 - 1)
 
-MAX_VIEWS = 128
-"""Views in one request, whatever their source (zip, video frames, further images)."""
+MAX_VIEWS = 1000
+"""Views in one request, whatever their source (zip, video frames, further images). Whether
+they can run is decided by the memory estimate (one pass, or aligned chunks) and the time
+budget (:attr:`da3cog.serve.limits.Limits.predict_seconds`); this bound keeps the listing,
+decoding and bookkeeping of one request finite."""
 
 IMAGE_ACCEPT = "image/*,video/*,.zip,.heic,.heif"
 IMAGES_ACCEPT = "image/*,.heic,.heif"

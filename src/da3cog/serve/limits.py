@@ -8,6 +8,7 @@ is refused with the bound it hit. The README's "Limits" section states these num
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from da3cog.io.images import DEFAULT_MAX_PIXELS
@@ -40,6 +41,10 @@ class Limits:
         max_video_frame_pixels: a video's frame size, from its stream header.
         video_decode_seconds: wall time to decode and sample a video.
         video_max_decoded_frames: frames decoded from one video (sampled or not).
+        predict_seconds: wall time of the prediction of a request run as chunks: once the
+            pace of its first chunks projects more, it stops and is refused with the number
+            of views that would fit (``$DA3COG_TIME_BUDGET_S`` overrides it, see
+            :func:`predict_seconds`).
     """
 
     max_input_bytes: int = 2 * GIB
@@ -54,6 +59,24 @@ class Limits:
     max_video_frame_pixels: int = 7680 * 4320
     video_decode_seconds: float = 120.0
     video_max_decoded_frames: int = 100_000
+    predict_seconds: float = 600.0
 
 
 DEFAULT_LIMITS = Limits()
+
+TIME_BUDGET_ENV = "DA3COG_TIME_BUDGET_S"
+
+
+def predict_seconds(limits: Limits) -> float:
+    """The prediction's time budget: ``$DA3COG_TIME_BUDGET_S`` when set (a deployment with a
+    longer or shorter platform timeout), else ``limits.predict_seconds``."""
+    override = os.environ.get(TIME_BUDGET_ENV)
+    if not override:
+        return limits.predict_seconds
+    try:
+        value = float(override)
+    except ValueError:
+        raise RuntimeError(f"{TIME_BUDGET_ENV}={override!r} is not a number of seconds") from None
+    if not value > 0:
+        raise RuntimeError(f"{TIME_BUDGET_ENV} must be > 0 seconds, got {override!r}")
+    return value
