@@ -2,6 +2,7 @@
 """Many views: one pass against aligned chunks, views per second and peak memory.
 
     python bench/bench_views.py [--model small] [--res 280] [--views 8 32 64] [--chunk 16]
+                                [--paths one-pass chunked]
 
 For every N, a fresh subprocess per path loads a random-weight Hub-layout checkpoint (written
 once under bench/.cache/) and predicts N frames panning across a real photo (scikit-image's
@@ -72,7 +73,6 @@ print(json.dumps({"seconds": seconds, "added": added}))
 """
 
 
-
 def run(folder: Path, device: str, views: int, res: int, chunk: str) -> dict:
     result = subprocess.run(
         [sys.executable, "-c", CHILD, str(folder), device, str(views), str(res), chunk],
@@ -94,6 +94,13 @@ def main() -> int:
     parser.add_argument("--res", type=int, default=280)
     parser.add_argument("--views", type=int, nargs="+", default=[8, 32, 64])
     parser.add_argument("--chunk", type=int, default=16)
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        choices=("one-pass", "chunked"),
+        default=["one-pass", "chunked"],
+        help="which paths to run (the one pass of many views is slow and large: chunked alone)",
+    )
     args = parser.parse_args()
     folder = checkpoint(MODEL_NAMES[args.model])
     print(f"{args.model} at {args.res} px on {args.device}; chunks of {args.chunk} views")
@@ -101,6 +108,8 @@ def main() -> int:
     print("| --- | --- | --- | --- | --- |")
     for views in args.views:
         for path, chunk in (("one pass", "none"), ("chunked", str(args.chunk))):
+            if path.replace(" ", "-") not in args.paths:
+                continue
             row = run(folder, args.device, views, args.res, chunk)
             if "error" in row:
                 print(f"| {views} | {path} | failed: {row['error']} | | |", flush=True)

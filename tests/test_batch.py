@@ -453,3 +453,8 @@ def test_actor_pool_refusals() -> None:
         _pool({"CPU": 2}, RayOptions(gpus_per_actor=1))
     with pytest.raises(ValueError, match="below min actors"):
         RayOptions(min_actors=3, max_actors=2)
+
+
+def test_each_worker_loads_the_model_at_the_batch_precision(small_checkpoint: Path) -> None:
+    assert _settings(small_checkpoint).load_model().precision == "fp32"
+    assert _settings(small_checkpoint, precision="bf16").load_model().precision == "bf16"

@@ -316,6 +316,7 @@ def test_predict_help_lists_the_options(capsys: pytest.CaptureFixture[str]) -> N
         "--gaussians",
         "--seed",
         "--ray-pose",
+        "--precision",
     ):
         assert option in out
 
@@ -330,6 +331,20 @@ def test_export_option_selects_the_files(
     roles = {entry["role"] for entry in manifest["files"]}
     assert {"point_cloud", "glb_scene", "cameras_json"} <= roles
     assert not list(out.glob("depth_*.npy"))
+
+
+def test_precision_flag_sets_the_backbone_dtype_and_the_manifest_says_so(
+    small_checkpoint: Path, images: list[Path], tmp_path: Path
+) -> None:
+    runs = {}
+    for precision in ("auto", "bf16"):
+        out = tmp_path / precision
+        args = predict_args(small_checkpoint, out, images, "--precision", precision)
+        assert main(args) == 0
+        manifest = json.loads((out / "manifest.json").read_text())
+        runs[manifest["model"]["precision"]] = np.load(out / "depth_0000_astronaut.npy")
+    assert sorted(runs) == ["bf16", "fp32"]
+    assert not np.array_equal(runs["bf16"], runs["fp32"])
 
 
 def test_unknown_export_format_is_rejected(

@@ -81,6 +81,7 @@ def test_the_first_command_runs_on_the_bundled_samples(
         "id": "depth-anything/DA3-SMALL",
         "revision": COMMIT,
         "preset": "da3-small",
+        "precision": "fp32",
     }
     assert [view["name"] for view in manifest["views"]] == ["rocket", "coffee"]
     for name in ("rocket", "coffee"):

@@ -158,6 +158,7 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--device", default=None, help="torch device (default: cuda if available, else cpu)"
     )
+    _add_precision(predict)
     predict.add_argument(
         "--cache-dir",
         type=Path,
@@ -195,6 +196,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_sampling(batch)
     batch.add_argument("--seed", type=int, default=42)
     batch.add_argument("--device", default=None)
+    _add_precision(batch)
     batch.add_argument("--cache-dir", default=None)
     batch.add_argument(
         "--ray",
@@ -224,6 +226,21 @@ def _parser() -> argparse.ArgumentParser:
         "--cpus-per-actor", type=float, default=1.0, help="with --ray: CPUs each actor reserves"
     )
     return parser
+
+
+def _add_precision(parser: argparse.ArgumentParser) -> None:
+    from da3cog.pipeline import PRECISIONS
+
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help=(
+            "dtype of the backbone (heads stay float32): auto = bf16 on GPUs that support it, "
+            "else fp32, the official code's exact arithmetic; bf16 on a CPU with AVX-512 BF16 "
+            "is faster at a cost in fidelity (docs/library.md)"
+        ),
+    )
 
 
 def _add_sampling(parser: argparse.ArgumentParser) -> None:
@@ -357,7 +374,9 @@ def _predict_views(
 
     check_images(args.images)
     cameras = _read_user_cameras(args)
-    model = DepthAnything3.from_pretrained(args.model, device=args.device, cache_dir=args.cache_dir)
+    model = DepthAnything3.from_pretrained(
+        args.model, device=args.device, cache_dir=args.cache_dir, precision=args.precision
+    )
     prediction = model.predict(
         [str(p) for p in args.images],
         extrinsics=None if cameras is None else cameras.extrinsics,
@@ -416,6 +435,7 @@ def run_batch_command(args: argparse.Namespace) -> int:
     settings = BatchSettings(
         model=args.model,
         device=args.device,
+        precision=args.precision,
         cache_dir=args.cache_dir,
         options=InferenceOptions(
             process_res=args.process_res,

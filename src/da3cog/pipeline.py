@@ -170,6 +170,8 @@ class Prediction:
             folder) and, when it was read from a Hub snapshot, the commit.
         notes: anything a user should know about how the result was made (a scale that could
             not be aligned, why depth is not metric...).
+        precision: the dtype the backbone ran in (``fp32``, ``bf16`` or ``fp16``; the heads
+            always run in float32).
     """
 
     views: tuple[ViewPrediction, ...]
@@ -187,6 +189,7 @@ class Prediction:
     model_revision: str | None = None
     metric_scale: float | None = None
     gaussians: Gaussians | None = None
+    precision: str = "fp32"
 
     def __len__(self) -> int:
         return len(self.views)
@@ -354,11 +357,22 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def autocast_dtype_for(device: torch.device) -> torch.dtype | None:
-    """bf16 autocast for the backbone on GPUs that support it; fp32 elsewhere."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+_AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The backbone's precision on ``device``: ``auto`` is bf16 on GPUs that support it and
+    fp32 elsewhere (the official code's own float32 arithmetic, to the last digit)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        supported = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return "bf16" if supported else "fp32"
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"precision bf16: {torch.cuda.get_device_name(device)} has no bf16")
+    return precision
 
 
 class DepthAnything3:
@@ -368,11 +382,18 @@ class DepthAnything3:
     >>> prediction = model.predict(["a.jpg", "b.jpg"])           # doctest: +SKIP
     """
 
-    def __init__(self, loaded: LoadedModel, device: torch.device | None = None) -> None:
+    def __init__(
+        self, loaded: LoadedModel, device: torch.device | None = None, precision: Precision = "auto"
+    ) -> None:
+        """``precision``: the dtype the backbone runs in under autocast (``fp32``, ``bf16``,
+        ``fp16``; the heads always run in float32); ``auto``: bf16 on GPUs that support it,
+        else fp32. The reduced ones trade the last digits of parity for speed (bench/README.md
+        states both); ``Prediction.precision`` records which ran."""
         self.loaded = loaded
         self.device = device or next(loaded.network.parameters()).device
         self.network = loaded.network.to(self.device)
-        self.autocast_dtype = autocast_dtype_for(self.device)
+        self.precision = resolve_precision(precision, self.device)
+        self.autocast_dtype = _AUTOCAST_DTYPES[self.precision]
 
     @classmethod
     def from_pretrained(
@@ -381,10 +402,13 @@ class DepthAnything3:
         *,
         device: str | torch.device | None = None,
         cache_dir: Path | None = None,
+        precision: Precision = "auto",
     ) -> DepthAnything3:
-        """Load a preset name / alias, a Hub id or a local checkpoint folder."""
+        """Load a preset name / alias, a Hub id or a local checkpoint folder (``precision``:
+        see the class)."""
         device = torch.device(device) if device is not None else default_device()
-        return cls(load_model(source, device=device, cache_dir=cache_dir), device)
+        resolve_precision(precision, device)
+        return cls(load_model(source, device=device, cache_dir=cache_dir), device, precision)
 
     @torch.inference_mode()
     def predict(
@@ -648,6 +672,7 @@ class DepthAnything3:
             model_id=self.loaded.model_id,
             model_revision=self.loaded.revision,
             model_preset=preset.name,
+            precision=self.precision,
             processing_size=batch.processing_size,
             output_resolution=options.output_resolution,
             pose_conditioned=resolved.posed,

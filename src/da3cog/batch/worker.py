@@ -25,7 +25,7 @@ from da3cog.batch.manifest import Scene, scene_settings
 from da3cog.batch.storage import COMPLETE_NAME, RESULT_NAME, OutputRoot, fetch_inputs
 from da3cog.geometry import camera_centres
 from da3cog.io.inputs import DEFAULT_SAMPLING, FrameSampling, check_images, expand_inputs
-from da3cog.pipeline import DepthAnything3, InferenceOptions, Prediction
+from da3cog.pipeline import DepthAnything3, InferenceOptions, Precision, Prediction
 
 DEFAULT_FORMATS = ("depth_npy", "depth_vis", "cameras_json")
 
@@ -38,6 +38,7 @@ class BatchSettings:
     Attributes:
         model: preset (optionally ``@version``), Hub id or checkpoint folder; each worker loads it.
         device: torch device, None for CUDA when available.
+        precision: the backbone's dtype (:class:`da3cog.pipeline.DepthAnything3`).
         cache_dir: Hub download cache.
         options: inference options.
         formats: export formats per scene.
@@ -47,6 +48,7 @@ class BatchSettings:
 
     model: str = "small"
     device: str | None = None
+    precision: Precision = "auto"
     cache_dir: str | None = None
     options: InferenceOptions = field(default_factory=InferenceOptions)
     formats: tuple[str, ...] = DEFAULT_FORMATS
@@ -58,6 +60,7 @@ class BatchSettings:
             self.model,
             device=self.device,
             cache_dir=None if self.cache_dir is None else Path(self.cache_dir),
+            precision=self.precision,
         )
 
 

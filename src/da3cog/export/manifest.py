@@ -216,6 +216,7 @@ def manifest_document(
             "id": prediction.model_id,
             "revision": prediction.model_revision,
             "preset": prediction.model_preset,
+            "precision": prediction.precision,
         },
         "is_metric": prediction.is_metric,
         "units": "metres" if prediction.is_metric else "relative (shared by all views)",
