@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 from collections.abc import Callable
 
 import numpy as np
@@ -319,6 +320,35 @@ def test_auto_picks_chunks_when_one_pass_does_not_fit(
     found = small_model.predict(frames, options=options)
     assert [v.chunk for v in found.views] == [0, 0, 0, 1, 1, 2, 2, 3, 3, 3]
     assert any("reconstructed in 4 chunks of 4 views sharing 2" in n for n in found.notes)
+
+
+def test_auto_warns_when_even_the_smallest_chunk_may_not_fit(
+    small_model: DepthAnything3,
+    frames: list[np.ndarray],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Outputs of every view are kept, so chunks cannot save a request whose outputs alone
+    exceed the budget: it still runs (the estimate is an upper bound) after a warning that
+    names the budget and the lighter output resolution."""
+    from da3cog import memory
+
+    size = memory.request_size([(128, 96)] * 10, 112, "input", gaussians=False, points=0)
+    smallest = memory.estimate(small_model.loaded.preset, size, False, chunk=memory.MIN_CHUNK)
+    monkeypatch.setattr(memory, "host_budget", lambda: smallest.host - 1)
+    with caplog.at_level(logging.WARNING, logger="da3cog.pipeline"):
+        found = small_model.predict(frames, options=InferenceOptions(process_res=112))
+    assert len(found.views) == 10 and found.views[-1].chunk is not None
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1, warned
+    assert f"even in chunks of {memory.MIN_CHUNK}" in warned[0]
+    assert "it may run out of memory; with output_resolution='processing'" in warned[0]
+
+    caplog.clear()
+    monkeypatch.setattr(memory, "host_budget", lambda: smallest.host)
+    with caplog.at_level(logging.WARNING, logger="da3cog.pipeline"):
+        small_model.predict(frames, options=InferenceOptions(process_res=112))
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
 def test_chunks_with_given_poses_stay_in_the_users_frame(

@@ -704,15 +704,37 @@ class DepthAnything3:
             points=0,
         )
         on_gpu = self.device.type == "cuda"
-        chunk = memory.plan_chunk(
-            self.loaded.preset,
-            size,
-            on_gpu,
-            memory.host_budget(),
-            memory.device_budget() if on_gpu else None,
-        )
+        host, device = memory.host_budget(), memory.device_budget() if on_gpu else None
+        preset = self.loaded.preset
+        chunk = memory.plan_chunk(preset, size, on_gpu, host, device)
         if chunk is not None:
             logger.info("%d views do not fit one pass in memory: chunks of %d", len(images), chunk)
+            needed = memory.estimate(preset, size, on_gpu, chunk=chunk)
+            if not memory.fits(needed, host, device):
+                # The estimate is an upper bound, so the run goes ahead, but a user whose
+                # request may die after hours should hear it first, with the way out.
+                advice = ""
+                if options.output_resolution == "input":
+                    smaller = replace(size, output_pixels=size.processing_pixels)
+                    lighter = memory.estimate(preset, smaller, on_gpu, chunk=chunk)
+                    advice = (
+                        f"; with output_resolution='processing' it needs about "
+                        f"{lighter.describe()}"
+                    )
+                budget = " and ".join(
+                    f"{value / memory.GIB:.1f} GiB of {what}"
+                    for value, what in ((host, "RAM"), (device, "GPU memory"))
+                    if value is not None
+                )
+                logger.warning(
+                    "%d views need about %s even in chunks of %d (every view's outputs are "
+                    "kept); this process can take %s: it may run out of memory%s",
+                    len(images),
+                    needed.describe(),
+                    chunk,
+                    budget,
+                    advice,
+                )
         return chunk
 
     def _predict_in_chunks(
