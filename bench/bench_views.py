@@ -2,14 +2,17 @@
 """Many views: one pass against aligned chunks, views per second and peak memory.
 
     python bench/bench_views.py [--model small] [--res 280] [--views 8 32 64] [--chunk 16]
-                                [--paths one-pass chunked]
+                                [--paths one-pass chunked chunked-spill]
 
 For every N, a fresh subprocess per path loads a random-weight Hub-layout checkpoint (written
 once under bench/.cache/) and predicts N frames panning across a real photo (scikit-image's
 coffee, 400x300 crops panning back and forth), through ``DepthAnything3.predict``:
 
 * one pass: ``InferenceOptions(process_res=res)``;
-* chunked: the same with ``chunk_size=chunk`` (overlap half the chunk).
+* chunked: the same with ``chunk_size=chunk`` (overlap half the chunk);
+* chunked spill (``--paths chunked-spill``): the same chunks with every view's outputs in
+  memory-mapped temporary files, as the automatic plan runs a request whose outputs do not
+  fit (forced here).
 
 It prints the wall time of the prediction, views per second, and the peak memory the
 prediction added (CPU: ``VmHWM`` after a reset minus the RSS before; CUDA:
@@ -44,7 +47,16 @@ photo = skimage.data.coffee()
 span = photo.shape[1] - 400
 offsets = [round(span * abs((2 * i / max(views - 1, 1)) % 2 - 1)) for i in range(views)]
 frames = [np.ascontiguousarray(photo[50:350, x : x + 400]) for x in offsets]
-options = InferenceOptions(process_res=res, chunk_size=None if chunk == "none" else int(chunk))
+if chunk.startswith("spill:"):
+    # The spilling path as the auto plan takes it when the outputs do not fit (forced here,
+    # with the same chunk size as the plain chunked row).
+    chunk = chunk.split(":")[1]
+    DepthAnything3._auto_chunk = lambda self, images, options: (int(chunk), True)
+    options = InferenceOptions(process_res=res, chunk_size="auto")
+else:
+    options = InferenceOptions(
+        process_res=res, chunk_size=None if chunk == "none" else int(chunk)
+    )
 # Warm-up: one small request, as the served model does in setup.
 model.predict(frames[:1], options=InferenceOptions(process_res=140))
 cuda = device.startswith("cuda")
@@ -97,7 +109,7 @@ def main() -> int:
     parser.add_argument(
         "--paths",
         nargs="+",
-        choices=("one-pass", "chunked"),
+        choices=("one-pass", "chunked", "chunked-spill"),
         default=["one-pass", "chunked"],
         help="which paths to run (the one pass of many views is slow and large: chunked alone)",
     )
@@ -107,7 +119,12 @@ def main() -> int:
     print("| views | path | seconds | views/s | peak added (MiB) |")
     print("| --- | --- | --- | --- | --- |")
     for views in args.views:
-        for path, chunk in (("one pass", "none"), ("chunked", str(args.chunk))):
+        paths = (
+            ("one pass", "none"),
+            ("chunked", str(args.chunk)),
+            ("chunked spill", f"spill:{args.chunk}"),
+        )
+        for path, chunk in paths:
             if path.replace(" ", "-") not in args.paths:
                 continue
             row = run(folder, args.device, views, args.res, chunk)

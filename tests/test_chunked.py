@@ -7,7 +7,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ from da3cog.chunked import (
     reconstruct_in_chunks,
     transform_view,
 )
+from da3cog.export.manifest import export_all
 from da3cog.geometry import Similarity, robust_similarity, umeyama
 from da3cog.pipeline import DepthAnything3, Gaussians, InferenceOptions, Prediction
 
@@ -322,33 +325,53 @@ def test_auto_picks_chunks_when_one_pass_does_not_fit(
     assert any("reconstructed in 4 chunks of 4 views sharing 2" in n for n in found.notes)
 
 
-def test_auto_warns_when_even_the_smallest_chunk_may_not_fit(
+def test_auto_spills_the_outputs_to_disk_when_even_the_smallest_chunk_does_not_fit(
     small_model: DepthAnything3,
     frames: list[np.ndarray],
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
 ) -> None:
-    """Outputs of every view are kept, so chunks cannot save a request whose outputs alone
-    exceed the budget: it still runs (the estimate is an upper bound) after a warning that
-    names the budget and the lighter output resolution."""
+    """Chunks bound the network's memory, not the outputs kept for every view: when the
+    memory model says those do not fit either, every view's per-pixel arrays go to
+    memory-mapped files (unlinked at once, so nothing is left behind), after a warning that
+    names the budget and the lighter output resolution. The values are those of the same
+    chunks kept in memory."""
     from da3cog import memory
+    from da3cog.chunked import SPILLED_ARRAYS
 
     size = memory.request_size([(128, 96)] * 10, 112, "input", gaussians=False, points=0)
     smallest = memory.estimate(small_model.loaded.preset, size, False, chunk=memory.MIN_CHUNK)
-    monkeypatch.setattr(memory, "host_budget", lambda: smallest.host - 1)
+    options = InferenceOptions(process_res=112)
+    monkeypatch.setattr(memory, "host_budget", lambda: smallest.host)
     with caplog.at_level(logging.WARNING, logger="da3cog.pipeline"):
-        found = small_model.predict(frames, options=InferenceOptions(process_res=112))
-    assert len(found.views) == 10 and found.views[-1].chunk is not None
+        kept = small_model.predict(frames, options=options)
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert not any(isinstance(v.depth, np.memmap) for v in kept.views)
+
+    monkeypatch.setattr(memory, "host_budget", lambda: smallest.host - 1)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    with caplog.at_level(logging.WARNING, logger="da3cog.pipeline"):
+        spilled = small_model.predict(frames, options=options)
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1, warned
     assert f"even in chunks of {memory.MIN_CHUNK}" in warned[0]
-    assert "it may run out of memory; with output_resolution='processing'" in warned[0]
-
-    caplog.clear()
-    monkeypatch.setattr(memory, "host_budget", lambda: smallest.host)
-    with caplog.at_level(logging.WARNING, logger="da3cog.pipeline"):
-        small_model.predict(frames, options=InferenceOptions(process_res=112))
-    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"memory-mapped files in {tmp_path} (TMPDIR); with output_resolution=" in warned[0]
+    assert "memory-mapped temporary files" in spilled.notes[-1]
+    assert list(tmp_path.iterdir()) == []
+    assert [v.chunk for v in spilled.views] == [v.chunk for v in kept.views]
+    for on_disk, in_memory in zip(spilled.views, kept.views, strict=True):
+        for name in SPILLED_ARRAYS:
+            value = getattr(on_disk, name)
+            if value is None:
+                assert getattr(in_memory, name) is None
+                continue
+            assert isinstance(value, np.memmap) and not value.flags.writeable, name
+            np.testing.assert_array_equal(value, getattr(in_memory, name))
+        np.testing.assert_array_equal(on_disk.extrinsics, in_memory.extrinsics)
+    written = export_all(spilled, tmp_path / "out", ["depth_npy", "ply", "glb"])
+    assert np.array_equal(np.load(written.folder / "depth_0009_view_0009.npy"), kept.views[9].depth)
 
 
 def test_chunks_with_given_poses_stay_in_the_users_frame(

@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import tempfile
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,6 +40,7 @@ from da3cog.geometry import (
     robust_similarity,
     similarity_world_to_camera,
 )
+from da3cog.memory import trim_heap
 from da3cog.model.gaussian_adapter import rotate_harmonics
 from da3cog.pipeline import Gaussians, Prediction, ViewPrediction
 
@@ -140,6 +144,31 @@ def transform_view(view: ViewPrediction, similarity: Similarity) -> ViewPredicti
     extrinsics = similarity_world_to_camera(view.extrinsics, similarity).astype(np.float32)
     extrinsics.flags.writeable = False
     return dataclasses.replace(view, depth=depth, extrinsics=extrinsics)
+
+
+# The per-pixel arrays of a view, the bulk of what a long run keeps.
+SPILLED_ARRAYS = ("depth", "confidence", "image", "sky")
+
+
+def spill_view(view: ViewPrediction, folder: Path) -> ViewPrediction:
+    """The view with its per-pixel arrays moved into memory-mapped files in ``folder``:
+    read-only arrays backed by the disk, so a long run keeps its outputs in the page cache,
+    which the kernel can write back and drop, instead of its own heap. Each file is unlinked
+    as soon as it is mapped: it goes away with the last array that uses it, whatever happens
+    to the run."""
+    arrays = {}
+    for name in SPILLED_ARRAYS:
+        value = getattr(view, name)
+        if value is None:
+            continue
+        handle, path = tempfile.mkstemp(dir=folder, prefix=f".da3cog-{name}-", suffix=".npy")
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                np.save(stream, np.ascontiguousarray(value))
+            arrays[name] = np.load(path, mmap_mode="r")
+        finally:
+            os.unlink(path)
+    return dataclasses.replace(view, **arrays)
 
 
 def transform_gaussians(gaussians: Gaussians, similarity: Similarity) -> Gaussians:
@@ -260,6 +289,7 @@ def reconstruct_in_chunks(
     progress: Callable[[str], None] | None = None,
     seed: int = 0,
     time_budget: float | None = None,
+    spill_to: Path | None = None,
 ) -> Prediction:
     """Predict ``count`` views as overlapping chunks (see the module docstring).
 
@@ -272,6 +302,9 @@ def reconstruct_in_chunks(
             projects the total; once it passes the budget the run stops with
             :class:`TimeBudgetExceeded` (so at most one chunk's time is spent on a run that
             cannot finish in time).
+        spill_to: a folder on disk: every emitted view's per-pixel arrays go there as
+            memory-mapped files (:func:`spill_view`), so memory holds one chunk's views, not
+            all of them.
     """
     report = progress or (lambda _: None)
     chunks = chunk_ranges(count, size, overlap)
@@ -311,11 +344,10 @@ def reconstruct_in_chunks(
             )
         previous = tuple(transform_view(view, to_world) for view in prediction.views)
         for global_index in emit:
-            views.append(
-                dataclasses.replace(
-                    previous[global_index - chunk.start], chunk=index, alignment_residual=residual
-                )
+            view = dataclasses.replace(
+                previous[global_index - chunk.start], chunk=index, alignment_residual=residual
             )
+            views.append(view if spill_to is None else spill_view(view, spill_to))
         if prediction.gaussians is not None:
             local = [v - chunk.start for v in emit]
             gaussians.append(
@@ -327,6 +359,10 @@ def reconstruct_in_chunks(
             first = prediction
         if time_budget is not None and index + 1 < len(chunks):
             _check_pace(chunks, index + 1, time.perf_counter() - started, time_budget)
+        # What this chunk freed goes back to the system: otherwise the heap grows with the
+        # chunks (glibc keeps freed buffers), on top of the outputs kept.
+        del prediction
+        trim_heap()
     if first is None:
         raise ValueError("no views to predict")
     how = (
@@ -338,6 +374,8 @@ def reconstruct_in_chunks(
             f"; chunks aligned by similarity on their shared views, residual "
             f"{min(residuals):.2%}-{max(residuals):.2%} of depth"
         )
+    if spill_to is not None:
+        how += "; every view's outputs kept in memory-mapped temporary files"
     notes.append(how)
     return dataclasses.replace(
         first,

@@ -20,6 +20,7 @@ smaller of ``MemAvailable`` and the cgroup's limit minus its usage, less a safet
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 from collections.abc import Sequence
@@ -224,3 +225,15 @@ def plan_chunk(
     ]
     return max(fitting, default=MIN_CHUNK)
 
+
+
+def trim_heap() -> None:
+    """Return the C heap's free pages to the system (glibc ``malloc_trim``): large temporary
+    buffers (a request's, a chunk's) otherwise stay in the process's RSS, where the next
+    request's memory budget would see them as used and a long chunked run would grow. A no-op
+    where glibc is not the allocator."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -447,12 +448,12 @@ class DepthAnything3:
         self._check_request(extrinsics, intrinsics, options)
         user_extrinsics = check_extrinsics(extrinsics, count) if extrinsics is not None else None
         user_intrinsics = check_intrinsics(intrinsics, count) if intrinsics is not None else None
-        chunk = options.chunk_size
+        chunk, spill = options.chunk_size, False
         if chunk == "auto":
-            chunk = self._auto_chunk(images, options)
+            chunk, spill = self._auto_chunk(images, options)
         if chunk is not None and count > chunk:
             return self._predict_in_chunks(
-                images, user_extrinsics, user_intrinsics, options, chunk, report
+                images, user_extrinsics, user_intrinsics, options, chunk, report, spill=spill
             )
 
         started = time.perf_counter()
@@ -687,15 +688,17 @@ class DepthAnything3:
 
     def _auto_chunk(
         self, images: Sequence[ImageSource], options: InferenceOptions
-    ) -> int | None:
+    ) -> tuple[int | None, bool]:
         """The chunk size the memory model picks for these views (None: one pass), from
-        their sizes as their headers give them; None when a size cannot be read (the
-        decoder then says why)."""
+        their sizes as their headers give them (None when a size cannot be read: the decoder
+        then says why), and whether the views' outputs must leave the heap for memory-mapped
+        files (:func:`da3cog.chunked.spill_view`) because even the smallest chunk does not
+        fit beside all of them."""
         if len(images) <= memory.MIN_CHUNK:
-            return None
+            return None, False
         sizes = [source_size(source) for source in images]
         if any(size is None for size in sizes):
-            return None
+            return None, False
         size = memory.request_size(
             [s for s in sizes if s is not None],
             options.process_res,
@@ -711,14 +714,14 @@ class DepthAnything3:
             logger.info("%d views do not fit one pass in memory: chunks of %d", len(images), chunk)
             needed = memory.estimate(preset, size, on_gpu, chunk=chunk)
             if not memory.fits(needed, host, device):
-                # The estimate is an upper bound, so the run goes ahead, but a user whose
-                # request may die after hours should hear it first, with the way out.
+                # Chunks bound the network's memory, not the outputs kept for every view:
+                # those go to disk, and the user hears why and what would keep them in memory.
                 advice = ""
                 if options.output_resolution == "input":
                     smaller = replace(size, output_pixels=size.processing_pixels)
                     lighter = memory.estimate(preset, smaller, on_gpu, chunk=chunk)
                     advice = (
-                        f"; with output_resolution='processing' it needs about "
+                        f"; with output_resolution='processing' it would need about "
                         f"{lighter.describe()}"
                     )
                 budget = " and ".join(
@@ -728,14 +731,17 @@ class DepthAnything3:
                 )
                 logger.warning(
                     "%d views need about %s even in chunks of %d (every view's outputs are "
-                    "kept); this process can take %s: it may run out of memory%s",
+                    "kept); this process can take %s: their outputs go to memory-mapped files "
+                    "in %s (TMPDIR)%s",
                     len(images),
                     needed.describe(),
                     chunk,
                     budget,
+                    tempfile.gettempdir(),
                     advice,
                 )
-        return chunk
+                return chunk, True
+        return chunk, False
 
     def _predict_in_chunks(
         self,
@@ -745,9 +751,12 @@ class DepthAnything3:
         options: InferenceOptions,
         chunk: int,
         report: ProgressCallback,
+        *,
+        spill: bool = False,
     ) -> Prediction:
         """:meth:`predict` as overlapping chunks aligned into one world (:mod:`da3cog.chunked`):
-        each chunk runs the single-pass stages on its views (and their cameras, if given)."""
+        each chunk runs the single-pass stages on its views (and their cameras, if given);
+        ``spill``: the views' outputs go to memory-mapped temporary files."""
         from da3cog.chunked import reconstruct_in_chunks
 
         single_pass = replace(options, chunk_size=None, chunk_overlap=None)
@@ -778,6 +787,7 @@ class DepthAnything3:
             progress=report,
             seed=options.seed,
             time_budget=options.time_budget,
+            spill_to=Path(tempfile.gettempdir()) if spill else None,
         )
 
     def _check_request(

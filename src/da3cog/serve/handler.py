@@ -11,7 +11,6 @@ checked for provenance (:mod:`da3cog.serve.provenance`), its views bounded
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import os
@@ -152,7 +151,7 @@ class Server:
             return self._handle(values, progress)
         finally:
             self.files.done()
-            trim_heap()
+            memory.trim_heap()
 
     def _handle(self, values: RequestValues, progress: Progress) -> list[Path]:
         started = time.perf_counter()
@@ -418,18 +417,7 @@ def release_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    trim_heap()
-
-
-def trim_heap() -> None:
-    """Return the C heap's free pages to the system (glibc ``malloc_trim``): a request's
-    large temporary buffers otherwise stay in the worker's RSS, and the next request's
-    memory budget would see them as used. A no-op where glibc is not the allocator."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    memory.trim_heap()
 
 
 def remove_orphaned_folders(root: Path) -> int:
