@@ -96,20 +96,10 @@ if side.startswith("ours"):
         processing = InferenceOptions(process_res=res, output_resolution="processing")
         return np.stack([v.depth for v in model.predict(views, options=processing).views])
 else:
-    from depth_anything_3.api import DepthAnything3
+    sys.path.insert(0, "bench")
+    from upstream_pipeline import load_upstream
 
-    model = DepthAnything3.from_pretrained(folder).to(device)
-    if side == "upstream fp32":
-        network = model.model
-
-        @torch.inference_mode()
-        def forward_fp32(image, extrinsics=None, intrinsics=None, export_feat_layers=None,
-                         infer_gs=False, use_ray_pose=False, ref_view_strategy="saddle_balanced"):
-            # upstream's DepthAnything3.forward without its torch.autocast
-            return network(image, extrinsics, intrinsics, export_feat_layers, infer_gs,
-                           use_ray_pose, ref_view_strategy)
-
-        model.forward = forward_fp32
+    model = load_upstream(folder, device, fp32=side == "upstream fp32")
     last = {}
 
     def request(views, out):

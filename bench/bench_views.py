@@ -2,7 +2,7 @@
 """Many views: one pass against aligned chunks, views per second and peak memory.
 
     python bench/bench_views.py [--model small] [--res 280] [--views 8 32 64] [--chunk 16]
-                                [--paths one-pass chunked chunked-spill]
+                                [--paths one-pass chunked chunked-spill upstream-one-pass]
 
 For every N, a fresh subprocess per path loads a random-weight Hub-layout checkpoint (written
 once under bench/.cache/) and predicts N frames panning across a real photo (scikit-image's
@@ -10,6 +10,10 @@ coffee, 400x300 crops panning back and forth), through ``DepthAnything3.predict`
 
 * one pass: ``InferenceOptions(process_res=res)``;
 * chunked: the same with ``chunk_size=chunk`` (overlap half the chunk);
+* upstream one pass (``--paths upstream-one-pass``, run with the interpreter of
+  ``bench/upstream_env.sh``): upstream's ``DepthAnything3.inference(frames)`` on the same
+  checkpoint and frames (float32 on a CPU, its own bf16 on a GPU), outputs at the processing
+  size, until it runs out of memory;
 * chunked spill (``--paths chunked-spill``): the same chunks with every view's outputs in
   memory-mapped temporary files, as the automatic plan runs a request whose outputs do not
   fit (forced here).
@@ -41,13 +45,24 @@ from da3cog import DepthAnything3, InferenceOptions
 
 folder, device, chunk = sys.argv[1], sys.argv[2], sys.argv[5]
 views, res = int(sys.argv[3]), int(sys.argv[4])
-model = DepthAnything3.from_pretrained(folder, device=device)
+upstream = chunk == "upstream"
+if upstream:
+    sys.path.insert(0, "bench")
+    from upstream_pipeline import load_upstream
+
+    # fp32 on a CPU (the arithmetic of ours); as shipped (bf16) on a GPU, like ours.
+    network = load_upstream(folder, device, fp32=not device.startswith("cuda"))
+    model = None
+else:
+    model = DepthAnything3.from_pretrained(folder, device=device)
 photo = skimage.data.coffee()
 # 400x300 crops panning across the 600x400 photo, back and forth.
 span = photo.shape[1] - 400
 offsets = [round(span * abs((2 * i / max(views - 1, 1)) % 2 - 1)) for i in range(views)]
 frames = [np.ascontiguousarray(photo[50:350, x : x + 400]) for x in offsets]
-if chunk.startswith("spill:"):
+if upstream:
+    options = None
+elif chunk.startswith("spill:"):
     # The spilling path as the auto plan takes it when the outputs do not fit (forced here,
     # with the same chunk size as the plain chunked row).
     chunk = chunk.split(":")[1]
@@ -58,7 +73,10 @@ else:
         process_res=res, chunk_size=None if chunk == "none" else int(chunk)
     )
 # Warm-up: one small request, as the served model does in setup.
-model.predict(frames[:1], options=InferenceOptions(process_res=140))
+if upstream:
+    network.inference(frames[:1], process_res=140)
+else:
+    model.predict(frames[:1], options=InferenceOptions(process_res=140))
 cuda = device.startswith("cuda")
 
 def status(key):
@@ -75,12 +93,15 @@ else:
     Path("/proc/self/clear_refs").write_text("5")
     before = status("VmRSS:")
 started = time.perf_counter()
-prediction = model.predict(frames, options=options)
+if upstream:
+    found = len(network.inference(frames, process_res=res).depth)
+else:
+    found = len(model.predict(frames, options=options).views)
 if cuda:
     torch.cuda.synchronize()
 seconds = time.perf_counter() - started
 added = (torch.cuda.max_memory_allocated() if cuda else status("VmHWM:")) - before
-assert len(prediction.views) == views
+assert found == views
 print(json.dumps({"seconds": seconds, "added": added}))
 """
 
@@ -109,7 +130,7 @@ def main() -> int:
     parser.add_argument(
         "--paths",
         nargs="+",
-        choices=("one-pass", "chunked", "chunked-spill"),
+        choices=("one-pass", "chunked", "chunked-spill", "upstream-one-pass"),
         default=["one-pass", "chunked"],
         help="which paths to run (the one pass of many views is slow and large: chunked alone)",
     )
@@ -123,6 +144,7 @@ def main() -> int:
             ("one pass", "none"),
             ("chunked", str(args.chunk)),
             ("chunked spill", f"spill:{args.chunk}"),
+            ("upstream one pass", "upstream"),
         )
         for path, chunk in paths:
             if path.replace(" ", "-") not in args.paths:
