@@ -66,7 +66,7 @@ elif chunk.startswith("spill:"):
     # The spilling path as the auto plan takes it when the outputs do not fit (forced here,
     # with the same chunk size as the plain chunked row).
     chunk = chunk.split(":")[1]
-    DepthAnything3._auto_chunk = lambda self, images, options: (int(chunk), True)
+    DepthAnything3._plan_chunks = lambda self, images, options: (int(chunk), True)
     options = InferenceOptions(process_res=res, chunk_size="auto")
 else:
     options = InferenceOptions(

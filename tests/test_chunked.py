@@ -374,6 +374,29 @@ def test_auto_spills_the_outputs_to_disk_when_even_the_smallest_chunk_does_not_f
     assert np.array_equal(np.load(written.folder / "depth_0009_view_0009.npy"), kept.views[9].depth)
 
 
+def test_an_explicit_chunk_size_spills_too_when_the_outputs_do_not_fit(
+    small_model: DepthAnything3,
+    frames: list[np.ndarray],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    from da3cog import memory
+
+    options = InferenceOptions(process_res=112, chunk_size=4, chunk_overlap=2)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    monkeypatch.setattr(memory, "host_budget", lambda: None)
+    kept = small_model.predict(frames, options=options)
+    assert not any(isinstance(v.depth, np.memmap) for v in kept.views)
+    monkeypatch.setattr(memory, "host_budget", lambda: 1)
+    spilled = small_model.predict(frames, options=options)
+    assert [v.chunk for v in spilled.views] == [0, 0, 0, 1, 1, 2, 2, 3, 3, 3]
+    assert all(isinstance(v.depth, np.memmap) for v in spilled.views)
+    for on_disk, in_memory in zip(spilled.views, kept.views, strict=True):
+        np.testing.assert_array_equal(on_disk.depth, in_memory.depth)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_chunks_with_given_poses_stay_in_the_users_frame(
     small_model: DepthAnything3, frames: list[np.ndarray]
 ) -> None:

@@ -448,9 +448,7 @@ class DepthAnything3:
         self._check_request(extrinsics, intrinsics, options)
         user_extrinsics = check_extrinsics(extrinsics, count) if extrinsics is not None else None
         user_intrinsics = check_intrinsics(intrinsics, count) if intrinsics is not None else None
-        chunk, spill = options.chunk_size, False
-        if chunk == "auto":
-            chunk, spill = self._auto_chunk(images, options)
+        chunk, spill = self._plan_chunks(images, options)
         if chunk is not None and count > chunk:
             return self._predict_in_chunks(
                 images, user_extrinsics, user_intrinsics, options, chunk, report, spill=spill
@@ -686,19 +684,21 @@ class DepthAnything3:
             gaussians=gaussians,
         )
 
-    def _auto_chunk(
+    def _plan_chunks(
         self, images: Sequence[ImageSource], options: InferenceOptions
     ) -> tuple[int | None, bool]:
-        """The chunk size the memory model picks for these views (None: one pass), from
-        their sizes as their headers give them (None when a size cannot be read: the decoder
-        then says why), and whether the views' outputs must leave the heap for memory-mapped
-        files (:func:`da3cog.chunked.spill_view`) because even the smallest chunk does not
-        fit beside all of them."""
-        if len(images) <= memory.MIN_CHUNK:
-            return None, False
+        """The chunk size (None: one pass): ``options.chunk_size``, or for ``"auto"`` the one
+        the memory model picks from the views' sizes as their headers give them (one pass when
+        a size cannot be read: the decoder then says why); and whether the views' outputs must
+        leave the heap for memory-mapped files (:func:`da3cog.chunked.spill_view`) because the
+        chunks do not fit beside all of them."""
+        chunk = options.chunk_size
+        minimum = memory.MIN_CHUNK if chunk == "auto" else chunk
+        if minimum is None or len(images) <= minimum:
+            return None if chunk == "auto" else chunk, False
         sizes = [source_size(source) for source in images]
         if any(size is None for size in sizes):
-            return None, False
+            return None if chunk == "auto" else chunk, False
         size = memory.request_size(
             [s for s in sizes if s is not None],
             options.process_res,
@@ -709,9 +709,13 @@ class DepthAnything3:
         on_gpu = self.device.type == "cuda"
         host, device = memory.host_budget(), memory.device_budget() if on_gpu else None
         preset = self.loaded.preset
-        chunk = memory.plan_chunk(preset, size, on_gpu, host, device)
+        if chunk == "auto":
+            chunk = memory.plan_chunk(preset, size, on_gpu, host, device)
+            if chunk is not None:
+                logger.info(
+                    "%d views do not fit one pass in memory: chunks of %d", len(images), chunk
+                )
         if chunk is not None:
-            logger.info("%d views do not fit one pass in memory: chunks of %d", len(images), chunk)
             needed = memory.estimate(preset, size, on_gpu, chunk=chunk)
             if not memory.fits(needed, host, device):
                 # Chunks bound the network's memory, not the outputs kept for every view:
