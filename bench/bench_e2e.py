@@ -247,7 +247,7 @@ def bench_model(name: str, paths: list[str], work: Path, args: argparse.Namespac
             print("| --- " * (2 + len(rss_sides)) + "|")
             for count in views:
                 ratio = peaks["ours fp32"][count][key] / peaks["upstream fp32"][count][key]
-                if key == "peak_mib":
+                if key == "peak_mib" and args.device == "cpu":  # a CPU target
                     met &= ratio <= RSS_TARGET
                 cells = " | ".join(f"{peaks[side][count][key]:.0f}" for side in rss_sides)
                 print(f"| {count} | {cells} | {ratio:.2f} |", flush=True)

@@ -497,7 +497,7 @@ def _print_table(results: list[SceneResult]) -> None:
         rows.append((r.scene, r.status, str(r.views), f"{r.seconds:.1f}", rate, error))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
-        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)]
         print("  ".join([*cells, row[-1]]).rstrip())
 
 

@@ -226,7 +226,6 @@ def plan_chunk(
     return max(fitting, default=MIN_CHUNK)
 
 
-
 def trim_heap() -> None:
     """Return the C heap's free pages to the system (glibc ``malloc_trim``): large temporary
     buffers (a request's, a chunk's) otherwise stay in the process's RSS, where the next

@@ -408,7 +408,7 @@ class DepthAnything3:
         """Load a preset name / alias, a Hub id or a local checkpoint folder (``precision``:
         see the class)."""
         device = torch.device(device) if device is not None else default_device()
-        resolve_precision(precision, device)
+        resolve_precision(precision, device)  # a bad choice fails before the (slow) load
         return cls(load_model(source, device=device, cache_dir=cache_dir), device, precision)
 
     @torch.inference_mode()
@@ -693,12 +693,13 @@ class DepthAnything3:
         leave the heap for memory-mapped files (:func:`da3cog.chunked.spill_view`) because the
         chunks do not fit beside all of them."""
         chunk = options.chunk_size
+        unplanned = None if chunk == "auto" else chunk
         minimum = memory.MIN_CHUNK if chunk == "auto" else chunk
         if minimum is None or len(images) <= minimum:
-            return None if chunk == "auto" else chunk, False
+            return unplanned, False
         sizes = [source_size(source) for source in images]
         if any(size is None for size in sizes):
-            return None if chunk == "auto" else chunk, False
+            return unplanned, False
         size = memory.request_size(
             [s for s in sizes if s is not None],
             options.process_res,
