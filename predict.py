@@ -83,6 +83,11 @@ VIDEO_FPS_HELP = (
     "Video input: frames sampled per second of video. Also the frame rate of the depth video."
 )
 MAX_FRAMES_HELP = "Video input: at most this many sampled frames (views)."
+LOOP_CLOSURE_HELP = (
+    "Views run in chunks (long videos, many photos): find the places the camera comes back "
+    "to and close those loops, against drift (one more chunk per look-alike pair checked, "
+    "within the time limit)."
+)
 SEED_HELP = (
     "Seed for every random step (pose RANSAC, sky and metric sampling, point subsampling): "
     "the same request gives the same result."
@@ -131,6 +136,7 @@ class Runner(BaseRunner):
         render_video: bool = Input(default=False, description=RENDER_VIDEO_HELP),
         video_fps: float = Input(default=2.0, ge=0.1, le=30.0, description=VIDEO_FPS_HELP),
         max_frames: int = Input(default=32, ge=1, le=1000, description=MAX_FRAMES_HELP),
+        loop_closure: bool = Input(default=False, description=LOOP_CLOSURE_HELP),
         seed: int = Input(default=42, ge=0, le=2147483647, description=SEED_HELP),
     ) -> list[Path]:
         """Run one request; manifest.json names every returned file and its role."""
@@ -150,6 +156,7 @@ class Runner(BaseRunner):
             render_video=render_video,
             video_fps=video_fps,
             max_frames=max_frames,
+            loop_closure=loop_closure,
             seed=seed,
         )
         return [Path(path) for path in self.server.handle(values)]

@@ -93,11 +93,13 @@ def make_view(
     crop_box: tuple[float, float, float, float] | None = None,
     name: str | None = None,
     holes: bool = False,
+    extrinsics: np.ndarray | None = None,
 ) -> ViewPrediction:
-    """View ``index`` of the room at ``height x width`` pixels."""
+    """View ``index`` of the room at ``height x width`` pixels (from ``extrinsics``,
+    world-to-camera ``(4, 4)``, instead of the index's camera when given)."""
     focal = 0.8 * width
     intrinsics = np.array([[focal, 0, width / 2], [0, focal * 1.02, height / 2 - 1.5], [0, 0, 1]])
-    extrinsics = world_to_camera(index)
+    extrinsics = world_to_camera(index) if extrinsics is None else extrinsics
     rows, cols = np.mgrid[0:height, 0:width]
     pixels = np.stack([cols + 0.5, rows + 0.5, np.ones_like(cols, dtype=float)], axis=-1)
     camera_rays = pixels @ np.linalg.inv(intrinsics).T  # z == 1: ray parameter == z-depth

@@ -26,6 +26,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +35,16 @@ import torch
 from da3cog.geometry import (
     RobustFit,
     Similarity,
+    compose_similarities,
     depth_to_world_points,
+    invert_similarity,
     matrix_to_quaternion,
+    project_points,
     quaternion_to_matrix,
     robust_similarity,
     similarity_world_to_camera,
 )
+from da3cog.loops import Constraint, appearance_descriptor, find_loops, optimise_pose_graph
 from da3cog.memory import trim_heap
 from da3cog.model.gaussian_adapter import rotate_harmonics
 from da3cog.pipeline import Gaussians, Prediction, ViewPrediction
@@ -237,7 +242,21 @@ def _concatenate(parts: Sequence[Gaussians]) -> Gaussians:
     )
 
 
-ChunkPredictor = Callable[[range], Prediction]
+ChunkPredictor = Callable[[Sequence[int]], Prediction]
+
+# Loop closure (:mod:`da3cog.loops`): views whose appearance descriptors correlate at least this
+# much are loop candidates.
+LOOP_SIMILARITY = 0.9
+# Views around each end of a loop in its loop chunk, at most (upstream's streaming: 20).
+LOOP_WINDOW = 20
+# A loop is kept when both ends fit its loop chunk within this many times the sequential
+# overlaps' median residual (at least MIN_LOOP_RESIDUAL of depth): as tight as an overlap.
+LOOP_RESIDUAL_FACTOR = 2.0
+MIN_LOOP_RESIDUAL = 1e-3
+# ... and when, in the loop chunk, each of the two look-alike views sees at least this share
+# of the other's surfaces where the other sees them (depth within LOOP_DEPTH_AGREEMENT).
+MIN_LOOP_COVISIBILITY = 0.3
+LOOP_DEPTH_AGREEMENT = 0.1
 
 
 class TimeBudgetExceeded(RuntimeError):
@@ -286,6 +305,7 @@ def reconstruct_in_chunks(
     predict_chunk: ChunkPredictor,
     *,
     align: bool = True,
+    loop_closure: bool = False,
     progress: Callable[[str], None] | None = None,
     seed: int = 0,
     time_budget: float | None = None,
@@ -294,14 +314,18 @@ def reconstruct_in_chunks(
     """Predict ``count`` views as overlapping chunks (see the module docstring).
 
     Args:
-        predict_chunk: ``predict_chunk(views)`` predicts the views of one chunk (global indices,
-            in order) and returns its Prediction, views named as the user's inputs.
+        predict_chunk: ``predict_chunk(views)`` predicts the given views as one chunk (global
+            indices, in order) and returns its Prediction, views named as the user's inputs.
         align: fit each chunk onto the previous one (False when every chunk is in a common
             frame already: the user's poses, or single-view models).
+        loop_closure: after the sequential pass, look for places the sequence comes back to
+            and close those loops (:func:`close_loops`); only with ``align`` and three chunks
+            or more.
         time_budget: seconds the whole run may take. After each chunk the pace so far
             projects the total; once it passes the budget the run stops with
             :class:`TimeBudgetExceeded` (so at most one chunk's time is spent on a run that
-            cannot finish in time).
+            cannot finish in time). Loop chunks run only while the budget has room for one
+            more chunk at that pace.
         spill_to: a folder on disk: every emitted view's per-pixel arrays go there as
             memory-mapped files (:func:`spill_view`), so memory holds one chunk's views, not
             all of them.
@@ -314,6 +338,11 @@ def reconstruct_in_chunks(
     residuals: list[float] = []
     metric: list[bool] = []
     gaussians: list[Gaussians] = []
+    # Each chunk's frame -> the world, its scene size in its own unit, and (for loop closure)
+    # the emitted views' appearance descriptors.
+    placements: list[Similarity] = []
+    units: list[float] = []
+    descriptors: list[np.ndarray] = []
     first: Prediction | None = None
     # The previous chunk's views, already in the world frame: the next chunk is fitted on them.
     previous: tuple[ViewPrediction, ...] = ()
@@ -342,11 +371,16 @@ def reconstruct_in_chunks(
                 f"chunk {index + 1}: aligned on {len(shared)} shared views, scale "
                 f"{to_world.scale:.4g}, residual {residual:.2%} of depth"
             )
+        placements.append(to_world)
+        if loop_closure:
+            units.append(_scene_size(prediction.views))
         previous = tuple(transform_view(view, to_world) for view in prediction.views)
         for global_index in emit:
             view = dataclasses.replace(
                 previous[global_index - chunk.start], chunk=index, alignment_residual=residual
             )
+            if loop_closure:
+                descriptors.append(appearance_descriptor(np.asarray(view.image)))
             views.append(view if spill_to is None else spill_view(view, spill_to))
         if prediction.gaussians is not None:
             local = [v - chunk.start for v in emit]
@@ -377,12 +411,199 @@ def reconstruct_in_chunks(
     if spill_to is not None:
         how += "; every view's outputs kept in memory-mapped temporary files"
     notes.append(how)
+    if loop_closure and len(chunks) < 3:
+        notes.append("loop closure: not run, fewer than 3 chunks (neighbours align already)")
+    elif loop_closure and not residuals:
+        notes.append("loop closure: not run, the chunks share one frame already (no drift)")
+    elif loop_closure:
+        deadline = None if time_budget is None else started + time_budget
+        pace = (time.perf_counter() - started) / len(chunks)
+        loops = _LoopInputs(chunks, emitted, placements, units, residuals, np.stack(descriptors))
+        corrections, note = close_loops(loops, views, predict_chunk, report, deadline, pace, seed)
+        notes.append(note)
+        if corrections is not None:
+            views = [_moved(view, corrections[view.chunk or 0], spill_to) for view in views]
+            if gaussians:
+                gaussians = [
+                    transform_gaussians(part, correction)
+                    for part, correction in zip(gaussians, corrections, strict=True)
+                ]
     return dataclasses.replace(
         first,
         views=tuple(views),
         notes=tuple(notes),
         is_metric=all(metric),
         gaussians=_concatenate(gaussians) if gaussians else None,
+    )
+
+
+def _scene_size(views: Sequence[ViewPrediction]) -> float:
+    """A chunk's scene size in its own unit: the median depth of its surfaces (every 8th
+    pixel of every view)."""
+    samples = np.concatenate([np.ravel(np.asarray(v.depth)[::8, ::8]) for v in views])
+    surface = samples[np.isfinite(samples) & (samples > 0)]
+    return float(np.median(surface)) if len(surface) else 1.0
+
+
+def _moved(view: ViewPrediction, correction: Similarity, spill_to: Path | None) -> ViewPrediction:
+    moved = transform_view(view, correction)
+    return moved if spill_to is None or moved is view else spill_view(moved, spill_to)
+
+
+@dataclass(frozen=True)
+class _LoopInputs:
+    """What the sequential pass left for loop closure: the chunks and the views each emitted,
+    each chunk's placement (its frame -> the world) and scene size in its own unit, the
+    overlaps' residuals, and the emitted views' appearance descriptors ``(N, D)``."""
+
+    chunks: Sequence[range]
+    emitted: Sequence[range]
+    placements: Sequence[Similarity]
+    units: Sequence[float]
+    residuals: Sequence[float]
+    descriptors: np.ndarray
+
+
+def covisibility(seen: ViewPrediction, seer: ViewPrediction, stride: int = 4) -> float:
+    """The share of ``seen``'s surface pixels (every ``stride``-th row and column) that
+    ``seer`` sees where they are: in front of it, inside its image, at the depth it predicts
+    there within ``LOOP_DEPTH_AGREEMENT`` (both views in one world)."""
+    points = _world_points(seen)[::stride, ::stride].reshape(-1, 3)
+    points = points[np.isfinite(points).all(axis=1)]
+    if not len(points):
+        return 0.0
+    pixels, depth = project_points(
+        torch.from_numpy(points),
+        torch.from_numpy(np.asarray(seer.intrinsics, dtype=np.float64)),
+        torch.from_numpy(np.asarray(seer.extrinsics, dtype=np.float64)),
+    )
+    pixels, depth = pixels.numpy(), depth.numpy()
+    height, width = seer.depth.shape
+    with np.errstate(invalid="ignore"):
+        column, row = np.floor(pixels[:, 0]), np.floor(pixels[:, 1])
+        inside = (depth > 0) & (column >= 0) & (column < width) & (row >= 0) & (row < height)
+    there = np.asarray(seer.depth, dtype=np.float64)[
+        row[inside].astype(int), column[inside].astype(int)
+    ]
+    agree = np.abs(depth[inside] - there) <= LOOP_DEPTH_AGREEMENT * there
+    return float(agree.sum()) / len(points)
+
+
+def _window(centre: int, allowed: range, count: int) -> range:
+    """Up to ``count`` consecutive views of ``allowed`` around ``centre``."""
+    count = min(count, len(allowed))
+    start = min(max(centre - count // 2, allowed.start), allowed.stop - count)
+    return range(start, start + count)
+
+
+def close_loops(
+    inputs: _LoopInputs,
+    views: Sequence[ViewPrediction],
+    predict_chunk: ChunkPredictor,
+    report: Callable[[str], None],
+    deadline: float | None,
+    pace: float,
+    seed: int,
+) -> tuple[list[Similarity] | None, str]:
+    """Close the loops of a sequentially aligned run (:mod:`da3cog.loops`): find views in
+    chunks two or more apart that look alike, predict each candidate's neighbourhoods (the
+    views around both ends, each end within the chunk that emitted it) as one loop chunk, fit
+    it onto both ends as placed in the world, keep the loops whose two fits are as tight as
+    the overlaps', and re-solve the chunks' placements with the overlaps and the kept loops.
+
+    Returns each chunk's correction (new placement after the old one's inverse: applied to
+    what the chunk emitted) or None when no loop was kept, and a note saying what happened.
+    ``deadline`` (a ``time.perf_counter()`` value) stops the loop chunks when one more at
+    ``pace`` seconds would pass it."""
+    chunk_of = np.array([view.chunk for view in views])
+    size = len(inputs.chunks[0])
+    candidates = find_loops(
+        inputs.descriptors,
+        chunk_of,
+        threshold=LOOP_SIMILARITY,
+        suppression=max(1, len(inputs.emitted[0])),
+        limit=len(inputs.chunks),
+    )
+    if not candidates:
+        return None, "loop closure: no place the sequence comes back to was found"
+    tolerance = max(LOOP_RESIDUAL_FACTOR * float(np.median(inputs.residuals)), MIN_LOOP_RESIDUAL)
+    placements = inputs.placements
+    constraints = [
+        Constraint(k - 1, k, compose_similarities(invert_similarity(placements[k - 1]), placed))
+        for k, placed in enumerate(placements)
+        if k > 0
+    ]
+    kept, rejected, skipped = [], [], 0
+    window = max(1, min(size // 2, LOOP_WINDOW))
+    for number, candidate in enumerate(candidates, start=1):
+        if deadline is not None and time.perf_counter() + pace > deadline:
+            skipped = len(candidates) - number + 1
+            report(f"loop closure: {skipped} loop(s) left unchecked, no time left in the budget")
+            break
+        a, b = int(chunk_of[candidate.earlier]), int(chunk_of[candidate.later])
+        near_a = _window(candidate.earlier, inputs.emitted[a], window)
+        near_b = _window(candidate.later, inputs.emitted[b], window)
+        report(
+            f"loop {number}/{len(candidates)}: {views[candidate.earlier].name} and "
+            f"{views[candidate.later].name} look alike (similarity {candidate.similarity:.3f}); "
+            f"checking views {near_a.start}..{near_a.stop - 1} with "
+            f"{near_b.start}..{near_b.stop - 1}"
+        )
+        loop = predict_chunk([*near_a, *near_b])
+        one = loop.views[candidate.earlier - near_a.start]
+        other = loop.views[len(near_a) + candidate.later - near_b.start]
+        shared = min(covisibility(one, other), covisibility(other, one))
+        if shared < MIN_LOOP_COVISIBILITY:
+            rejected.append(f"{candidate.earlier}-{candidate.later}")
+            report(
+                f"loop {number}: rejected, the two views see {shared:.0%} of each other's "
+                f"surfaces (at least {MIN_LOOP_COVISIBILITY:.0%} needed): not the same place"
+            )
+            continue
+        try:
+            fit_a, residual_a = fit_chunk(
+                [views[v] for v in near_a], loop.views[: len(near_a)], seed=seed
+            )
+            fit_b, residual_b = fit_chunk(
+                [views[v] for v in near_b], loop.views[len(near_a) :], seed=seed
+            )
+        except ValueError as error:
+            rejected.append(f"{candidate.earlier}-{candidate.later}")
+            report(f"loop {number}: rejected ({error})")
+            continue
+        if max(residual_a, residual_b) > tolerance:
+            rejected.append(f"{candidate.earlier}-{candidate.later}")
+            report(
+                f"loop {number}: rejected, its ends fit within {residual_a:.2%} and "
+                f"{residual_b:.2%} of depth (overlaps: {tolerance:.2%})"
+            )
+            continue
+        # chunk b's frame -> the world as placed (through the loop chunk) -> chunk a's frame.
+        relative = compose_similarities(
+            invert_similarity(placements[a]),
+            compose_similarities(
+                fit_a.similarity,
+                compose_similarities(invert_similarity(fit_b.similarity), placements[b]),
+            ),
+        )
+        constraints.append(Constraint(a, b, relative))
+        kept.append(f"{views[candidate.earlier].name}-{views[candidate.later].name}")
+        report(f"loop {number}: kept (chunks {a + 1} and {b + 1})")
+    checked = f"{len(kept)} of {len(candidates)} candidate loop(s) kept"
+    if rejected:
+        checked += f" ({len(rejected)} rejected: not the same place, or not fitting as an overlap)"
+    if skipped:
+        checked += f", {skipped} unchecked for lack of time"
+    if not kept:
+        return None, f"loop closure: {checked}; chunk placements unchanged"
+    solved = optimise_pose_graph(placements, inputs.units, constraints)
+    corrections = [
+        compose_similarities(new, invert_similarity(old))
+        for new, old in zip(solved, placements, strict=True)
+    ]
+    return corrections, (
+        f"loop closure: {checked} ({', '.join(kept)}); chunk placements re-solved with "
+        f"{len(constraints) - len(kept)} overlaps and {len(kept)} loop(s)"
     )
 
 

@@ -95,6 +95,14 @@ def _parser() -> argparse.ArgumentParser:
         help="views each chunk shares with the previous one (default: half the chunk)",
     )
     predict.add_argument(
+        "--loop-closure",
+        action="store_true",
+        help=(
+            "in a chunked run, find the places the sequence comes back to and close those "
+            "loops (one more chunk per look-alike pair checked)"
+        ),
+    )
+    predict.add_argument(
         "--ray-pose",
         action="store_true",
         help="cameras from the ray map instead of the camera head",
@@ -193,6 +201,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     batch.add_argument("--chunk-size", type=_chunk_size, default="auto", metavar="N|auto|none")
     batch.add_argument("--chunk-overlap", type=int, default=None)
+    batch.add_argument("--loop-closure", action="store_true")
     _add_sampling(batch)
     batch.add_argument("--seed", type=int, default=42)
     batch.add_argument("--device", default=None)
@@ -347,6 +356,7 @@ def predict(args: argparse.Namespace) -> list[Path]:
         mixed_shapes=args.mixed_shapes,
         chunk_size=args.chunk_size,
         chunk_overlap=args.chunk_overlap,
+        loop_closure=args.loop_closure,
     )
     sampling = FrameSampling(args.fps, args.stride, args.max_frames)
     with tempfile.TemporaryDirectory(prefix="da3cog-frames-") as frames_folder:
@@ -442,6 +452,7 @@ def run_batch_command(args: argparse.Namespace) -> int:
             seed=args.seed,
             chunk_size=args.chunk_size,
             chunk_overlap=args.chunk_overlap,
+            loop_closure=args.loop_closure,
         ),
         formats=tuple(args.export),
         export_options=_seeded(args.export, args.seed),

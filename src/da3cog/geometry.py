@@ -14,6 +14,7 @@ Conventions used throughout da3cog:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -459,6 +460,49 @@ def umeyama(
     scale = float(np.trace(np.diag(d) @ sign) / variance)
     translation = mean_target - scale * rotation @ mean_source
     return Similarity(rotation=rotation, translation=translation, scale=scale)
+
+
+def rotation_vector_to_matrix(vector: np.ndarray) -> np.ndarray:
+    """A rotation vector ``(3,)`` (axis times angle, radians) -> its ``(3, 3)`` rotation
+    (Rodrigues' formula)."""
+    vector = np.asarray(vector, dtype=np.float64)
+    angle = float(np.linalg.norm(vector))
+    cross = np.array(
+        [[0.0, -vector[2], vector[1]], [vector[2], 0.0, -vector[0]], [-vector[1], vector[0], 0.0]]
+    )
+    if angle < 1e-12:
+        return np.eye(3) + cross
+    cross /= angle
+    return np.eye(3) + math.sin(angle) * cross + (1.0 - math.cos(angle)) * cross @ cross
+
+
+def matrix_to_rotation_vector(matrix: np.ndarray) -> np.ndarray:
+    """A ``(3, 3)`` rotation -> its rotation vector ``(3,)`` (axis times angle in [0, pi])."""
+    x, y, z, w = matrix_to_quaternion(torch.from_numpy(np.asarray(matrix, np.float64))).tolist()
+    axis = np.array([x, y, z])
+    sine = float(np.linalg.norm(axis))
+    if sine < 1e-12:
+        return 2.0 * axis / w
+    return axis / sine * 2.0 * math.atan2(sine, w)
+
+
+def compose_similarities(outer: Similarity, inner: Similarity) -> Similarity:
+    """``outer`` after ``inner``: ``x -> outer(inner(x))``."""
+    return Similarity(
+        rotation=outer.rotation @ inner.rotation,
+        translation=outer.scale * outer.rotation @ inner.translation + outer.translation,
+        scale=outer.scale * inner.scale,
+    )
+
+
+def invert_similarity(similarity: Similarity) -> Similarity:
+    """The similarity undoing ``similarity``."""
+    rotation = similarity.rotation.T
+    return Similarity(
+        rotation=rotation,
+        translation=-(rotation @ similarity.translation) / similarity.scale,
+        scale=1.0 / similarity.scale,
+    )
 
 
 def _apply_similarity(points: np.ndarray, similarity: Similarity) -> np.ndarray:

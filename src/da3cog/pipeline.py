@@ -267,6 +267,10 @@ class InferenceOptions:
             projects the total, and a run that would pass the budget stops there with
             :class:`da3cog.chunked.TimeBudgetExceeded` (naming how many views would fit).
             None (default): no limit. A single pass is not timed (memory bounds it).
+        loop_closure: in a chunked run of unposed views, find the places the sequence comes
+            back to and close those loops (:mod:`da3cog.loops`; each costs one more chunk of
+            at most ``2 x min(chunk // 2, 20)`` views); off by default. A single pass has no
+            drift to close.
     """
 
     process_res: int = 504
@@ -281,6 +285,7 @@ class InferenceOptions:
     chunk_size: int | Literal["auto"] | None = "auto"
     chunk_overlap: int | None = None
     time_budget: float | None = None
+    loop_closure: bool = False
 
     def __post_init__(self) -> None:
         if self.time_budget is not None and not self.time_budget > 0:
@@ -463,6 +468,8 @@ class DepthAnything3:
         report("postprocessing")
         resolved = self._resolve(output, batch, decoded, poses, options)
         notes = (*decoded.notes, *notes, *resolved.notes)
+        if options.loop_closure:
+            notes += ("loop closure: not run, the views ran in one pass (no chunks to drift)",)
         prediction = self._assemble(decoded, batch, output, resolved, notes, options)
         report(f"done in {time.perf_counter() - started:.2f}s")
         return prediction
@@ -764,13 +771,13 @@ class DepthAnything3:
         ``spill``: the views' outputs go to memory-mapped temporary files."""
         from da3cog.chunked import reconstruct_in_chunks
 
-        single_pass = replace(options, chunk_size=None, chunk_overlap=None)
+        single_pass = replace(options, chunk_size=None, chunk_overlap=None, loop_closure=False)
         names = [image_name(source, index) for index, source in enumerate(images)]
 
-        def predict_chunk(views: range) -> Prediction:
-            part = slice(views.start, views.stop)
+        def predict_chunk(views: Sequence[int]) -> Prediction:
+            part = list(views)
             prediction = self.predict(
-                list(images[part]),
+                [images[index] for index in part],
                 extrinsics=None if extrinsics is None else extrinsics[part],
                 intrinsics=None if intrinsics is None else intrinsics[part],
                 options=single_pass,
@@ -789,6 +796,7 @@ class DepthAnything3:
             predict_chunk,
             # The user's poses put every chunk in their frame and unit already.
             align=extrinsics is None,
+            loop_closure=options.loop_closure,
             progress=report,
             seed=options.seed,
             time_budget=options.time_budget,

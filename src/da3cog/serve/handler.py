@@ -284,6 +284,7 @@ class Server:
             infer_gaussians=values.mode == "gaussian-splat",
             chunk_size=chunk,
             time_budget=predict_seconds(self.limits),
+            loop_closure=values.loop_closure,
         )
         try:
             predictions = self._predict(model, views, cameras, options, values.mode, progress)

@@ -205,6 +205,14 @@ INPUTS: tuple[InputSpec, ...] = (
         le=MAX_FRAMES_RANGE[1],
     ),
     InputSpec(
+        "loop_closure",
+        "bool",
+        "Views run in chunks (long videos, many photos): find the places the camera comes back "
+        "to and close those loops, against drift (one more chunk per look-alike pair checked, "
+        "within the time limit).",
+        default=False,
+    ),
+    InputSpec(
         "seed",
         "int",
         "Seed for every random step (pose RANSAC, sky and metric sampling, point subsampling): "

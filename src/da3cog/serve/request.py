@@ -63,6 +63,7 @@ class RequestValues:
     render_video: bool = False
     video_fps: float = 2.0
     max_frames: int = 32
+    loop_closure: bool = False
     seed: int = 42
 
     def as_document(self) -> dict[str, Any]:
