@@ -16,7 +16,11 @@ coffee, 400x300 crops panning back and forth), through ``DepthAnything3.predict`
   size, until it runs out of memory;
 * chunked spill (``--paths chunked-spill``): the same chunks with every view's outputs in
   memory-mapped temporary files, as the automatic plan runs a request whose outputs do not
-  fit (forced here).
+  fit (forced here);
+* chunked with loop closure (``--paths chunked-loops``): the same chunks with
+  ``loop_closure=True``; the frames pan back and forth, so they revisit what they saw, and the
+  row says how many look-alike pairs were checked (one more chunk each) and kept (random
+  weights: whether a loop is kept means nothing here, its cost does).
 
 It prints the wall time of the prediction, views per second, and the peak memory the
 prediction added (CPU: ``VmHWM`` after a reset minus the RSS before; CUDA:
@@ -68,6 +72,10 @@ elif chunk.startswith("spill:"):
     chunk = chunk.split(":")[1]
     DepthAnything3._plan_chunks = lambda self, images, options: (int(chunk), True)
     options = InferenceOptions(process_res=res, chunk_size="auto")
+elif chunk.startswith("loops:"):
+    options = InferenceOptions(
+        process_res=res, chunk_size=int(chunk.split(":")[1]), loop_closure=True
+    )
 else:
     options = InferenceOptions(
         process_res=res, chunk_size=None if chunk == "none" else int(chunk)
@@ -95,14 +103,18 @@ else:
 started = time.perf_counter()
 if upstream:
     found = len(network.inference(frames, process_res=res).depth)
+    loops = None
 else:
-    found = len(model.predict(frames, options=options).views)
+    prediction = model.predict(frames, options=options)
+    found = len(prediction.views)
+    loops = next((n for n in prediction.notes if n.startswith("loop closure: ")), None)
+    del prediction
 if cuda:
     torch.cuda.synchronize()
 seconds = time.perf_counter() - started
 added = (torch.cuda.max_memory_allocated() if cuda else status("VmHWM:")) - before
 assert found == views
-print(json.dumps({"seconds": seconds, "added": added}))
+print(json.dumps({"seconds": seconds, "added": added, "loops": loops}))
 """
 
 
@@ -130,7 +142,7 @@ def main() -> int:
     parser.add_argument(
         "--paths",
         nargs="+",
-        choices=("one-pass", "chunked", "chunked-spill", "upstream-one-pass"),
+        choices=("one-pass", "chunked", "chunked-spill", "chunked-loops", "upstream-one-pass"),
         default=["one-pass", "chunked"],
         help="which paths to run (the one pass of many views is slow and large: chunked alone)",
     )
@@ -144,6 +156,7 @@ def main() -> int:
             ("one pass", "none"),
             ("chunked", str(args.chunk)),
             ("chunked spill", f"spill:{args.chunk}"),
+            ("chunked loops", f"loops:{args.chunk}"),
             ("upstream one pass", "upstream"),
         )
         for path, chunk in paths:
@@ -153,6 +166,9 @@ def main() -> int:
             if "error" in row:
                 print(f"| {views} | {path} | failed: {row['error']} | | |", flush=True)
                 continue
+            if row.get("loops"):
+                # "loop closure: 1 of 3 candidate loop(s) kept (...); ..." -> "1 of 3 ... kept"
+                path += f" ({row['loops'].removeprefix('loop closure: ').split(' (')[0]})"
             print(
                 f"| {views} | {path} | {row['seconds']:.1f} | {views / row['seconds']:.2f} | "
                 f"{row['added'] / 2**20:.0f} |",

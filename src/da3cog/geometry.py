@@ -14,7 +14,6 @@ Conventions used throughout da3cog:
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -462,28 +461,40 @@ def umeyama(
     return Similarity(rotation=rotation, translation=translation, scale=scale)
 
 
-def rotation_vector_to_matrix(vector: np.ndarray) -> np.ndarray:
-    """A rotation vector ``(3,)`` (axis times angle, radians) -> its ``(3, 3)`` rotation
-    (Rodrigues' formula)."""
-    vector = np.asarray(vector, dtype=np.float64)
-    angle = float(np.linalg.norm(vector))
-    cross = np.array(
-        [[0.0, -vector[2], vector[1]], [vector[2], 0.0, -vector[0]], [-vector[1], vector[0], 0.0]]
+def rotation_vectors_to_matrices(vectors: np.ndarray) -> np.ndarray:
+    """Rodrigues' formula for ``(n, 3)`` rotation vectors -> ``(n, 3, 3)``."""
+    angles = np.linalg.norm(vectors, axis=1)
+    zero = np.zeros(len(vectors))
+    x, y, z = vectors.T
+    cross = np.stack(
+        [np.stack([zero, -z, y], -1), np.stack([z, zero, -x], -1), np.stack([-y, x, zero], -1)],
+        axis=1,
     )
-    if angle < 1e-12:
-        return np.eye(3) + cross
-    cross /= angle
-    return np.eye(3) + math.sin(angle) * cross + (1.0 - math.cos(angle)) * cross @ cross
+    small = angles < 1e-8
+    safe = np.where(small, 1.0, angles)
+    # sin(a)/a and (1 - cos(a))/a^2, with their limits 1 and 1/2 near zero.
+    first = np.where(small, 1.0, np.sin(safe) / safe)
+    second = np.where(small, 0.5, (1.0 - np.cos(safe)) / safe**2)
+    return (
+        np.eye(3)
+        + first[:, None, None] * cross
+        + second[:, None, None] * np.einsum("nij,njk->nik", cross, cross)
+    )
 
 
-def matrix_to_rotation_vector(matrix: np.ndarray) -> np.ndarray:
-    """A ``(3, 3)`` rotation -> its rotation vector ``(3,)`` (axis times angle in [0, pi])."""
-    x, y, z, w = matrix_to_quaternion(torch.from_numpy(np.asarray(matrix, np.float64))).tolist()
-    axis = np.array([x, y, z])
-    sine = float(np.linalg.norm(axis))
-    if sine < 1e-12:
-        return 2.0 * axis / w
-    return axis / sine * 2.0 * math.atan2(sine, w)
+def matrices_to_rotation_vectors(rotations: np.ndarray) -> np.ndarray:
+    """``(n, 3, 3)`` rotations -> ``(n, 3)`` rotation vectors (angles in [0, pi]), through
+    Shepperd's quaternions (:func:`matrix_to_quaternion`)."""
+    quaternions = matrix_to_quaternion(torch.from_numpy(rotations)).numpy()
+    axes, real = quaternions[:, :3], quaternions[:, 3]
+    sines = np.linalg.norm(axes, axis=1)
+    small = sines < 1e-12
+    factor = np.where(
+        small,
+        2.0 / np.maximum(real, 1e-300),
+        2.0 * np.arctan2(sines, real) / np.where(small, 1.0, sines),
+    )
+    return axes * factor[:, None]
 
 
 def compose_similarities(outer: Similarity, inner: Similarity) -> Similarity:
