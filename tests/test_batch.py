@@ -331,6 +331,10 @@ def test_csv_and_parquet_manifests(tmp_path: Path) -> None:
         ('{"scene": "a", "video": "v.mp4", "options": {"mixed_shapes": "x"}}', "mixed_shapes"),
         ('{"scene": "a", "video": "v.mp4", "options": {"export": ["gif"]}}', "format.*gif"),
         ('{"scene": "a", "video": "v.mp4", "options": {"fps": 2, "stride": 3}}', "not both"),
+        (
+            '{"scene": "a", "video": "v.mp4", "options": {"loop_closure": "no"}}',
+            "line 1.*loop_closure must be true or false",
+        ),
     ],
 )
 def test_bad_manifests_name_the_line(tmp_path: Path, text: str, message: str) -> None:

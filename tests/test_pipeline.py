@@ -164,6 +164,8 @@ def test_bad_requests_fail_with_a_clear_message_before_the_network_runs(
         ({"output_resolution": "native"}, ValueError, "output_resolution must be one of input"),
         ({"seed": 1.5}, TypeError, "seed must be an integer"),
         ({"seed": True}, TypeError, "seed must be an integer"),
+        ({"loop_closure": "false"}, TypeError, "loop_closure must be true or false"),
+        ({"infer_gaussians": 1}, TypeError, "infer_gaussians must be true or false"),
     ],
 )
 def test_inference_options_reject_unknown_values(

@@ -303,6 +303,10 @@ class InferenceOptions:
             )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise TypeError(f"seed must be an integer, got {self.seed!r}")
+        # A manifest's "false" (a string) would otherwise switch these on.
+        for name in ("pose_from_rays", "align_to_input_scale", "infer_gaussians", "loop_closure"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.chunk_overlap is not None and self.chunk_size is None:
             raise ValueError("chunk_overlap needs chunk_size")
         if self.chunk_size == "auto":
