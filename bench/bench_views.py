@@ -27,7 +27,8 @@ prediction added (CPU: ``VmHWM`` after a reset minus the RSS before; CUDA:
 ``max_memory_allocated``). The chunked path's peak should stay flat in N (one chunk's
 activations plus the outputs), the one-pass path's grows with N. Random weights: the timing and
 memory are those of the real network; the depth is not meaningful. Upstream's streaming code
-needs CUDA and is not run here.
+is not on PyPI and needs CUDA as published: it is not run here (bench/README.md has a one-off
+comparison on a CPU, patched to run).
 """
 
 from __future__ import annotations

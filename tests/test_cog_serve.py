@@ -543,3 +543,7 @@ def test_a_request_too_big_for_one_pass_runs_in_chunks(
         server.handle(request(), progress=messages.append)
     monkeypatch.delenv(TIME_BUDGET_ENV)
     assert server.handle(request(), progress=lambda _: None)[0].name == "manifest.json"
+    # loop_closure reaches the pipeline (two chunks: nothing to close, and the notes say so).
+    looped = replace(request(), loop_closure=True)
+    manifest = json.loads(server.handle(looped, progress=lambda _: None)[0].read_text())
+    assert any("loop closure: not run, fewer than 3 chunks" in n for n in manifest["notes"])
