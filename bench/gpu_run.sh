@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The GPU rows of bench/README.md on the device machine, prepared to fit its 15 minutes
+# (two calls of under 10, back to back so the machine stays warm). Here, once:
+#   bash bench/gpu_wheels.sh
+# then, through the device tool, with carry [".whl"] and timeout_s 590:
+#   bash bench/gpu_run.sh throughput     # 32 views bf16, small/base/large/giant; cold start
+#   bash bench/gpu_run.sh request        # the served default: giant, 1/4/8 views, exports
+# Each part writes its logs to $OUT (bench/.cache/gpu without one) as it goes, so a part cut
+# short still returns what it measured. DA3COG_GPU_SMOKE=1 runs the same plumbing on a CPU
+# at toy sizes (small only), to check the script before spending device time.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+part="${1:?usage: bench/gpu_run.sh throughput|request}"
+out="${OUT:-bench/.cache/gpu}"
+mkdir -p "$out" bench/.cache
+python="${PYTHON:-python3}"
+"$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/da3cog-site .whl/*.whl || exit 1
+export PYTHONPATH="$PWD/src:/tmp/da3cog-site:$PWD/bench/offline_stubs"
+export PYTHONUNBUFFERED=1
+if [ "${DA3COG_GPU_SMOKE:-0}" = 1 ]; then
+  device=cpu models="small" giant=small views=2 res=140 repeats=1 cold_models="small"
+else
+  device=cuda models="small base large giant" giant=giant views=32 res=504 repeats=5
+  cold_models="giant nested"
+fi
+{
+  date -u
+  git log -1 --format='commit %h %s' 2>/dev/null || true
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
+  "$python" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
+} 2>&1 | tee "$out/machine.txt"
+
+step() {  # step NAME SECONDS COMMAND...: one bench, its log in $out/NAME.log
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (at most ${limit}s): $*" | tee "$out/$name.log"
+  timeout "$limit" "$@" 2>&1 | tee -a "$out/$name.log"
+  echo "== $name: exit ${PIPESTATUS[0]}" | tee -a "$out/$name.log"
+}
+
+case "$part" in
+  throughput)
+    # shellcheck disable=SC2086
+    step throughput 330 "$python" bench/bench_cpu.py --device "$device" --models $models \
+      --views "$views" --repeats "$repeats" --measure latency --res "$res"
+    # shellcheck disable=SC2086
+    step cold 200 "$python" bench/bench_cpu.py --device "$device" --models $cold_models \
+      --measure cold --cold-runs 2 --res "$res"
+    ;;
+  request)
+    # The e2e bench's checkpoint is bench_cpu's (both seed 0): reuse it if part 1 wrote it.
+    for name in small base large giant; do
+      if [ -d "bench/.cache/da3-$name-seed0" ] && [ ! -e "bench/.cache/da3-$name-random" ]; then
+        ln -s "da3-$name-seed0" "bench/.cache/da3-$name-random"
+      fi
+    done
+    step request 540 "$python" bench/bench_e2e.py --device "$device" --models "$giant" \
+      --views 1 4 8 --repeats "$repeats" --res "$res" --skip-rss \
+      --sides "ours bf16" upstream "ours fp32" "upstream fp32"
+    ;;
+  *)
+    echo "unknown part $part: throughput or request" >&2
+    exit 2
+    ;;
+esac

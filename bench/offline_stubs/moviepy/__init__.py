@@ -1,0 +1,1 @@
+"""Stand-in for moviepy on the device machine (see ../README.md): importable, unusable."""
