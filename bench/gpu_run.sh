@@ -5,12 +5,14 @@
 # then, through the device tool, with carry [".whl"] and timeout_s 590:
 #   bash bench/gpu_run.sh throughput     # 32 views bf16, small/base/large/giant; cold start
 #   bash bench/gpu_run.sh request        # the served default: giant, 1/4/8 views, exports
+#   bash bench/gpu_run.sh views          # a third call, another session: memory model on
+#                                        # CUDA, many views of giant at 504 px up to 2000
 # Each part writes its logs to $OUT (bench/.cache/gpu without one) as it goes, so a part cut
 # short still returns what it measured. DA3COG_GPU_SMOKE=1 runs the same plumbing on a CPU
 # at toy sizes (small only), to check the script before spending device time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: bench/gpu_run.sh throughput|request}"
+part="${1:?usage: bench/gpu_run.sh throughput|request|views}"
 out="${OUT:-bench/.cache/gpu}"
 mkdir -p "$out" bench/.cache
 python="${PYTHON:-python3}"
@@ -20,9 +22,11 @@ export PYTHONPATH="$PWD/src:/tmp/da3cog-site:$PWD/bench/offline_stubs"
 export PYTHONUNBUFFERED=1
 if [ "${DA3COG_GPU_SMOKE:-0}" = 1 ]; then
   device=cpu models="small" giant=small views=2 res=140 repeats=1 cold_models="small"
+  few="4 8" many="8 16" many_res=140 chunk=4 memory_models="small"
 else
   device=cuda models="small base large giant" giant=giant views=32 res=504 repeats=5
-  cold_models="giant nested"
+  cold_models="giant nested" few="8 32 128" many="128 512 2000" many_res=504 chunk=120
+  memory_models="small base large"
 fi
 {
   date -u
@@ -59,8 +63,20 @@ case "$part" in
       --views 1 4 8 --repeats "$repeats" --res "$res" --skip-rss \
       --sides "ours bf16" upstream "ours fp32" "upstream fp32"
     ;;
+  views)
+    # shellcheck disable=SC2086
+    step memory 120 "$python" bench/memory_model.py --device "$device" --models $memory_models \
+      --quick
+    # Chunks of 120 sharing 60, upstream streaming's default; one pass only where it can end.
+    # shellcheck disable=SC2086
+    step views-one-pass 120 "$python" bench/bench_views.py --device "$device" --model "$giant" \
+      --res "$many_res" --views $few --chunk "$chunk" --paths one-pass
+    # shellcheck disable=SC2086
+    step views-chunked 330 "$python" bench/bench_views.py --device "$device" --model "$giant" \
+      --res "$many_res" --views $many --chunk "$chunk" --paths chunked
+    ;;
   *)
-    echo "unknown part $part: throughput or request" >&2
+    echo "unknown part $part: throughput, request or views" >&2
     exit 2
     ;;
 esac
