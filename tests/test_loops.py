@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import pytest
+import torch
 from scipy.spatial.transform import Rotation
 from test_export_scene import _rotation_y, make_prediction, make_view
 
@@ -19,6 +20,7 @@ from da3cog.geometry import (
     Similarity,
     camera_centres,
     compose_similarities,
+    depth_to_world_points,
     invert_similarity,
     matrices_to_rotation_vectors,
     rotation_vectors_to_matrices,
@@ -31,7 +33,13 @@ from da3cog.loops import (
     optimise_pose_graph,
     pose_graph_residuals,
 )
-from da3cog.pipeline import DepthAnything3, InferenceOptions, Prediction, ViewPrediction
+from da3cog.pipeline import (
+    DepthAnything3,
+    Gaussians,
+    InferenceOptions,
+    Prediction,
+    ViewPrediction,
+)
 
 
 def _similarity(degrees: float, axis: Sequence[float], translation, scale: float) -> Similarity:
@@ -215,8 +223,36 @@ def _power(similarity: Similarity, times: int) -> Similarity:
     return result
 
 
+def _surface_points(view: ViewPrediction) -> np.ndarray:
+    """``(H * W, 3)`` world points of a view's pixel centres at their depth."""
+    return (
+        depth_to_world_points(
+            torch.from_numpy(np.asarray(view.depth, dtype=np.float64)),
+            torch.from_numpy(np.asarray(view.intrinsics, dtype=np.float64)),
+            torch.from_numpy(np.asarray(view.extrinsics, dtype=np.float64)),
+        )
+        .numpy()
+        .reshape(-1, 3)
+    )
+
+
+def _gaussians_on(views: Sequence[ViewPrediction]) -> Gaussians:
+    """A Gaussian on every pixel's surface point (the rest of it plain)."""
+    means = np.concatenate([_surface_points(view) for view in views]).astype(np.float32)
+    count = len(means)
+    height, width = views[0].depth.shape
+    return Gaussians(
+        means=means,
+        scales=np.full((count, 3), 0.01, dtype=np.float32),
+        rotations=np.tile(np.array([1, 0, 0, 0], dtype=np.float32), (count, 1)),
+        harmonics=np.zeros((count, 3, 9), dtype=np.float32),
+        opacities=np.full(count, 0.5, dtype=np.float32),
+        grid=(len(views), height, width),
+    )
+
+
 def _drifting_predictor(
-    truth: Sequence[ViewPrediction], wrong_loops: bool = False
+    truth: Sequence[ViewPrediction], wrong_loops: bool = False, gaussians: bool = False
 ) -> tuple[Callable[[Sequence[int]], Prediction], list[list[int]]]:
     """A chunk predictor returning the true views warped by ``BIAS`` once per position in
     the chunk, each chunk in a random frame and unit; it records the views of every call.
@@ -242,7 +278,9 @@ def _drifting_predictor(
             transform_view(transform_view(truth[view], _power(BIAS, position)), gauge)
             for position, view in enumerate(views)
         ]
-        return dataclasses.replace(template, views=tuple(moved))
+        return dataclasses.replace(
+            template, views=tuple(moved), gaussians=_gaussians_on(moved) if gaussians else None
+        )
 
     return predict, calls
 
@@ -291,6 +329,22 @@ def test_closing_the_loop_undoes_most_of_the_drift() -> None:
     for found, reference in zip(closed.views[:6], drifting.views[:6], strict=True):
         np.testing.assert_allclose(found.extrinsics, reference.extrinsics, atol=1e-5)
         np.testing.assert_allclose(found.depth, reference.depth, rtol=1e-6)
+
+
+def test_gaussians_move_with_their_chunk_when_loops_close() -> None:
+    """With Gaussians on every pixel's surface point, each chunk's correction moves its
+    Gaussians with its views: after closing the loop every Gaussian still sits on its pixel's
+    surface point of the returned view."""
+    truth = _loop_truth()
+    predict, _ = _drifting_predictor(truth, gaussians=True)
+    closed = reconstruct_in_chunks(FRAMES, SIZE, OVERLAP, predict, loop_closure=True)
+    assert any("1 of" in note and "kept" in note for note in closed.notes), closed.notes
+    assert closed.gaussians is not None and closed.gaussians.grid == (FRAMES, 36, 48)
+    means = closed.gaussians.means.reshape(FRAMES, -1, 3)
+    for view, placed in zip(closed.views, means, strict=True):
+        expected = _surface_points(view)
+        scale = float(np.abs(expected).max())
+        np.testing.assert_allclose(placed, expected, atol=1e-4 * scale)
 
 
 def test_look_alikes_in_a_sequence_that_never_comes_back_change_nothing() -> None:
