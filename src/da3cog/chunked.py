@@ -547,7 +547,8 @@ def close_loops(
             f"loop {number}/{len(candidates)}: {views[candidate.earlier].name} and "
             f"{views[candidate.later].name} look alike (similarity {candidate.similarity:.3f}); "
             f"checking views {near_a.start}..{near_a.stop - 1} with "
-            f"{near_b.start}..{near_b.stop - 1}"
+            f"{near_b.start}..{near_b.stop - 1}, about "
+            f"{_seconds(pace * (len(candidates) - number + 1))} left"
         )
         loop = predict_chunk([*near_a, *near_b])
         one = loop.views[candidate.earlier - near_a.start]
