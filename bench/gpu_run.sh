@@ -3,7 +3,8 @@
 # (two calls of under 10, back to back so the machine stays warm). Here, once:
 #   bash bench/gpu_wheels.sh
 # then, through the device tool, with carry [".whl"] and timeout_s 590:
-#   bash bench/gpu_run.sh throughput     # 32 views bf16, small/base/large/giant; cold start
+#   bash bench/gpu_run.sh throughput     # 32 views bf16, small/base/large/giant (and the
+#                                        # whole-heads lever); cold start
 #   bash bench/gpu_run.sh request        # the served default: giant, 1/4/8 views, exports
 #   bash bench/gpu_run.sh views          # a third call, another session: memory model on
 #                                        # CUDA, many views of giant at 504 px up to 2000
@@ -46,10 +47,10 @@ step() {  # step NAME SECONDS COMMAND...: one bench, its log in $out/NAME.log
 case "$part" in
   throughput)
     # shellcheck disable=SC2086
-    step throughput 330 "$python" bench/bench_cpu.py --device "$device" --models $models \
-      --views "$views" --repeats "$repeats" --measure latency --res "$res"
+    step throughput 380 "$python" bench/bench_cpu.py --device "$device" --models $models \
+      --views "$views" --repeats "$repeats" --measure latency --res "$res" --lever-heads
     # shellcheck disable=SC2086
-    step cold 200 "$python" bench/bench_cpu.py --device "$device" --models $cold_models \
+    step cold 190 "$python" bench/bench_cpu.py --device "$device" --models $cold_models \
       --measure cold --cold-runs 2 --res "$res"
     ;;
   request)
