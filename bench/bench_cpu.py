@@ -268,6 +268,27 @@ def _count_ops(side: str, model, images, device: str) -> dict:
     return counts
 
 
+def _count_syncs(side: str, model, images, device: str) -> int | None:
+    """Host synchronisations one CUDA forward makes (``torch.cuda.set_sync_debug_mode``
+    warns at each); None off CUDA or where the mode is unavailable."""
+    import warnings
+
+    import torch
+
+    if not device.startswith("cuda"):
+        return None
+    try:
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _forward(side, model, images, device)
+        return sum(1 for w in caught if "synchroniz" in str(w.message).lower())
+    except Exception:  # a probe that fails must not cost the timing rows
+        return None
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def worker_latency(spec: dict) -> dict:
     import numpy as np
     import torch
@@ -297,6 +318,9 @@ def worker_latency(spec: dict) -> dict:
                 times.append(time.perf_counter() - started)
             result["latency"][str(views)] = times
             result["ops"][str(views)] = _count_ops(spec["side"], model, images, device)
+            syncs = _count_syncs(spec["side"], model, images, device)
+            if syncs is not None:
+                result["ops"][str(views)]["syncs"] = syncs
             if device.startswith("cuda"):
                 # fp32 reference (TF32 off): the yardstick for the bf16 comparison.
                 flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
@@ -616,13 +640,15 @@ def _latency_rows(
                 f">= {THROUGHPUT_TARGET:g}x" if gpu else "info (GPU target)",
                 ("PASS" if ratio >= THROUGHPUT_TARGET else "MISS") if gpu else "",
             ))
-        for kind, label in (("aten", "leaf aten ops"), ("kernels", "CUDA kernels")):
+        for kind, label in (
+            ("aten", "leaf aten ops"), ("kernels", "CUDA kernels"), ("syncs", "host syncs"),
+        ):
             ours_n = latency["ours"]["ops"][str(views)].get(kind)
             up_n = latency["upstream"]["ops"][str(views)].get(kind)
             if ours_n is not None and up_n is not None:
                 rows.append((
                     name, f"  {label} per {views}-view forward", str(ours_n), str(up_n),
-                    f"{ours_n / up_n:.2f} of upstream", "info", "",
+                    f"{ours_n / up_n:.2f} of upstream" if up_n else "", "info", "",
                 ))
 
     if args.lever_heads:
