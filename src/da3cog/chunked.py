@@ -16,6 +16,11 @@ Requests with the user's own poses need no alignment: every chunk is conditioned
 user's cameras and is in the user's frame and unit already. Single-view models (mono, metric)
 predict every view on its own, so their chunks are simply concatenated. 3D Gaussians follow
 their chunk's similarity (:func:`transform_gaussians`) and are kept for the emitted views.
+
+With ``loop_closure``, the places a long sequence comes back to are found after the chunks
+ran, each checked by one more chunk of the views around both ends, and the chunks' placements
+re-solved with the kept loops (:mod:`da3cog.loops`); every view and Gaussian then moves with
+its chunk.
 """
 
 from __future__ import annotations
@@ -319,7 +324,7 @@ def reconstruct_in_chunks(
         align: fit each chunk onto the previous one (False when every chunk is in a common
             frame already: the user's poses, or single-view models).
         loop_closure: after the sequential pass, look for places the sequence comes back to
-            and close those loops (:func:`close_loops`); only with ``align`` and three chunks
+            and close those loops (:mod:`da3cog.loops`); only with ``align`` and three chunks
             or more.
         time_budget: seconds the whole run may take. After each chunk the pace so far
             projects the total; once it passes the budget the run stops with
@@ -419,7 +424,7 @@ def reconstruct_in_chunks(
         deadline = None if time_budget is None else started + time_budget
         pace = (time.perf_counter() - started) / len(chunks)
         loops = _LoopInputs(chunks, emitted, placements, units, residuals, np.stack(descriptors))
-        corrections, note = close_loops(loops, views, predict_chunk, report, deadline, pace, seed)
+        corrections, note = _close_loops(loops, views, predict_chunk, report, deadline, pace, seed)
         notes.append(note)
         if corrections is not None:
             views = [_moved(view, corrections[view.chunk or 0], spill_to) for view in views]
@@ -496,7 +501,7 @@ def _window(centre: int, allowed: range, count: int) -> range:
     return range(start, start + count)
 
 
-def close_loops(
+def _close_loops(
     inputs: _LoopInputs,
     views: Sequence[ViewPrediction],
     predict_chunk: ChunkPredictor,
@@ -508,8 +513,9 @@ def close_loops(
     """Close the loops of a sequentially aligned run (:mod:`da3cog.loops`): find views in
     chunks two or more apart that look alike, predict each candidate's neighbourhoods (the
     views around both ends, each end within the chunk that emitted it) as one loop chunk, fit
-    it onto both ends as placed in the world, keep the loops whose two fits are as tight as
-    the overlaps', and re-solve the chunks' placements with the overlaps and the kept loops.
+    it onto both ends as placed in the world, keep the loops whose two look-alike views see
+    each other's surfaces in it (:func:`covisibility`) and whose two fits are as tight as the
+    overlaps', and re-solve the chunks' placements with the overlaps and the kept loops.
 
     Returns each chunk's correction (new placement after the old one's inverse: applied to
     what the chunk emitted) or None when no loop was kept, and a note saying what happened.
