@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.spatial.transform import Rotation
-from test_export_scene import _rotation_y, make_prediction, make_view
+from test_export_scene import _rotation_y, add_gaussians, make_prediction, make_view
 
 from da3cog.chunked import LOOP_WINDOW, reconstruct_in_chunks, transform_view
 from da3cog.geometry import (
@@ -35,7 +35,6 @@ from da3cog.loops import (
 )
 from da3cog.pipeline import (
     DepthAnything3,
-    Gaussians,
     InferenceOptions,
     Prediction,
     ViewPrediction,
@@ -236,21 +235,6 @@ def _surface_points(view: ViewPrediction) -> np.ndarray:
     )
 
 
-def _gaussians_on(views: Sequence[ViewPrediction]) -> Gaussians:
-    """A Gaussian on every pixel's surface point (the rest of it plain)."""
-    means = np.concatenate([_surface_points(view) for view in views]).astype(np.float32)
-    count = len(means)
-    height, width = views[0].depth.shape
-    return Gaussians(
-        means=means,
-        scales=np.full((count, 3), 0.01, dtype=np.float32),
-        rotations=np.tile(np.array([1, 0, 0, 0], dtype=np.float32), (count, 1)),
-        harmonics=np.zeros((count, 3, 9), dtype=np.float32),
-        opacities=np.full(count, 0.5, dtype=np.float32),
-        grid=(len(views), height, width),
-    )
-
-
 def _drifting_predictor(
     truth: Sequence[ViewPrediction], wrong_loops: bool = False, gaussians: bool = False
 ) -> tuple[Callable[[Sequence[int]], Prediction], list[list[int]]]:
@@ -278,9 +262,8 @@ def _drifting_predictor(
             transform_view(transform_view(truth[view], _power(BIAS, position)), gauge)
             for position, view in enumerate(views)
         ]
-        return dataclasses.replace(
-            template, views=tuple(moved), gaussians=_gaussians_on(moved) if gaussians else None
-        )
+        prediction = dataclasses.replace(template, views=tuple(moved))
+        return add_gaussians(prediction) if gaussians else prediction
 
     return predict, calls
 
