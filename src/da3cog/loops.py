@@ -11,9 +11,10 @@ three steps; this module holds the first and the last:
    descriptors agree (cosine similarity at least a threshold) are loop candidates, thinned by
    non-maximum suppression so that one revisit gives one candidate.
 2. Verification and measurement (in :mod:`da3cog.chunked`): the views around both ends of a
-   candidate run as one extra chunk, fitted onto each end's chunk as placed in the world; a
-   candidate is kept only when both fits are about as tight as the sequential overlaps' (a
-   look-alike place fails this), and then measures the similarity between the two chunks.
+   candidate run as one extra chunk; a candidate is kept only when, in that chunk, the two
+   look-alike views see each other's surfaces (a look-alike place fails this) and both ends
+   fit their chunks as placed in the world about as tightly as the sequential overlaps do;
+   it then measures the similarity between the two chunks.
 3. The pose graph (:func:`optimise_pose_graph`): every chunk's placement in the world is
    re-solved by least squares over similarities, with the sequential overlaps and the loops
    as relative constraints and the first chunk fixed.
@@ -208,7 +209,7 @@ def optimise_pose_graph(
     (28 evaluations of all residuals a round). Measured: 300 chunks in 0.4 s, 1000 in
     2.1 s (``bench/bench_loops.py``)."""
     # Imported here: scipy takes a moment to import, paid only by runs that close loops.
-    from scipy.sparse import coo_matrix
+    from scipy.sparse import coo_matrix, diags
     from scipy.sparse.linalg import spsolve
 
     count = len(placements)
@@ -238,6 +239,7 @@ def optimise_pose_graph(
         rows, columns, values = [], [], []
         base = np.arange(len(constraints))[:, None] * 7 + np.arange(7)[None, :]
         fixed = moved(deltas)
+        unmoved = (_take(fixed, graph.earlier), _take(fixed, graph.later))
         for side, chunks in ((0, graph.earlier), (1, graph.later)):
             free = chunks > 0
             for parameter in range(7):
@@ -245,7 +247,7 @@ def optimise_pose_graph(
                 for sign in (1.0, -1.0):
                     nudged = deltas.copy()
                     nudged[:, parameter] += sign * _DIFFERENCE_STEP
-                    pair = [_take(fixed, graph.earlier), _take(fixed, graph.later)]
+                    pair = list(unmoved)
                     pair[side] = _take(moved(nudged), chunks)
                     shifted.append(graph.residuals(*pair))
                 derivative = (shifted[0] - shifted[1]) / (2 * _DIFFERENCE_STEP)
@@ -270,12 +272,7 @@ def optimise_pose_graph(
         diagonal = normal.diagonal() + 1e-12
         improved = False
         while damping < 1e12:
-            damped = (
-                normal
-                + coo_matrix(
-                    (damping * diagonal, (np.arange(len(diagonal)), np.arange(len(diagonal))))
-                ).tocsc()
-            )
+            damped = (normal + diags(damping * diagonal)).tocsc()
             step = spsolve(damped, -gradient).reshape(count - 1, 7)
             trial = deltas.copy()
             trial[1:] += step
