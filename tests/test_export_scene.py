@@ -211,27 +211,31 @@ def assert_unchanged(prediction: Prediction, before: Prediction) -> None:
             np.testing.assert_array_equal(new_array, old_array)
 
 
+def surface_points(view: ViewPrediction, dtype: type = np.float32) -> np.ndarray:
+    """``(H * W, 3)`` world points of a view's pixel centres at their depth, computed in
+    ``dtype``."""
+    from da3cog.geometry import depth_to_world_points
+
+    return (
+        depth_to_world_points(
+            torch.from_numpy(np.array(view.depth, dtype=dtype)),
+            torch.from_numpy(np.array(view.intrinsics, dtype=dtype)),
+            torch.from_numpy(np.array(view.extrinsics, dtype=dtype)),
+        )
+        .numpy()
+        .reshape(-1, 3)
+    )
+
+
 def add_gaussians(prediction: Prediction, seed: int = 0) -> Prediction:
     """``prediction`` with one synthetic Gaussian per pixel of every view (all views must share
     one size, the processing grid): centred on the pixel's surface point, random positive
     scales, unit quaternions, SH degree 2 coefficients and opacities in (0, 1)."""
-    from da3cog.geometry import depth_to_world_points
     from da3cog.pipeline import Gaussians
 
     height, width = prediction.views[0].depth.shape
     rng = np.random.default_rng(seed)
-    means = np.concatenate(
-        [
-            depth_to_world_points(
-                torch.from_numpy(np.array(view.depth, dtype=np.float32)),
-                torch.from_numpy(np.array(view.intrinsics, dtype=np.float32)),
-                torch.from_numpy(np.array(view.extrinsics, dtype=np.float32)),
-            )
-            .numpy()
-            .reshape(-1, 3)
-            for view in prediction.views
-        ]
-    )
+    means = np.concatenate([surface_points(view) for view in prediction.views])
     count = len(means)
     rotations = rng.normal(size=(count, 4))
     rotations /= np.linalg.norm(rotations, axis=1, keepdims=True)

@@ -11,16 +11,20 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import pytest
-import torch
 from scipy.spatial.transform import Rotation
-from test_export_scene import _rotation_y, add_gaussians, make_prediction, make_view
+from test_export_scene import (
+    _rotation_y,
+    add_gaussians,
+    make_prediction,
+    make_view,
+    surface_points,
+)
 
 from da3cog.chunked import LOOP_WINDOW, reconstruct_in_chunks, transform_view
 from da3cog.geometry import (
     Similarity,
     camera_centres,
     compose_similarities,
-    depth_to_world_points,
     invert_similarity,
     matrices_to_rotation_vectors,
     rotation_vectors_to_matrices,
@@ -222,19 +226,6 @@ def _power(similarity: Similarity, times: int) -> Similarity:
     return result
 
 
-def _surface_points(view: ViewPrediction) -> np.ndarray:
-    """``(H * W, 3)`` world points of a view's pixel centres at their depth."""
-    return (
-        depth_to_world_points(
-            torch.from_numpy(np.asarray(view.depth, dtype=np.float64)),
-            torch.from_numpy(np.asarray(view.intrinsics, dtype=np.float64)),
-            torch.from_numpy(np.asarray(view.extrinsics, dtype=np.float64)),
-        )
-        .numpy()
-        .reshape(-1, 3)
-    )
-
-
 def _drifting_predictor(
     truth: Sequence[ViewPrediction], wrong_loops: bool = False, gaussians: bool = False
 ) -> tuple[Callable[[Sequence[int]], Prediction], list[list[int]]]:
@@ -325,7 +316,7 @@ def test_gaussians_move_with_their_chunk_when_loops_close() -> None:
     assert closed.gaussians is not None and closed.gaussians.grid == (FRAMES, 36, 48)
     means = closed.gaussians.means.reshape(FRAMES, -1, 3)
     for view, placed in zip(closed.views, means, strict=True):
-        expected = _surface_points(view)
+        expected = surface_points(view, np.float64)
         scale = float(np.abs(expected).max())
         np.testing.assert_allclose(placed, expected, atol=1e-4 * scale)
 
