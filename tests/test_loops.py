@@ -117,6 +117,22 @@ def test_find_loops_skips_neighbouring_chunks_and_keeps_one_candidate_per_revisi
     assert find_loops(descriptors, chunk_of, threshold=0.999, suppression=1, limit=10) == []
 
 
+def test_find_loops_breaks_ties_by_position_not_by_rounding_noise() -> None:
+    """Revisits that match equally well (identical frames) are taken earliest first, whatever
+    the last bits of their float32 similarities (which differ between BLAS builds): a later
+    pair scoring 1e-6 higher does not win the single slot."""
+    rng = np.random.default_rng(2)
+    descriptors = rng.normal(size=(30, 16)).astype(np.float32)
+    descriptors /= np.linalg.norm(descriptors, axis=1, keepdims=True)
+    descriptors[29], descriptors[27] = descriptors[0], descriptors[2]
+    chunk_of = np.arange(30) // 5
+    noisy = descriptors.copy()
+    noisy[0] *= 1 - 1e-6  # view 0 and 29 now correlate a hair under views 2 and 27
+    for case in (descriptors, noisy):
+        (loop,) = find_loops(case, chunk_of, threshold=0.9, suppression=5, limit=1)
+        assert (loop.earlier, loop.later) == (0, 29)
+
+
 # --------------------------------------------------------------------------------------------
 # The pose graph
 # --------------------------------------------------------------------------------------------

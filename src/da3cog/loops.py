@@ -44,6 +44,7 @@ DESCRIPTOR_SIZE = (16, 12)
 DESCRIPTOR_BLUR = 0.5
 # Rows of the similarity matrix computed at once (memory: this many x the number of views).
 _RETRIEVAL_BLOCK = 1024
+_TIE_DECIMALS = 4
 
 
 def appearance_descriptor(image: np.ndarray) -> np.ndarray:
@@ -100,7 +101,10 @@ def find_loops(
             if score >= threshold:
                 found.append(LoopCandidate(int(row), int(column), float(score)))
     kept: list[LoopCandidate] = []
-    for candidate in sorted(found, key=lambda c: (-c.similarity, c.earlier)):
+    # Similarities equal to _TIE_DECIMALS decimals are ties, taken earliest first: the last bits
+    # of a float32 product depend on the BLAS build, and must not decide which loop is kept.
+    ranked = sorted(found, key=lambda c: (-round(c.similarity, _TIE_DECIMALS), c.earlier))
+    for candidate in ranked:
         if len(kept) == limit:
             break
         if all(
