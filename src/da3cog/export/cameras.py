@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from da3cog.export.files import ManifestEntry, all_or_nothing, view_file_name
+from da3cog.export.files import ManifestEntry, all_or_nothing, returning_paths, view_file_name
 from da3cog.export.points import require_cameras, world_to_camera
 from da3cog.geometry import invert_rigid_np
 from da3cog.pipeline import Prediction
@@ -186,6 +186,4 @@ def transforms_json_files(
     return batch.entries
 
 
-def export_transforms_json(prediction: Prediction, folder: Path) -> list[Path]:
-    """Write ``transforms.json`` and its images (see :func:`transforms_json_files`)."""
-    return [entry.path for entry in transforms_json_files(prediction, folder)]
+export_transforms_json = returning_paths(transforms_json_files, "export_transforms_json")

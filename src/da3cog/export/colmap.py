@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from da3cog.export.files import ManifestEntry, all_or_nothing, safe_name
+from da3cog.export.files import ManifestEntry, all_or_nothing, returning_paths, safe_name
 from da3cog.export.points import (
     DEFAULT_CONFIDENCE_PERCENTILE,
     DEFAULT_MAX_POINTS,
@@ -439,32 +439,4 @@ def colmap_files(
     return batch.entries
 
 
-def export_colmap(
-    prediction: Prediction,
-    folder: Path,
-    *,
-    colmap_formats: Sequence[str] = COLMAP_FORMATS,
-    colmap_images: bool = True,
-    confidence_percentile: float = DEFAULT_CONFIDENCE_PERCENTILE,
-    max_points: int | None = DEFAULT_MAX_POINTS,
-    seed: int = DEFAULT_SEED,
-    drop_sky: bool = True,
-    track_depth_tolerance: float = DEFAULT_TRACK_DEPTH_TOLERANCE,
-    min_track_length: int | None = None,
-    points: PointCloud | None = None,
-) -> list[Path]:
-    """Write a COLMAP sparse model (see :func:`colmap_files`)."""
-    entries = colmap_files(
-        prediction,
-        folder,
-        colmap_formats=colmap_formats,
-        colmap_images=colmap_images,
-        confidence_percentile=confidence_percentile,
-        max_points=max_points,
-        seed=seed,
-        drop_sky=drop_sky,
-        track_depth_tolerance=track_depth_tolerance,
-        min_track_length=min_track_length,
-        points=points,
-    )
-    return [entry.path for entry in entries]
+export_colmap = returning_paths(colmap_files, "export_colmap")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from da3cog.export.colormap import apply_colormap
-from da3cog.export.files import ManifestEntry, all_or_nothing, view_file_name
+from da3cog.export.files import ManifestEntry, all_or_nothing, returning_paths, view_file_name
 from da3cog.export.points import sky_mask
 from da3cog.pipeline import Prediction
 
@@ -54,9 +54,7 @@ def depth_npy_files(prediction: Prediction, folder: Path) -> list[ManifestEntry]
     return batch.entries
 
 
-def export_depth_npy(prediction: Prediction, folder: Path) -> list[Path]:
-    """Write ``depth_0000_<name>.npy`` and ``confidence_0000_<name>.npy`` per view."""
-    return [entry.path for entry in depth_npy_files(prediction, folder)]
+export_depth_npy = returning_paths(depth_npy_files, "export_depth_npy")
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,9 +120,7 @@ def depth_png16_files(prediction: Prediction, folder: Path) -> list[ManifestEntr
     return batch.entries
 
 
-def export_depth_png16(prediction: Prediction, folder: Path) -> list[Path]:
-    """Write ``depth_0000_<name>.png`` per view (see :func:`depth_png16_files`)."""
-    return [entry.path for entry in depth_png16_files(prediction, folder)]
+export_depth_png16 = returning_paths(depth_png16_files, "export_depth_png16")
 
 
 def read_depth_png16(path: Path) -> tuple[np.ndarray, float]:
@@ -218,19 +214,7 @@ def depth_vis_files(
     return batch.entries
 
 
-def export_depth_vis(
-    prediction: Prediction,
-    folder: Path,
-    *,
-    colormap: str = "turbo",
-    side_by_side: bool = True,
-    vis_format: str = "png",
-) -> list[Path]:
-    """Write ``depth_vis_0000_<name>.png`` per view (see :func:`depth_vis_files`)."""
-    entries = depth_vis_files(
-        prediction, folder, colormap=colormap, side_by_side=side_by_side, vis_format=vis_format
-    )
-    return [entry.path for entry in entries]
+export_depth_vis = returning_paths(depth_vis_files, "export_depth_vis")
 
 
 def confidence_range(prediction: Prediction) -> tuple[float, float]:
@@ -283,6 +267,4 @@ def confidence_png_files(prediction: Prediction, folder: Path) -> list[ManifestE
     return batch.entries
 
 
-def export_confidence_png(prediction: Prediction, folder: Path) -> list[Path]:
-    """Write ``confidence_0000_<name>.png`` per view (see :func:`confidence_png_files`)."""
-    return [entry.path for entry in confidence_png_files(prediction, folder)]
+export_confidence_png = returning_paths(confidence_png_files, "export_confidence_png")

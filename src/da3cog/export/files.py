@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import os
 import re
@@ -10,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec
 
 
 def _current_umask() -> int:
@@ -127,3 +129,27 @@ def all_or_nothing() -> Iterator[FileBatch]:
             with suppress(OSError):
                 folder.rmdir()
         raise
+
+
+_Options = ParamSpec("_Options")
+
+
+def returning_paths(
+    files: Callable[_Options, list[ManifestEntry]], name: str
+) -> Callable[_Options, list[Path]]:
+    """The library's ``export_*`` form of an exporter: ``files`` (which returns the manifest
+    entries of what it wrote) under ``name``, with its arguments, returning the paths."""
+
+    @functools.wraps(files)
+    def export(*args: _Options.args, **kwargs: _Options.kwargs) -> list[Path]:
+        return [entry.path for entry in files(*args, **kwargs)]
+
+    export.__name__ = export.__qualname__ = name
+    export.__signature__ = inspect.signature(files).replace(  # type: ignore[attr-defined]
+        return_annotation="list[Path]"
+    )
+    export.__doc__ = (
+        f"Write what :func:`{files.__name__}` writes and return the paths of the files.\n\n"
+        f"{files.__doc__}"
+    )
+    return export

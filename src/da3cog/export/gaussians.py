@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from da3cog.export.files import ManifestEntry, all_or_nothing
+from da3cog.export.files import ManifestEntry, all_or_nothing, returning_paths
+from da3cog.export.ply import ply_header
 from da3cog.pipeline import Gaussians, Prediction
 
 GAUSSIANS_PLY_NAME = "gaussians.ply"
@@ -180,15 +181,7 @@ def gaussian_ply_records(gaussians: Gaussians, keep: np.ndarray) -> np.ndarray:
 
 def gaussian_ply_header(count: int, comments: tuple[str, ...] = ()) -> bytes:
     """The ASCII header of a binary little-endian 3DGS PLY with ``count`` vertices."""
-    lines = [
-        "ply",
-        "format binary_little_endian 1.0",
-        *(f"comment {' '.join(line.split())}" for line in comments),
-        f"element vertex {count}",
-        *(f"property float {name}" for name in gaussian_ply_fields()),
-        "end_header",
-    ]
-    return ("\n".join(lines) + "\n").encode("ascii")
+    return ply_header(count, [("float", name) for name in gaussian_ply_fields()], comments)
 
 
 def gaussians_ply_files(
@@ -244,18 +237,4 @@ def gaussians_ply_files(
     return batch.entries
 
 
-def export_gaussians_ply(
-    prediction: Prediction,
-    folder: Path,
-    *,
-    gaussian_border_fraction: float = DEFAULT_BORDER_FRACTION,
-    gaussian_keep_nearest: float = DEFAULT_KEEP_NEAREST,
-) -> list[Path]:
-    """Write ``gaussians.ply`` (see :func:`gaussians_ply_files`); returns its path."""
-    entries = gaussians_ply_files(
-        prediction,
-        folder,
-        gaussian_border_fraction=gaussian_border_fraction,
-        gaussian_keep_nearest=gaussian_keep_nearest,
-    )
-    return [entry.path for entry in entries]
+export_gaussians_ply = returning_paths(gaussians_ply_files, "export_gaussians_ply")

@@ -29,7 +29,13 @@ import numpy as np
 import torch
 
 from da3cog import __version__
-from da3cog.export.files import ManifestEntry, all_or_nothing, json_number, safe_name
+from da3cog.export.files import (
+    ManifestEntry,
+    all_or_nothing,
+    json_number,
+    returning_paths,
+    safe_name,
+)
 from da3cog.export.points import (
     DEFAULT_CONFIDENCE_PERCENTILE,
     DEFAULT_MAX_POINTS,
@@ -367,30 +373,4 @@ def glb_files(
     return batch.entries
 
 
-def export_glb(
-    prediction: Prediction,
-    folder: Path,
-    *,
-    confidence_percentile: float = DEFAULT_CONFIDENCE_PERCENTILE,
-    max_points: int | None = DEFAULT_MAX_POINTS,
-    seed: int = DEFAULT_SEED,
-    frustums: bool = True,
-    frustum_size: float = 0.03,
-    gltf_cameras: bool = True,
-    drop_sky: bool = True,
-    points: PointCloud | None = None,
-) -> list[Path]:
-    """Write ``scene.glb`` (see :func:`glb_files`)."""
-    entries = glb_files(
-        prediction,
-        folder,
-        confidence_percentile=confidence_percentile,
-        max_points=max_points,
-        seed=seed,
-        frustums=frustums,
-        frustum_size=frustum_size,
-        gltf_cameras=gltf_cameras,
-        drop_sky=drop_sky,
-        points=points,
-    )
-    return [entry.path for entry in entries]
+export_glb = returning_paths(glb_files, "export_glb")

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from da3cog.export.files import ManifestEntry, all_or_nothing
+from da3cog.export.files import ManifestEntry, all_or_nothing, returning_paths
 from da3cog.pipeline import Prediction, ViewPrediction
 
 NPZ_NAME = "prediction.npz"
@@ -191,9 +191,7 @@ def npz_upstream_files(
     )
 
 
-def export_npz(prediction: Prediction, folder: Path, *, compress: bool = True) -> list[Path]:
-    """Write ``prediction.npz`` (see :func:`npz_files`)."""
-    return [entry.path for entry in npz_files(prediction, folder, compress=compress)]
+export_npz = returning_paths(npz_files, "export_npz")
 
 
 def _frozen(array: np.ndarray | None) -> np.ndarray | None:

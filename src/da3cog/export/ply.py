@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from da3cog.export.files import ManifestEntry, all_or_nothing, json_number
+from da3cog.export.files import ManifestEntry, all_or_nothing, json_number, returning_paths
 from da3cog.export.points import (
     DEFAULT_CONFIDENCE_PERCENTILE,
     DEFAULT_MAX_POINTS,
@@ -18,6 +19,22 @@ from da3cog.export.points import (
 from da3cog.pipeline import Prediction
 
 PLY_NAME = "point_cloud.ply"
+
+
+def ply_header(
+    count: int, properties: Sequence[tuple[str, str]], comments: Sequence[str] = ()
+) -> bytes:
+    """The ASCII header of a binary little-endian PLY with ``count`` vertices whose
+    ``properties`` are ``(PLY type, name)`` pairs in file order; each comment on one line."""
+    lines = [
+        "ply",
+        "format binary_little_endian 1.0",
+        *(f"comment {' '.join(line.split())}" for line in comments),
+        f"element vertex {count}",
+        *(f"property {kind} {name}" for kind, name in properties),
+        "end_header",
+    ]
+    return ("\n".join(lines) + "\n").encode("ascii")
 
 
 def ply_bytes(
@@ -44,15 +61,8 @@ def ply_bytes(
     for name, _, values in fields:
         record[name] = values
     ply_type = {"<f4": "float", "u1": "uchar"}
-    header = [
-        "ply",
-        "format binary_little_endian 1.0",
-        *(f"comment {' '.join(line.split())}" for line in comments),
-        f"element vertex {len(points)}",
-        *(f"property {ply_type[kind]} {name}" for name, kind, _ in fields),
-        "end_header",
-    ]
-    return ("\n".join(header) + "\n").encode("ascii") + record.tobytes()
+    properties = [(ply_type[kind], name) for name, kind, _ in fields]
+    return ply_header(len(points), properties, comments) + record.tobytes()
 
 
 def point_cloud_files(
@@ -105,28 +115,4 @@ def point_cloud_files(
     return batch.entries
 
 
-def export_ply(
-    prediction: Prediction,
-    folder: Path,
-    *,
-    confidence_percentile: float = DEFAULT_CONFIDENCE_PERCENTILE,
-    max_points: int | None = DEFAULT_MAX_POINTS,
-    seed: int = DEFAULT_SEED,
-    normals: bool = False,
-    ply_confidence: bool = True,
-    drop_sky: bool = True,
-    points: PointCloud | None = None,
-) -> list[Path]:
-    """Write ``point_cloud.ply`` (see :func:`point_cloud_files`)."""
-    entries = point_cloud_files(
-        prediction,
-        folder,
-        confidence_percentile=confidence_percentile,
-        max_points=max_points,
-        seed=seed,
-        normals=normals,
-        ply_confidence=ply_confidence,
-        drop_sky=drop_sky,
-        points=points,
-    )
-    return [entry.path for entry in entries]
+export_ply = returning_paths(point_cloud_files, "export_ply")
