@@ -47,16 +47,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from random_checkpoints import MODEL_NAMES
+
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
 DEFAULT_CACHE = ROOT / "bench" / ".cache"
-MODEL_NAMES = {
-    "small": "da3-small",
-    "base": "da3-base",
-    "large": "da3-large",
-    "giant": "da3-giant",
-    "nested": "da3nested-giant-large",
-}
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 VIEW_COUNTS = (1, 4)
 

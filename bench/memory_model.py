@@ -27,8 +27,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from random_checkpoints import MODEL_NAMES
+
 ROOT = Path(__file__).resolve().parents[1]
-MODEL_NAMES = {"small": "da3-small", "base": "da3-base", "large": "da3-large"}
 GRID = ((1, 280), (4, 280), (8, 280), (16, 280), (1, 504), (4, 504))
 QUICK_GRID = ((1, 280), (4, 280), (4, 504))
 

@@ -8,7 +8,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "bench" / ".cache"
-MODEL_NAMES = {"small": "da3-small", "base": "da3-base", "large": "da3-large", "giant": "da3-giant"}
+MODEL_NAMES = {
+    "small": "da3-small",
+    "base": "da3-base",
+    "large": "da3-large",
+    "giant": "da3-giant",
+    "nested": "da3nested-giant-large",
+}
 
 
 def checkpoint(preset: str) -> Path:

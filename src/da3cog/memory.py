@@ -6,9 +6,11 @@ them; its table is in bench/README.md), deliberately an upper bound:
 
 * the network's activations: ``ACTIVATION_BYTES_PER_TOKEN_CHANNEL`` x tokens x the
   backbone's width, plus ``HEAD_BYTES_PER_PIXEL_CHANNEL`` x one view's processing pixels x
-  the head's width (the heads' full-resolution tails run one image at a time). On a CPU they
-  are host memory, on a GPU device memory (fitted on CPU float32; the GPU runs the backbone
-  in bf16, so the bound is loose there, and it has not been measured on a GPU yet);
+  the head's width (the heads' full-resolution tails run one image at a time); a nested
+  preset's branches run one after the other, so the larger of the two counts, the metric
+  branch's with the any-view branch's outputs held beside it. On a CPU they are host memory,
+  on a GPU device memory (fitted on CPU float32; the GPU runs the backbone in bf16, so the
+  bound is loose there, and it has not been measured on a GPU yet);
 * each view as decoded (3 bytes a pixel) and its outputs at the output resolution, through
   the exporters (``OUTPUT_BYTES_PER_PIXEL``), and the point clouds' points
   (``POINT_BYTES`` for each of at most ``max_points``);
@@ -32,6 +34,10 @@ from da3cog.model.presets import ModelPreset
 
 ACTIVATION_BYTES_PER_TOKEN_CHANNEL = 300
 HEAD_BYTES_PER_PIXEL_CHANNEL = 8
+# What a nested preset's any-view branch holds while its metric branch runs: the backbone's
+# four output layers (local and global features, float32) and the head's outputs.
+HELD_BYTES_PER_TOKEN_CHANNEL = 4 * 2 * 4
+HELD_BYTES_PER_PIXEL = 64
 OUTPUT_BYTES_PER_PIXEL = 64
 POINT_BYTES = 500
 DECODED_BYTES_PER_PIXEL = 3
@@ -99,16 +105,19 @@ class MemoryEstimate:
 
 
 def network_bytes(preset: ModelPreset, size: RequestSize) -> int:
-    """The network's activation peak (see the module docstring); a nested preset's metric
-    branch is counted on top."""
+    """The network's activation peak (see the module docstring). A nested preset runs its
+    branches one after the other: the larger of the any-view branch's peak and the metric
+    branch's on top of what the any-view branch holds meanwhile (its outputs)."""
     tokens = sum(p // PATCH_SIZE**2 + 1 for p in size.processing_pixels)
     width = preset.backbone.embed_dim
     head = max(size.processing_pixels) * preset.head.features
     total = ACTIVATION_BYTES_PER_TOKEN_CHANNEL * tokens * width
     total += HEAD_BYTES_PER_PIXEL_CHANNEL * head
-    if preset.metric_branch is not None:
-        total += network_bytes(preset.metric_branch, size)
-    return total
+    if preset.metric_branch is None:
+        return total
+    held = HELD_BYTES_PER_TOKEN_CHANNEL * tokens * width
+    held += HELD_BYTES_PER_PIXEL * sum(size.processing_pixels)
+    return max(total, held + network_bytes(preset.metric_branch, size))
 
 
 def estimate(
