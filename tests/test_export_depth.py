@@ -154,3 +154,29 @@ def test_failure_mid_way_leaves_no_file(prediction, tmp_path: Path, monkeypatch)
     with pytest.raises(OSError, match="disk full"):
         export_depth_png16(prediction, tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_views_written_in_parallel_are_all_or_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Per-view images are encoded several at once: the files come back in view order, and
+    when one view's encoding fails the views written beside it are removed too."""
+    import da3cog.export.depth as depth
+
+    many = make_prediction(views=12)
+    paths = export_depth_vis(many, tmp_path / "ok")
+    assert [p.name[:19] for p in paths] == [f"depth_vis_{i:04d}_view" for i in range(12)]
+    assert sorted((tmp_path / "ok").iterdir()) == sorted(paths)
+
+    original = depth.colorize_depth
+    failing = many.views[7].depth
+
+    def colorize(values, *args, **kwargs):
+        if values is failing:
+            raise RuntimeError("encoder crashed on view 7")
+        return original(values, *args, **kwargs)
+
+    monkeypatch.setattr(depth, "colorize_depth", colorize)
+    with pytest.raises(RuntimeError, match="view 7"):
+        export_depth_vis(many, tmp_path / "failed")
+    assert not (tmp_path / "failed").exists() or not any((tmp_path / "failed").iterdir())

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -232,6 +233,24 @@ def test_invalid_gaussians_are_left_out(prediction: Prediction, tmp_path: Path) 
     assert len(vertices) == len(gaussians) - entry.details["removed"]["border"] - 3
     for name in FIELDS:
         assert np.isfinite(vertices[name]).all()
+
+
+def test_a_view_without_finite_gaussians_is_left_out_quietly(prediction: Prediction) -> None:
+    """Every Gaussian of view 1 at NaN: that view has no nearest 90% (all of it is left out as
+    invalid), the others keep theirs, and no warning is raised."""
+    gaussians = prediction.gaussians
+    views, height, width = gaussians.grid
+    means = np.array(gaussians.means)
+    means.reshape(views, height * width, 3)[1] = np.nan
+    broken = dataclasses.replace(prediction, gaussians=dataclasses.replace(gaussians, means=means))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        keep, removed = gaussian_keep_mask(broken, border_fraction=0.0, keep_nearest=0.9)
+    keep = keep.reshape(views, -1)
+    assert not keep[1].any() and removed["invalid"] == height * width
+    expected, _ = gaussian_keep_mask(prediction, border_fraction=0.0, keep_nearest=0.9)
+    others = [0, *range(2, views)]
+    np.testing.assert_array_equal(keep[others], expected.reshape(views, -1)[others])
 
 
 def test_depths_are_each_views_camera_z(prediction: Prediction) -> None:

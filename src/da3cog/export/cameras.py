@@ -168,7 +168,7 @@ def transforms_json_files(
     from PIL import Image
 
     text = json.dumps(transforms_document(prediction, ply_file_path), indent=2)
-    with all_or_nothing() as batch:
+    with all_or_nothing(parallel=True) as batch:
         for index, view in enumerate(prediction.views):
 
             def save(target: Path, image: np.ndarray = view.image) -> None:

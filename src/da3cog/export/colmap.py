@@ -321,16 +321,22 @@ def _binary_files(
     }
 
 
-def _colmap_image(view: ViewPrediction, camera: ColmapCamera) -> tuple[np.ndarray, str | None]:
-    """The image the view's COLMAP camera describes, and a note when it was resampled."""
+def _colmap_image(view: ViewPrediction, camera: ColmapCamera) -> np.ndarray:
+    """The image the view's COLMAP camera describes (see :func:`_resampled_note`)."""
     image = np.asarray(view.image, dtype=np.uint8)
     if image.shape[:2] == (camera.height, camera.width):
-        return image, None
+        return image
     import cv2
 
-    resized = cv2.resize(image, (camera.width, camera.height), interpolation=cv2.INTER_CUBIC)
+    return cv2.resize(image, (camera.width, camera.height), interpolation=cv2.INTER_CUBIC)
+
+
+def _resampled_note(view: ViewPrediction, camera: ColmapCamera) -> str | None:
+    """A note when the view's image is resampled to its COLMAP camera's size."""
+    if np.shape(view.image)[:2] == (camera.height, camera.width):
+        return None
     # Named by its path in the export folder, as the manifest's file list names it.
-    return resized, (
+    return (
         f"{COLMAP_FOLDER}/{IMAGES_FOLDER}/{camera.name}: upsampled from "
         f"{view.width}x{view.height} to {camera.width}x{camera.height}"
     )
@@ -402,7 +408,7 @@ def colmap_files(
     }
     if notes:
         details["notes"] = notes
-    with all_or_nothing() as batch:
+    with all_or_nothing(parallel=True) as batch:
         if "text" in colmap_formats:
             for name, text in _text_files(points, tracks, cameras).items():
                 batch.write(
@@ -423,11 +429,12 @@ def colmap_files(
             from PIL import Image
 
             for index, (view, camera) in enumerate(zip(prediction.views, cameras, strict=True)):
-                picture, note = _colmap_image(view, camera)
 
-                def save(target: Path, picture: np.ndarray = picture) -> None:
+                def save(target: Path, view=view, camera=camera) -> None:
+                    picture = _colmap_image(view, camera)
                     Image.fromarray(picture).save(target, format="PNG", compress_level=1)
 
+                note = _resampled_note(view, camera)
                 extra = {"notes": [note]} if note else {}
                 batch.write(
                     folder / COLMAP_FOLDER / IMAGES_FOLDER / camera.name,

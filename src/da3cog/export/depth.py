@@ -10,7 +10,7 @@ import numpy as np
 from da3cog.export.colormap import apply_colormap
 from da3cog.export.files import ManifestEntry, all_or_nothing, returning_paths, view_file_name
 from da3cog.export.points import sky_mask
-from da3cog.pipeline import Prediction
+from da3cog.pipeline import Prediction, ViewPrediction
 
 PNG16_MAX = 65535
 DEPTH_PNG_ENCODING = "depth = value * depth_scale; value 0 marks an invalid pixel"
@@ -35,7 +35,7 @@ def _unit(prediction: Prediction) -> str:
 def depth_npy_files(prediction: Prediction, folder: Path) -> list[ManifestEntry]:
     """Write ``depth_0000_<name>.npy`` and ``confidence_0000_<name>.npy`` (when the model
     predicts confidence) per view."""
-    with all_or_nothing() as batch:
+    with all_or_nothing(parallel=True) as batch:
         for index, view in enumerate(prediction.views):
             for kind, array in (("depth", view.depth), ("confidence", view.confidence)):
                 if array is None:  # models without confidence
@@ -89,18 +89,17 @@ def depth_png16_files(prediction: Prediction, folder: Path) -> list[ManifestEntr
     from PIL import Image, PngImagePlugin
 
     unit = _unit(prediction)
-    with all_or_nothing() as batch:
+    with all_or_nothing(parallel=True) as batch:
         for index, view in enumerate(prediction.views):
             scale = depth_png_scale(view.depth)
-            encoded = encode_depth_png16(view.depth, scale)
             info = PngImagePlugin.PngInfo()
             info.add_text("depth_scale", repr(scale))
             info.add_text("depth_encoding", DEPTH_PNG_ENCODING)
             info.add_text("depth_unit", unit)
             info.add_text("view_name", view.name)
 
-            def save(target: Path, encoded=encoded, info=info) -> None:
-                Image.fromarray(encoded).save(
+            def save(target: Path, depth=view.depth, scale=scale, info=info) -> None:
+                Image.fromarray(encode_depth_png16(depth, scale)).save(
                     target, format="PNG", pnginfo=info, compress_level=PNG_COMPRESS_LEVEL
                 )
 
@@ -193,13 +192,13 @@ def depth_vis_files(
         if vis_format == "png"
         else {"format": "JPEG", "quality": 95}
     )
-    with all_or_nothing() as batch:
+    with all_or_nothing(parallel=True) as batch:
         for index, view in enumerate(prediction.views):
-            picture = colorize_depth(view.depth, colormap, sky=sky_mask(view))
-            if side_by_side:
-                picture = np.concatenate([np.asarray(view.image, dtype=np.uint8), picture], 1)
 
-            def save(target: Path, picture: np.ndarray = picture) -> None:
+            def save(target: Path, view: ViewPrediction = view) -> None:
+                picture = colorize_depth(view.depth, colormap, sky=sky_mask(view))
+                if side_by_side:
+                    picture = np.concatenate([np.asarray(view.image, dtype=np.uint8), picture], 1)
                 Image.fromarray(picture).save(target, **options)
 
             batch.write(
@@ -239,18 +238,19 @@ def confidence_png_files(prediction: Prediction, folder: Path) -> list[ManifestE
     from PIL import Image, PngImagePlugin
 
     low, high = confidence_range(prediction)
-    with all_or_nothing() as batch:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("confidence_low", repr(low))
+    info.add_text("confidence_high", repr(high))
+    info.add_text("confidence_encoding", CONFIDENCE_PNG_ENCODING)
+    with all_or_nothing(parallel=True) as batch:
         for index, view in enumerate(prediction.views):
             if view.confidence is None:
                 continue
-            scaled = (np.asarray(view.confidence, dtype=np.float32) - low) / (high - low)
-            grey = np.rint(np.clip(np.nan_to_num(scaled, nan=0.0), 0.0, 1.0) * 255).astype(np.uint8)
-            info = PngImagePlugin.PngInfo()
-            info.add_text("confidence_low", repr(low))
-            info.add_text("confidence_high", repr(high))
-            info.add_text("confidence_encoding", CONFIDENCE_PNG_ENCODING)
 
-            def save(target: Path, grey: np.ndarray = grey, info=info) -> None:
+            def save(target: Path, confidence: np.ndarray = view.confidence) -> None:
+                scaled = (np.asarray(confidence, dtype=np.float32) - low) / (high - low)
+                scaled = np.clip(np.nan_to_num(scaled, nan=0.0), 0.0, 1.0)
+                grey = np.rint(scaled * 255).astype(np.uint8)
                 Image.fromarray(grey).save(
                     target, format="PNG", pnginfo=info, compress_level=PNG_COMPRESS_LEVEL
                 )

@@ -9,6 +9,8 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,12 +90,20 @@ class ManifestEntry:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+# Files of one batch written at once when the exporter allows it: image encoders (PIL's PNG and
+# JPEG, zlib) release the GIL, so per-view images encode on several cores.
+_PARALLEL_WRITERS = min(8, os.cpu_count() or 1)
+
+
 class FileBatch:
     """Collects the files one exporter writes; see :func:`all_or_nothing`."""
 
-    def __init__(self) -> None:
+    def __init__(self, writers: int = 1) -> None:
         self.entries: list[ManifestEntry] = []
         self.created_folders: list[Path] = []
+        self._writers = writers
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: list[tuple[Future[Path], ManifestEntry]] = []
 
     def write(
         self,
@@ -103,12 +113,44 @@ class FileBatch:
         view: int | None = None,
         **details: Any,
     ) -> Path:
-        """Write ``path`` atomically (see :func:`write_atomically`) and record it."""
+        """Write ``path`` atomically (see :func:`write_atomically`) and record it. In a
+        parallel batch the write may still be running when this returns: ``write`` then
+        computes what it writes itself, so that at most one file per writer is in memory."""
         missing = [parent for parent in (path.parent, *path.parent.parents) if not parent.exists()]
         self.created_folders.extend(missing)
-        write_atomically(path, write)
-        self.entries.append(ManifestEntry(path, role, view, details))
+        entry = ManifestEntry(path, role, view, details)
+        if self._writers <= 1:
+            write_atomically(path, write)
+            self.entries.append(entry)
+            return path
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._writers, thread_name_prefix="da3cog-export")
+        self._pending.append((self._pool.submit(write_atomically, path, write), entry))
         return path
+
+    def wait(self) -> BaseException | None:
+        """Let every queued write end; record the ones written, in the order they were asked
+        for, and return the first error (None when all were written). Interrupted (a
+        cancelled request), the writes not started are dropped and the running ones end
+        before the interruption goes on, so no file appears after the batch is cleaned up."""
+        if self._pool is None:
+            return None
+        try:
+            wait_for([future for future, _ in self._pending])
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+            failure = None
+            for future, entry in self._pending:
+                if future.cancelled():
+                    continue
+                error = future.exception()
+                if error is None:
+                    self.entries.append(entry)
+                elif failure is None:
+                    failure = error
+            self._pending.clear()
+        return failure
 
     @property
     def paths(self) -> list[Path]:
@@ -116,12 +158,19 @@ class FileBatch:
 
 
 @contextmanager
-def all_or_nothing() -> Iterator[FileBatch]:
+def all_or_nothing(parallel: bool = False) -> Iterator[FileBatch]:
     """A batch of files that all exist at the end, or, when anything raises, none of them:
-    each file is written atomically and the ones already written are removed on failure."""
-    batch = FileBatch()
+    each file is written atomically and the ones already written are removed on failure.
+    ``parallel``: several files are written at once (each write computing its own content);
+    the batch ends when all have."""
+    batch = FileBatch(_PARALLEL_WRITERS if parallel else 1)
     try:
-        yield batch
+        try:
+            yield batch
+        finally:
+            failure = batch.wait()
+        if failure is not None:
+            raise failure
     except BaseException:
         for entry in reversed(batch.entries):
             entry.path.unlink(missing_ok=True)

@@ -18,7 +18,6 @@ camera (its centre's z), which is defined for every prediction.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -132,9 +131,13 @@ def gaussian_keep_mask(
     if keep_nearest < 1.0:
         # One non-finite depth would make the whole view's quantile NaN and drop the view.
         finite_depths = np.where(np.isfinite(depths), depths, np.nan).reshape(views, -1)
-        with np.errstate(invalid="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # a view with no finite depth
-            limits = np.nanquantile(finite_depths, keep_nearest, axis=1)
+        # A view with no finite depth has no quantile (NaN: nothing of it is near). Skipped
+        # rather than silenced: a warnings filter is process-wide, and exporters run side by
+        # side in threads.
+        some = np.isfinite(finite_depths).any(axis=1)
+        limits = np.full(views, np.nan)
+        if some.any():
+            limits[some] = np.nanquantile(finite_depths[some], keep_nearest, axis=1)
         # Non-finite depths are counted as invalid below, not as far.
         near = (depths <= limits[:, None, None]) | ~np.isfinite(depths)
     scales = np.asarray(gaussians.scales).reshape(views, height, width, 3)
