@@ -27,7 +27,7 @@ if [ "${DA3COG_GPU_SMOKE:-0}" = 1 ]; then
 else
   device=cuda models="small base large giant" giant=giant views=32 res=504 repeats=5
   cold_models="giant nested" few="8 32 128" many="128 512 2000" many_res=504 chunk=120
-  memory_models="small base large"
+  memory_models="giant nested small"
 fi
 {
   date -u
