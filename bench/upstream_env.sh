@@ -22,7 +22,7 @@ fi
 py="$venv/bin/python"
 "$py" -m pip install -q --upgrade pip
 "$py" -m pip install -q torch==2.14.1 torchvision==0.29.1
-"$py" -m pip install -q -e . scikit-image
+"$py" -m pip install -q -e . scikit-image pytest  # pytest: the benches reuse test helpers
 "$py" -m pip install -q einops omegaconf addict "evo==1.38.1" huggingface-hub imageio \
   "moviepy==1.0.3" opencv-python-headless pillow-heif plyfile trimesh matplotlib typer tqdm \
   safetensors requests pycolmap==4.2.1
