@@ -12,7 +12,9 @@ them; its table is in bench/README.md), deliberately an upper bound:
   on a GPU device memory (fitted on CPU float32; the GPU runs the backbone in bf16, so the
   bound is loose there, and it has not been measured on a GPU yet);
 * each view as decoded (3 bytes a pixel) and its outputs at the output resolution, through
-  the exporters (``OUTPUT_BYTES_PER_PIXEL``), and the point clouds' points
+  the exporters (``OUTPUT_BYTES_PER_PIXEL``; plus ``EXPORT_IMAGE_BYTES_PER_PIXEL`` of the
+  largest view for each of the ``EXPORT_WRITERS`` encoding views at once), and the point
+  clouds' points
   (``POINT_BYTES`` for each of at most ``max_points``);
 * Gaussians: ``GAUSSIAN_BYTES`` for each (one per processing pixel of every view).
 
@@ -39,6 +41,11 @@ HEAD_BYTES_PER_PIXEL_CHANNEL = 8
 HELD_BYTES_PER_TOKEN_CHANNEL = 4 * 2 * 4
 HELD_BYTES_PER_PIXEL = 64
 OUTPUT_BYTES_PER_PIXEL = 64
+# Per-view files are encoded by this many writers at once (da3cog.export.files), each holding
+# one view's image in the making: about EXPORT_IMAGE_BYTES_PER_PIXEL of its output pixels
+# (measured: 45-67 for the depth visualisation and the images of every format).
+EXPORT_WRITERS = min(4, os.cpu_count() or 1)
+EXPORT_IMAGE_BYTES_PER_PIXEL = 64
 POINT_BYTES = 500
 DECODED_BYTES_PER_PIXEL = 3
 GAUSSIAN_BYTES = 4 * (3 + 3 + 4 + 27 + 1) * 3
@@ -129,6 +136,8 @@ def estimate(
     decoded image and outputs are kept."""
     views = DECODED_BYTES_PER_PIXEL * sum(size.view_pixels)
     outputs = OUTPUT_BYTES_PER_PIXEL * sum(size.output_pixels) + POINT_BYTES * size.points
+    writers = min(EXPORT_WRITERS, len(size.output_pixels))
+    outputs += EXPORT_IMAGE_BYTES_PER_PIXEL * writers * max(size.output_pixels, default=0)
     gaussians = GAUSSIAN_BYTES * sum(size.processing_pixels) if size.gaussians else 0
     network_size = size
     if chunk is not None and chunk < len(size.processing_pixels):

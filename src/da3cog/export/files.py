@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ParamSpec
 
+from da3cog.memory import EXPORT_WRITERS
+
 
 def _current_umask() -> int:
     mask = os.umask(0o022)
@@ -90,9 +92,6 @@ class ManifestEntry:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-# Files of one batch written at once when the exporter allows it: image encoders (PIL's PNG and
-# JPEG, zlib) release the GIL, so per-view images encode on several cores.
-_PARALLEL_WRITERS = min(8, os.cpu_count() or 1)
 
 
 class FileBatch:
@@ -161,9 +160,10 @@ class FileBatch:
 def all_or_nothing(parallel: bool = False) -> Iterator[FileBatch]:
     """A batch of files that all exist at the end, or, when anything raises, none of them:
     each file is written atomically and the ones already written are removed on failure.
-    ``parallel``: several files are written at once (each write computing its own content);
-    the batch ends when all have."""
-    batch = FileBatch(_PARALLEL_WRITERS if parallel else 1)
+    ``parallel``: several files are written at once, by ``da3cog.memory.EXPORT_WRITERS``
+    threads (image encoders release the GIL; each write computes its own content, and the
+    memory estimate counts one image per writer); the batch ends when all have."""
+    batch = FileBatch(EXPORT_WRITERS if parallel else 1)
     try:
         try:
             yield batch

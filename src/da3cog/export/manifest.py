@@ -9,7 +9,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -255,54 +254,35 @@ def manifest_document(
 def _write_formats(
     prediction: Prediction, folder: Path, formats: list[str], options: dict[str, Any]
 ) -> list[ManifestEntry]:
-    """Run the exporters of ``formats`` at once (they write different files; encoders and
-    numpy release the GIL), the point formats once the shared point cloud is fused; the
-    entries come back in the order of ``formats``, and nothing runs on when this returns or
-    raises."""
-    fusion = None
+    # One format after the other: run side by side they held several formats' images at once
+    # (a request's peak 0.37 -> 1.01 of its memory estimate), for 6% less time on two cores.
+    entries: list[ManifestEntry] = []
+    points = None
     if any(name in _POINT_FORMATS or name in _COLMAP_FORMATS for name in formats):
         # One fusion shared by every point format (their own fusion options are not passed).
-        fusion = functools.partial(
-            fuse_points,
+        points = fuse_points(
             prediction,
             normals=bool(options.get("normals", False)) and "ply" in formats,
             **{key: options[key] for key in _FUSION_OPTIONS if key in options},
         )
     colmap_formats = sorted({f for name in formats for f in _COLMAP_FORMATS.get(name, ())})
-    calls: list[tuple[_Writer, dict[str, Any]]] = []
+    colmap_done = False
     for name in formats:
         exporter = _EXPORTERS[name]
         accepted = _exporter_options(exporter)
         kwargs = {key: value for key, value in options.items() if key in accepted}
         if "points" in inspect.signature(exporter).parameters:
             kwargs = {key: value for key, value in kwargs.items() if key not in _FUSION_OPTIONS}
+            kwargs["points"] = points
         if name in _COLMAP_FORMATS:
-            if any(exporter is colmap_files for exporter, _ in calls):
+            if colmap_done:
                 continue
             kwargs["colmap_formats"] = colmap_formats
+            colmap_done = True
         if name == "transforms_json" and "ply" in formats:
             kwargs["ply_file_path"] = PLY_NAME
-        calls.append((exporter, kwargs))
-
-    # The fly-through video renders for minutes on a CPU: it runs after the others, in this
-    # thread, where a cancelled request can interrupt it.
-    serial = [i for i, (exporter, _) in enumerate(calls) if exporter is gaussians_video_files]
-    with ThreadPoolExecutor(len(calls) + 1, thread_name_prefix="da3cog-format") as pool:
-        points = pool.submit(fusion) if fusion is not None else None
-
-        def run(exporter: _Writer, kwargs: dict[str, Any]) -> list[ManifestEntry]:
-            if points is not None and "points" in inspect.signature(exporter).parameters:
-                kwargs = {**kwargs, "points": points.result()}
-            return exporter(prediction, folder, **kwargs)
-
-        running = {i: pool.submit(run, *call) for i, call in enumerate(calls) if i not in serial}
-        wait(running.values())
-    for future in running.values():
-        if future.exception() is not None:
-            raise future.exception()
-    results = {i: future.result() for i, future in running.items()}
-    results.update({i: run(*calls[i]) for i in serial})
-    return [entry for i in range(len(calls)) for entry in results[i]]
+        entries.extend(exporter(prediction, folder, **kwargs))
+    return entries
 
 
 def export_all(
