@@ -92,8 +92,6 @@ class ManifestEntry:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-
-
 class FileBatch:
     """Collects the files one exporter writes; see :func:`all_or_nothing`."""
 

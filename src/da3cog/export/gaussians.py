@@ -132,8 +132,7 @@ def gaussian_keep_mask(
         # One non-finite depth would make the whole view's quantile NaN and drop the view.
         finite_depths = np.where(np.isfinite(depths), depths, np.nan).reshape(views, -1)
         # A view with no finite depth has no quantile (NaN: nothing of it is near). Skipped
-        # rather than silenced: a warnings filter is process-wide, and exporters run side by
-        # side in threads.
+        # rather than silenced: a warnings filter is process-wide, not thread-safe.
         some = np.isfinite(finite_depths).any(axis=1)
         limits = np.full(views, np.nan)
         if some.any():
