@@ -14,6 +14,8 @@ Ours (each includes fusing the point cloud from the depth maps where it needs on
   depth_png16    ``export_depth_png16`` (16-bit PNG + scale per view)
   depth_vis      ``export_depth_vis`` (colour PNG beside the image per view; (jpg): JPEG q95)
   glb+ply+png16  ``export_all(["glb", "ply", "depth_png16"])`` (one shared fusion + manifest)
+  served         what the cog model writes by default: GLB, depth NPY and visualisation PNG per
+                 view, cameras JSON (``export_all``)
 
 Upstream (depth-anything-3 0.1.1, from the same arrays in its own ``specs.Prediction``):
   glb            ``export_to_glb(..., export_depth_vis=False)`` (trimesh: points + frustums)
@@ -54,6 +56,9 @@ from da3cog.export.glb import export_glb  # noqa: E402
 from da3cog.export.manifest import export_all  # noqa: E402
 from da3cog.export.ply import export_ply  # noqa: E402
 from da3cog.export.points import fuse_points  # noqa: E402
+
+# The cog model's default: da3cog.serve.outputs.base_formats for an any-view model + "glb".
+SERVED_FORMATS = ["depth_npy", "depth_vis", "cameras_json", "glb"]
 
 
 def timed(
@@ -131,6 +136,7 @@ def main() -> int:
         "depth_vis": lambda out: export_depth_vis(prediction, out),
         "depth_vis(jpg)": lambda out: export_depth_vis(prediction, out, vis_format="jpg"),
         "glb+ply+png16": lambda out: export_all(prediction, out, ["glb", "ply", "depth_png16"]),
+        "served": lambda out: export_all(prediction, out, SERVED_FORMATS),
     }
     upstream = load_upstream()
     theirs: dict[str, float] = {}

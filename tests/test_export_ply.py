@@ -91,6 +91,10 @@ def test_point_cap_is_a_seeded_subsample(prediction, tmp_path: Path) -> None:
     full_keys = {(int(v), int(c), int(r)) for v, (c, r) in zip(full.view, full.pixel, strict=True)}
     keys = [(int(v), int(c), int(r)) for v, (c, r) in zip(capped.view, capped.pixel, strict=True)]
     assert set(keys) <= full_keys and keys == sorted(keys, key=lambda k: (k[0], k[2], k[1]))
+    # Exactly the uncapped cloud's points drawn by the seed (only those are back-projected).
+    drawn = np.sort(np.random.default_rng(7).choice(len(full), 500, replace=False))
+    for field in ("xyz", "rgb", "confidence", "view", "pixel"):
+        np.testing.assert_array_equal(getattr(capped, field), getattr(full, field)[drawn])
     (path,) = export_ply(prediction, tmp_path, max_points=500, seed=7)
     assert len(_read(path)) == 500
     with pytest.raises(ValueError, match="max_points"):

@@ -29,6 +29,7 @@ from da3cog.geometry import (
     invert_rigid_np,
     matrix_to_quaternion,
     normalize_pose_conditioning,
+    pixels_to_world_points,
     project_points,
     quaternion_to_matrix,
     scale_intrinsics,
@@ -401,6 +402,21 @@ def test_depth_to_world_points_batched_views_use_their_own_cameras() -> None:
         np.testing.assert_allclose(
             (homogeneous @ extrinsics[view].T)[..., :3].numpy(), camera.numpy(), atol=1e-12
         )
+
+
+@pytest.mark.parametrize("rows_of_extrinsics", [3, 4])
+def test_pixels_to_world_points_matches_the_grid_at_those_pixels(rows_of_extrinsics: int) -> None:
+    rng = np.random.default_rng(19)
+    height, width = 30, 40
+    intrinsics = torch.tensor(sample_intrinsics(2.5) / 20 * [[1], [1], [20]], dtype=torch.float32)
+    extrinsics = torch.from_numpy(random_rigid(rng, 1)[0][:rows_of_extrinsics]).float()
+    depth = torch.from_numpy(rng.uniform(0.5, 9.0, size=(height, width))).float()
+    flat = torch.from_numpy(np.sort(rng.choice(height * width, 200, replace=False)))
+    rows, cols = flat // width, flat % width
+    grid = depth_to_world_points(depth, intrinsics, extrinsics)
+    points = pixels_to_world_points(depth[rows, cols], rows, cols, intrinsics, extrinsics)
+    assert points.shape == (200, 3)
+    assert torch.equal(points, grid[rows, cols])
 
 
 # --------------------------------------------------------------------------------------------

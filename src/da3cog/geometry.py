@@ -175,6 +175,31 @@ def field_of_view_intrinsics(
 # --------------------------------------------------------------------------------------------
 
 
+def _camera_points(
+    depth: torch.Tensor, u: torch.Tensor, v: torch.Tensor, intrinsics: torch.Tensor, pixel_dims: int
+) -> torch.Tensor:
+    """Camera-frame points ``(..., *pixels, 3)`` of depth ``(..., *pixels)`` at pixel coordinates
+    ``u`` (columns) and ``v`` (rows) broadcasting against the ``pixel_dims`` trailing dims."""
+    pixels = (None,) * pixel_dims
+
+    def entry(row: int, col: int) -> torch.Tensor:
+        return intrinsics[(..., row, col, *pixels)]
+
+    y = (v - entry(1, 2)) / entry(1, 1)
+    x = (u - entry(0, 2) - entry(0, 1) * y) / entry(0, 0)
+    return torch.stack([x * depth, y * depth, depth], dim=-1)
+
+
+def _camera_to_world(
+    camera_points: torch.Tensor, extrinsics: torch.Tensor, pixel_dims: int
+) -> torch.Tensor:
+    camera_to_world = invert_rigid(as_homogeneous(extrinsics))
+    pixels = (None,) * pixel_dims
+    rotation = camera_to_world[(..., *pixels, slice(0, 3), slice(0, 3))]
+    translation = camera_to_world[(..., *pixels, slice(0, 3), 3)]
+    return (rotation @ camera_points[..., None])[..., 0] + translation
+
+
 def depth_to_camera_points(depth: torch.Tensor, intrinsics: torch.Tensor) -> torch.Tensor:
     """Back-project depth maps ``(..., H, W)`` through intrinsics ``(..., 3, 3)`` to camera-frame
     points ``(..., H, W, 3)``, sampling each pixel at its centre ``(col + 0.5, row + 0.5)``."""
@@ -182,14 +207,7 @@ def depth_to_camera_points(depth: torch.Tensor, intrinsics: torch.Tensor) -> tor
     rows = torch.arange(height, dtype=depth.dtype, device=depth.device) + 0.5
     cols = torch.arange(width, dtype=depth.dtype, device=depth.device) + 0.5
     v, u = torch.meshgrid(rows, cols, indexing="ij")
-    fx = intrinsics[..., 0, 0, None, None]
-    fy = intrinsics[..., 1, 1, None, None]
-    cx = intrinsics[..., 0, 2, None, None]
-    cy = intrinsics[..., 1, 2, None, None]
-    skew = intrinsics[..., 0, 1, None, None]
-    y = (v - cy) / fy
-    x = (u - cx - skew * y) / fx
-    return torch.stack([x * depth, y * depth, depth], dim=-1)
+    return _camera_points(depth, u, v, intrinsics, pixel_dims=2)
 
 
 def depth_to_world_points(
@@ -198,10 +216,23 @@ def depth_to_world_points(
     """Depth ``(..., H, W)`` -> world points ``(..., H, W, 3)`` using world-to-camera
     extrinsics ``(..., 3|4, 4)``."""
     camera_points = depth_to_camera_points(depth, intrinsics)
-    camera_to_world = invert_rigid(as_homogeneous(extrinsics))
-    rotation = camera_to_world[..., None, None, :3, :3]
-    translation = camera_to_world[..., None, None, :3, 3]
-    return (rotation @ camera_points[..., None])[..., 0] + translation
+    return _camera_to_world(camera_points, extrinsics, pixel_dims=2)
+
+
+def pixels_to_world_points(
+    depth: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    intrinsics: torch.Tensor,
+    extrinsics: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`depth_to_world_points` for some pixels only: depth ``(..., P)`` at integer pixel
+    ``rows`` and ``cols`` ``(P,)`` (sampled at their centres) -> world points ``(..., P, 3)``,
+    the same values the whole grid gives at those pixels."""
+    v = rows.to(depth.dtype) + 0.5
+    u = cols.to(depth.dtype) + 0.5
+    camera_points = _camera_points(depth, u, v, intrinsics, pixel_dims=1)
+    return _camera_to_world(camera_points, extrinsics, pixel_dims=1)
 
 
 def project_points(

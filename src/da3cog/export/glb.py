@@ -148,10 +148,17 @@ def srgb_to_linear(rgb: np.ndarray) -> np.ndarray:
     return np.where(values <= 0.04045, values / 12.92, ((values + 0.055) / 1.055) ** 2.4)
 
 
+# Every sRGB byte's linear uint16: a lookup instead of a power per channel of every point.
+_LINEAR_UINT16 = np.round(srgb_to_linear(np.arange(256, dtype=np.uint8)) * 65535.0).astype(
+    np.uint16
+)
+
+
 def linear_colours(rgb: np.ndarray) -> np.ndarray:
     """sRGB bytes ``(N, 3)`` -> ``(N, 4)`` normalised uint16 linear RGBA (opaque): COLOR_0."""
-    linear = np.round(srgb_to_linear(rgb) * 65535.0).astype(np.uint16)
-    return np.concatenate([linear, np.full((len(linear), 1), 65535, np.uint16)], axis=1)
+    rgba = np.full((len(rgb), 4), 65535, np.uint16)
+    rgba[:, :3] = _LINEAR_UINT16[np.asarray(rgb, dtype=np.uint8)]
+    return rgba
 
 
 def _view_colour(index: int, count: int) -> tuple[int, int, int]:

@@ -3,12 +3,13 @@ checks every geometric exporter shares."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from da3cog.geometry import depth_to_world_points, invert_rigid_np
+from da3cog.geometry import depth_to_world_points, invert_rigid_np, pixels_to_world_points
 from da3cog.pipeline import Prediction, ViewPrediction
 
 DEFAULT_CONFIDENCE_PERCENTILE = 40.0
@@ -115,8 +116,11 @@ def confidence_threshold(prediction: Prediction, percentile: float, drop_sky: bo
     pooled = np.concatenate(
         [view.confidence[surface_mask(view, drop_sky)] for view in prediction.views]
     )
-    pooled = pooled[np.isfinite(pooled)]
-    return float(np.percentile(pooled, percentile)) if pooled.size else np.inf
+    finite = np.isfinite(pooled)
+    if not finite.all():
+        pooled = pooled[finite]
+    # The pooled copy is ours to reorder: no second copy of every pixel's confidence.
+    return float(np.percentile(pooled, percentile, overwrite_input=True)) if pooled.size else np.inf
 
 
 def _normals(world: np.ndarray, centre: np.ndarray) -> np.ndarray:
@@ -130,6 +134,25 @@ def _normals(world: np.ndarray, centre: np.ndarray) -> np.ndarray:
     normals = np.divide(normals, length, out=np.zeros_like(normals), where=length > 0)
     facing = np.sum(normals * (centre - world), axis=-1, keepdims=True)
     return np.where(facing < 0, -normals, normals).astype(np.float32)
+
+
+def _chosen_pixels(
+    keeps: list[np.ndarray], max_points: int | None, seed: int
+) -> Iterator[np.ndarray]:
+    """Per view, the flat (row-major) indices of its kept pixels that make the cloud: all of
+    them, or a uniform subsample of ``max_points`` over every view's kept pixels in view, then
+    pixel order (seeded by ``seed``). Computed one view at a time, when the caller gets there."""
+    counts = np.array([np.count_nonzero(keep) for keep in keeps], dtype=np.int64)
+    total = int(counts.sum())
+    subsets: list[np.ndarray | None] = [None] * len(keeps)
+    if max_points is not None and total > max_points:
+        chosen = np.sort(np.random.default_rng(seed).choice(total, max_points, replace=False))
+        ends = np.cumsum(counts)
+        pieces = np.split(chosen, np.searchsorted(chosen, ends[:-1]))
+        subsets = [piece - start for piece, start in zip(pieces, ends - counts, strict=True)]
+    for keep, subset in zip(keeps, subsets, strict=True):
+        flat = np.flatnonzero(keep)
+        yield flat if subset is None else flat[subset]
 
 
 def fuse_points(
@@ -147,39 +170,54 @@ def fuse_points(
     (default: drop the lowest 40%; no confidence filter for models without confidence). When
     more than ``max_points`` remain, a uniform subsample seeded by ``seed`` is kept (in view,
     then row-major pixel order). Raises ValueError when the views have no shared cameras
-    (:func:`camera_problem`)."""
+    (:func:`camera_problem`).
+
+    Only the pixels kept are back-projected (a capped cloud of large views computes a fraction
+    of their points); normals need each view's whole grid of points."""
     if max_points is not None and max_points < 1:
         raise ValueError(f"max_points must be at least 1 (or None for no cap), got {max_points}")
     require_cameras(prediction, "a point cloud")
     threshold = confidence_threshold(prediction, confidence_percentile, drop_sky)
     with_confidence = _has_confidence(prediction)
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("xyz", "rgb", "conf", "view", "pix")}
-    normal_parts: list[np.ndarray] = []
-    for index, view in enumerate(prediction.views):
-        valid = surface_mask(view, drop_sky=False)
+    keeps = []
+    for view in prediction.views:
         keep = surface_mask(view, drop_sky)
         if with_confidence:
             keep &= view.confidence >= threshold
-        if not keep.any():
+        keeps.append(keep)
+    chosen = _chosen_pixels(keeps, max_points, seed)
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("xyz", "rgb", "conf", "view", "pix")}
+    normal_parts: list[np.ndarray] = []
+    for index, (view, flat) in enumerate(zip(prediction.views, chosen, strict=True)):
+        if not len(flat):
             continue
+        rows, cols = np.divmod(flat, view.depth.shape[1])
         extrinsics = world_to_camera(view)
-        world = depth_to_world_points(
-            torch.from_numpy(np.array(view.depth, dtype=np.float32)),
-            torch.from_numpy(np.array(view.intrinsics, dtype=np.float32)),
-            torch.from_numpy(extrinsics.astype(np.float32)),
-        ).numpy()
-        rows, cols = np.nonzero(keep)
-        parts["xyz"].append(world[rows, cols])
-        parts["rgb"].append(view.image[rows, cols])
+        intrinsics = torch.from_numpy(np.array(view.intrinsics, dtype=np.float32))
+        extrinsics_f32 = torch.from_numpy(extrinsics.astype(np.float32))
+        depth = np.asarray(view.depth, dtype=np.float32)
+        parts["xyz"].append(
+            pixels_to_world_points(
+                torch.from_numpy(depth.reshape(-1)[flat]),
+                torch.from_numpy(rows),
+                torch.from_numpy(cols),
+                intrinsics,
+                extrinsics_f32,
+            ).numpy()
+        )
+        parts["rgb"].append(view.image.reshape(-1, 3)[flat])
         if with_confidence:
-            parts["conf"].append(view.confidence[rows, cols])
-        parts["view"].append(np.full(len(rows), index, dtype=np.int32))
+            parts["conf"].append(np.asarray(view.confidence).reshape(-1)[flat])
+        parts["view"].append(np.full(len(flat), index, dtype=np.int32))
         parts["pix"].append(np.stack([cols, rows], axis=-1).astype(np.int32))
         if normals:
+            world = depth_to_world_points(
+                torch.from_numpy(np.array(depth)), intrinsics, extrinsics_f32
+            ).numpy()
             centre = invert_rigid_np(extrinsics)[:3, 3]
-            grid = np.where(valid[..., None], world, np.nan)
+            grid = np.where(surface_mask(view, drop_sky=False)[..., None], world, np.nan)
             normal_grid = np.nan_to_num(_normals(grid, centre.astype(np.float32)), nan=0.0)
-            normal_parts.append(normal_grid[rows, cols])
+            normal_parts.append(normal_grid.reshape(-1, 3)[flat])
 
     def joined(key: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
         if not parts[key]:
@@ -194,11 +232,6 @@ def fuse_points(
     normal = None
     if normals:
         normal = np.concatenate(normal_parts) if normal_parts else np.zeros((0, 3), np.float32)
-    if max_points is not None and len(xyz) > max_points:
-        chosen = np.sort(np.random.default_rng(seed).choice(len(xyz), max_points, replace=False))
-        xyz, rgb, view_index, pixel = xyz[chosen], rgb[chosen], view_index[chosen], pixel[chosen]
-        conf = conf[chosen] if conf is not None else None
-        normal = normal[chosen] if normal is not None else None
     return PointCloud(
         xyz=xyz,
         rgb=rgb,
