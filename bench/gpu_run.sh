@@ -4,7 +4,7 @@
 #   bash bench/gpu_wheels.sh
 # then, through the device tool, with carry [".whl"] and timeout_s 590:
 #   bash bench/gpu_run.sh throughput     # 32 views bf16, small/base/large/giant (and the
-#                                        # whole-heads lever); cold start
+#                                        # head-tails lever); cold start
 #   bash bench/gpu_run.sh request        # the served default: giant, 1/4/8 views, exports
 #   bash bench/gpu_run.sh views          # a third call, another session: memory model on
 #                                        # CUDA, many views of giant at 504 px up to 2000
@@ -50,8 +50,10 @@ case "$part" in
     step throughput 380 "$python" bench/bench_cpu.py --device "$device" --models $models \
       --views "$views" --repeats "$repeats" --measure latency --res "$res" --lever-heads
     # shellcheck disable=SC2086
-    step cold 190 "$python" bench/bench_cpu.py --device "$device" --models $cold_models \
-      --measure cold --cold-runs 2 --res "$res"
+    # One run per side after a warm-up: on the H200 (2026-12-04) two did not fit beside
+    # writing nested's 6.4 GB checkpoint.
+    step cold 195 "$python" bench/bench_cpu.py --device "$device" --models $cold_models \
+      --measure cold --cold-runs 1 --res "$res"
     ;;
   request)
     # The e2e bench's checkpoint is bench_cpu's (both seed 0): reuse it if part 1 wrote it.

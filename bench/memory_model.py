@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """Measure the network's activation peak and compare it with the served model's estimate.
 
-    python bench/memory_model.py [--models small base] [--device cpu] [--quick]
+    python bench/memory_model.py [--models small base] [--device cpu] [--quick] [--all-tails]
 
 For every (model, views, processing size) of the grid a fresh subprocess builds the network
 with random weights (activations do not depend on the weights' values), runs one forward on a
 random batch of ``views`` images of ``res`` x ``res * 3/4`` (rounded to the patch size) and
 reports the memory the forward added on top of the loaded network, warmed up by a one-view
-forward at 140 px as the served model is in its setup:
+forward at 140 px as the served model is in its setup. The heads' full-resolution tails run
+one image at a time, as on a CPU, or with ``--all-tails`` over every view at once (what a GPU
+does when they fit, :func:`da3cog.memory.head_views`):
 
 * CPU: the peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs`` after the
   network is built) minus the resident set before the forward;
@@ -42,6 +44,7 @@ from da3cog.model.presets import PRESETS
 from da3cog.io.preprocess import PATCH_SIZE
 
 preset_name, views, res, device = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+head_views = int(sys.argv[5])
 torch.set_num_threads(2)
 torch.manual_seed(0)
 cuda = device.startswith("cuda")
@@ -76,7 +79,7 @@ else:
     Path("/proc/self/clear_refs").write_text("5")
     before = rss()
 with torch.inference_mode():
-    network(images, autocast_dtype=torch.bfloat16 if cuda else None)
+    network(images, autocast_dtype=torch.bfloat16 if cuda else None, head_views=head_views)
 if cuda:
     torch.cuda.synchronize()
     added = torch.cuda.max_memory_allocated() - before
@@ -86,9 +89,9 @@ print(json.dumps({"added": added, "height": height, "width": width}))
 """
 
 
-def measure(preset: str, views: int, res: int, device: str) -> dict:
+def measure(preset: str, views: int, res: int, device: str, head_views: int) -> dict:
     result = subprocess.run(
-        [sys.executable, "-c", CHILD, preset, str(views), str(res), device],
+        [sys.executable, "-c", CHILD, preset, str(views), str(res), device, str(head_views)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -104,12 +107,16 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=["small", "base"], choices=MODEL_NAMES)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="three points per model")
+    parser.add_argument(
+        "--all-tails", action="store_true", help="the heads' tails over every view at once"
+    )
     args = parser.parse_args()
 
     from da3cog import memory
     from da3cog.model.presets import PRESETS
 
-    print(f"device: {args.device}")
+    tails = "every view at once" if args.all_tails else "one image at a time"
+    print(f"device: {args.device}; head tails {tails}")
     print(
         "| model | views | processing size | measured (MiB) | estimate (MiB) "
         "| measured / estimate |"
@@ -119,10 +126,11 @@ def main() -> int:
     for model in args.models:
         preset = MODEL_NAMES[model]
         for views, res in QUICK_GRID if args.quick else GRID:
-            row = measure(preset, views, res, args.device)
+            head_views = views if args.all_tails else 1
+            row = measure(preset, views, res, args.device, head_views)
             pixels = row["height"] * row["width"]
             size = memory.RequestSize((pixels,) * views, (pixels,) * views, (pixels,) * views)
-            estimate = memory.network_bytes(PRESETS[preset], size)
+            estimate = memory.network_bytes(PRESETS[preset], size, head_views)
             ratio = row["added"] / estimate
             ratios.append(ratio)
             print(

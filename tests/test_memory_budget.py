@@ -168,3 +168,31 @@ def test_nested_estimate_bounds_the_measured_peak() -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     row = json.loads(result.stdout.strip().splitlines()[-1])
     assert row["anyview_alone"] < row["added"] <= row["nested"], row
+
+
+def _views(count: int, pixels: int = 504 * 378) -> memory.RequestSize:
+    return memory.RequestSize((pixels,) * count, (pixels,) * count, (pixels,) * count)
+
+
+@pytest.mark.parametrize("preset_name", ["da3-small", "da3-giant", "da3nested-giant-large"])
+def test_head_tails_batch_as_many_views_as_the_device_budget_holds(preset_name: str) -> None:
+    preset, size = PRESETS[preset_name], _views(32)
+    one, every = memory.network_bytes(preset, size, 1), memory.network_bytes(preset, size, 32)
+    assert one < memory.network_bytes(preset, size, 2) < every
+    assert memory.plan_head_views(preset, size, every) == 32
+    assert memory.plan_head_views(preset, size, 10 * every) == 32
+    assert memory.plan_head_views(preset, size, one) == 1
+    assert memory.plan_head_views(preset, size, one // 2) == 1  # nothing fits: the lightest
+    for views in (2, 7, 31):
+        edge = memory.network_bytes(preset, size, views)
+        assert memory.plan_head_views(preset, size, edge) == views
+        assert memory.plan_head_views(preset, size, edge - 1) == views - 1
+
+
+def test_head_tails_run_one_at_a_time_without_a_device_budget(monkeypatch) -> None:
+    preset = PRESETS["da3-small"]
+    assert memory.plan_head_views(preset, _views(32), None) == 1
+    assert memory.head_views(preset, 32, (378, 504), on_gpu=False) == 1
+    budget = memory.network_bytes(preset, _views(32), 5)
+    monkeypatch.setattr(memory, "device_budget", lambda: budget)
+    assert memory.head_views(preset, 32, (378, 504), on_gpu=True) == 5

@@ -293,8 +293,7 @@ class InferenceOptions:
         check_strategy(self.reference_strategy)
         if self.mixed_shapes not in MIXED_SHAPES:
             raise ValueError(
-                f"mixed_shapes must be one of {', '.join(MIXED_SHAPES)}, "
-                f"got {self.mixed_shapes!r}"
+                f"mixed_shapes must be one of {', '.join(MIXED_SHAPES)}, got {self.mixed_shapes!r}"
             )
         if self.output_resolution not in OUTPUT_RESOLUTIONS:
             raise ValueError(
@@ -555,6 +554,12 @@ class DepthAnything3:
             infer_gaussians=options.infer_gaussians,
             generator=generator,
             autocast_dtype=self.autocast_dtype,
+            head_views=memory.head_views(
+                self.loaded.preset,
+                batch.num_views,
+                batch.processing_size,
+                self.device.type == "cuda",
+            ),
         )
 
     def _resolve(

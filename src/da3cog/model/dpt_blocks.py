@@ -27,16 +27,22 @@ def interpolate_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     )
 
 
-def one_image_at_a_time(
-    function: Callable[..., torch.Tensor], *batches: torch.Tensor
+def views_at_a_time(
+    function: Callable[..., torch.Tensor], views: int, *batches: torch.Tensor
 ) -> torch.Tensor:
-    """``function`` applied to image ``i`` of every ``(N, ...)`` batch in turn, the results
-    concatenated over N. The heads' full-resolution tails hold the largest activations of the
-    network; one image at a time they need 1/N of that memory at the same speed. Results
-    agree to float rounding (the backend may pick another convolution algorithm for one image;
-    for the DA3 heads on the CPU they were bit-identical in every case tried)."""
-    images = zip(*(batch.split(1) for batch in batches), strict=True)
-    return torch.cat([function(*parts) for parts in images])
+    """``function`` applied to ``views`` images at a time of every ``(N, ...)`` batch, the
+    results concatenated over N. The heads' full-resolution tails hold the largest activations
+    of the network; one image at a time (``views=1``) they need 1/N of that memory at the same
+    speed on a CPU, while a GPU, bound by kernel launches there, is faster over many at once
+    (the pipeline picks ``views`` from the memory model). Results agree to float rounding (the
+    backend may pick another convolution algorithm for another batch size; for the DA3 heads
+    on the CPU they were bit-identical in every case tried)."""
+    if views < 1:
+        raise ValueError(f"views must be at least 1, got {views}")
+    if len({batch.shape[0] for batch in batches}) != 1:
+        raise ValueError(f"batches of different sizes: {[batch.shape[0] for batch in batches]}")
+    groups = zip(*(batch.split(views) for batch in batches), strict=True)
+    return torch.cat([function(*parts) for parts in groups])
 
 
 def _sincos_embedding(dim: int, positions: torch.Tensor, omega_0: float = 100.0) -> torch.Tensor:

@@ -13,7 +13,7 @@ from da3cog.model.dpt_blocks import (
     fuse,
     interpolate_bilinear,
     make_refinenets,
-    one_image_at_a_time,
+    views_at_a_time,
 )
 from da3cog.model.presets import DPTSpec
 
@@ -56,9 +56,14 @@ class DPTHead(TokenPyramid):
         self.scratch.sky_output_conv2 = _output_branch(features)
 
     def forward(
-        self, features: list[torch.Tensor], image_height: int, image_width: int
+        self,
+        features: list[torch.Tensor],
+        image_height: int,
+        image_width: int,
+        tail_views: int = 1,
     ) -> DPTOutput:
-        """features: four ``(N, h*w, dim_in)`` tensors from the backbone's output layers."""
+        """features: four ``(N, h*w, dim_in)`` tensors from the backbone's output layers;
+        ``tail_views``: images the full-resolution tail runs on at once."""
         maps = self.pyramid(features, image_height, image_width, self.patch_size)
         scratch = self.scratch
         neck = scratch.output_conv1(fuse(scratch, maps))
@@ -71,5 +76,5 @@ class DPTHead(TokenPyramid):
                 (scratch.output_conv2(full)[:, 0], scratch.sky_output_conv2(full)[:, 0]), dim=1
             )
 
-        logits = one_image_at_a_time(depth_and_sky, neck)
+        logits = views_at_a_time(depth_and_sky, tail_views, neck)
         return DPTOutput(depth_logits=logits[:, 0], sky_logits=logits[:, 1])

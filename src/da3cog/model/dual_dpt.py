@@ -14,7 +14,7 @@ from da3cog.model.dpt_blocks import (
     fuse,
     interpolate_bilinear,
     make_refinenets,
-    one_image_at_a_time,
+    views_at_a_time,
 )
 from da3cog.model.presets import DPTSpec
 
@@ -91,21 +91,27 @@ class DualDPTHead(TokenPyramid):
         )
 
     def forward(
-        self, features: list[torch.Tensor], image_height: int, image_width: int
+        self,
+        features: list[torch.Tensor],
+        image_height: int,
+        image_width: int,
+        tail_views: int = 1,
     ) -> DualDPTOutput:
-        """features: four ``(N, h*w, dim_in)`` tensors from the backbone's output layers."""
+        """features: four ``(N, h*w, dim_in)`` tensors from the backbone's output layers;
+        ``tail_views``: images the full-resolution depth tail runs on at once."""
         maps = self.pyramid(features, image_height, image_width, self.patch_size)
         scratch = self.scratch
 
         depth = scratch.output_conv1(fuse(scratch, maps))
         rows = image_height // self.patch_size * self.patch_size
         cols = image_width // self.patch_size * self.patch_size
-        depth = one_image_at_a_time(
+        depth = views_at_a_time(
             lambda image: scratch.output_conv2(
                 add_uv_position_embedding(
                     interpolate_bilinear(image, (rows, cols)), image_height, image_width
                 )
             ),
+            tail_views,
             depth,
         )
 

@@ -15,7 +15,7 @@ from da3cog.model.dpt_blocks import (
     fuse,
     interpolate_bilinear,
     make_refinenets,
-    one_image_at_a_time,
+    views_at_a_time,
 )
 from da3cog.model.presets import DPTSpec
 
@@ -49,9 +49,10 @@ class GaussianHead(TokenPyramid):
         )
 
     def forward(
-        self, features: list[torch.Tensor], images: torch.Tensor
+        self, features: list[torch.Tensor], images: torch.Tensor, tail_views: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """features: four ``(N, h*w, dim_in)``; images: ``(N, 3, H, W)`` normalised.
+        """features: four ``(N, h*w, dim_in)``; images: ``(N, 3, H, W)`` normalised;
+        ``tail_views``: images the full-resolution tail runs on at once.
 
         Returns raw parameters ``(N, H, W, 37)`` and densities in (0, 1) ``(N, H, W)``.
         """
@@ -63,5 +64,5 @@ class GaussianHead(TokenPyramid):
             full = interpolate_bilinear(neck, (height, width)) + self.images_merger(image)
             return self.scratch.output_conv2(add_uv_position_embedding(full, height, width))
 
-        x = one_image_at_a_time(tail, x, images).permute(0, 2, 3, 1)
+        x = views_at_a_time(tail, tail_views, x, images).permute(0, 2, 3, 1)
         return x[..., :-1], torch.sigmoid(x[..., -1])

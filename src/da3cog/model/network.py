@@ -24,7 +24,8 @@ from da3cog.model.metric import (
 from da3cog.model.presets import PRESETS, ModelPreset, short_name
 from da3cog.model.reference_view import ReferenceStrategy, check_strategy
 
-# Images per head call: bounds the head's activation memory for long sequences.
+# Images per head call at least (more when the full-resolution tails run over more at once):
+# bounds the head's activation memory for long sequences.
 _HEAD_CHUNK = 8
 
 
@@ -103,16 +104,18 @@ def _check_request(
 
 
 def _run_in_chunks(
-    head: nn.Module, features: list[torch.Tensor], *args: torch.Tensor | int
+    head: nn.Module, features: list[torch.Tensor], *args: torch.Tensor | int, tail_views: int
 ) -> object:
-    """Run a head over images in chunks of ``_HEAD_CHUNK`` and concatenate its outputs: a
+    """Run a head over images in chunks of ``max(_HEAD_CHUNK, tail_views)``, its
+    full-resolution tail over ``tail_views`` of them at a time, and concatenate its outputs: a
     dataclass of tensors (fields concatenated) or a tuple of tensors."""
     count = features[0].shape[0]
+    size = max(_HEAD_CHUNK, tail_views)
     chunks = []
-    for start in range(0, count, _HEAD_CHUNK):
-        part = slice(start, start + _HEAD_CHUNK)
+    for start in range(0, count, size):
+        part = slice(start, start + size)
         chunk_args = [a[part] if isinstance(a, torch.Tensor) else a for a in args]
-        chunks.append(head([f[part] for f in features], *chunk_args))
+        chunks.append(head([f[part] for f in features], *chunk_args, tail_views=tail_views))
     first = chunks[0]
     if isinstance(first, tuple):
         return tuple(torch.cat(parts) for parts in zip(*chunks, strict=True))
@@ -159,6 +162,7 @@ class DepthAnything3Network(nn.Module):
         infer_gaussians: bool = False,
         generator: torch.Generator | None = None,
         autocast_dtype: torch.dtype | None = None,
+        head_views: int = 1,
     ) -> NetworkOutput:
         """Run DA3.
 
@@ -177,9 +181,14 @@ class DepthAnything3Network(nn.Module):
             generator: RNG for the ray RANSAC and the sky quantile sampling; seed it for
                 reproducible results.
             autocast_dtype: run the backbone under autocast with this dtype (heads stay fp32).
+            head_views: views whose full-resolution head tails run at once (the heads' largest
+                activations; 1 bounds them to one image, more launch fewer kernels, which
+                pays on a GPU). The outputs agree to float rounding for every value.
         """
         preset = self.preset
         check_strategy(reference_strategy)
+        if head_views < 1:
+            raise ValueError(f"head_views must be at least 1, got {head_views}")
         _check_request(preset, extrinsics, intrinsics, pose_from_rays, infer_gaussians)
         height, width = images.shape[-2:]
         batch, views = images.shape[:2]
@@ -196,7 +205,7 @@ class DepthAnything3Network(nn.Module):
             backbone = self.backbone(images, camera_tokens, reference_strategy)
 
         features = [f.float().flatten(0, 1) for f in backbone.features]
-        head = _run_in_chunks(self.head, features, height, width)
+        head = _run_in_chunks(self.head, features, height, width, tail_views=head_views)
 
         def per_view(x: torch.Tensor) -> torch.Tensor:
             return x.reshape(batch, views, *x.shape[1:])
@@ -238,7 +247,9 @@ class DepthAnything3Network(nn.Module):
         depth = per_view(torch.exp(head.depth_logits))
         parameters = gaussians = None
         if infer_gaussians and self.gs_head is not None:
-            raw, opacities = _run_in_chunks(self.gs_head, features, images.flatten(0, 1).float())
+            raw, opacities = _run_in_chunks(
+                self.gs_head, features, images.flatten(0, 1).float(), tail_views=head_views
+            )
             parameters = GaussianParameters(
                 raw=per_view(raw),
                 opacities=per_view(opacities),
@@ -287,6 +298,7 @@ class NestedDepthAnything3Network(nn.Module):
         infer_gaussians: bool = False,
         generator: torch.Generator | None = None,
         autocast_dtype: torch.dtype | None = None,
+        head_views: int = 1,
     ) -> NetworkOutput:
         """Arguments as :meth:`DepthAnything3Network.forward`; poses condition the any-view
         branch only. The metric scale uses the *predicted* focal lengths, also when intrinsics
@@ -300,8 +312,11 @@ class NestedDepthAnything3Network(nn.Module):
             infer_gaussians=infer_gaussians,
             generator=generator,
             autocast_dtype=autocast_dtype,
+            head_views=head_views,
         )
-        metric = self.da3_metric(images, generator=generator, autocast_dtype=autocast_dtype)
+        metric = self.da3_metric(
+            images, generator=generator, autocast_dtype=autocast_dtype, head_views=head_views
+        )
         if output.depth_conf is None or output.extrinsics is None or output.intrinsics is None:
             raise RuntimeError("the any-view branch returned no confidence or cameras")
         if metric.sky is None:
