@@ -108,9 +108,27 @@ if side.startswith("ours"):
         options = InferenceOptions(process_res=res)
         formats, export_options = ["glb", "ply", "depth_vis"], {}
 
+    marks = []
+
+    def mark(message):
+        # The stage a progress message opens: its first word ("decoding", "running", ...).
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        marks.append((message.split(" ")[0], time.perf_counter()))
+
     def request(views, out):
-        prediction = model.predict(views, options=options)
+        marks.clear()
+        mark("start")
+        prediction = model.predict(views, options=options, progress=mark)
+        mark("exporting")
         export_all(prediction, out, formats, **export_options)
+        mark("end")
+
+    def stages():
+        spans = {}
+        for (name, begun), (_, ended) in zip(marks, marks[1:]):
+            spans[name] = spans.get(name, 0.0) + ended - begun
+        return spans
 
     def depth(views):
         processing = InferenceOptions(process_res=res, output_resolution="processing")
@@ -121,6 +139,9 @@ else:
 
     model = load_upstream(folder, device, fp32=side == "upstream fp32")
     last = {}
+
+    def stages():
+        return None
 
     def request(views, out):
         last["prediction"] = model.inference(
@@ -154,10 +175,12 @@ if args["mode"] == "rss":
         result["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
 else:
     timed(paths[:1])
+    result["stages"] = {}
     for count in args["views"]:
         result[str(count)] = statistics.median(
             timed(paths[:count]) for _ in range(args["repeats"])
         )
+        result["stages"][str(count)] = stages()
     np.save(args["depth_out"], depth(paths[: args["views"][-1]]))
 shutil.rmtree(scratch)
 print("RESULT " + json.dumps(result))
@@ -203,6 +226,29 @@ def relative_error(depth: np.ndarray, reference: np.ndarray) -> float:
     return float(np.abs(depth - reference).max() / reference.std())
 
 
+# Ours' request by stage (the pipeline's progress messages; on CUDA each boundary waits for
+# the device, so the network's time is not billed to the stage after it).
+STAGES = (
+    ("decoding", "decode"),
+    ("preprocessing", "preprocess"),
+    ("running", "network"),
+    ("postprocessing", "postprocess"),
+    ("exporting", "exports"),
+)
+
+
+def print_stages(seconds: dict[str, dict], views: list[int]) -> None:
+    """Where ours' time went, per side and view count (the last timed run)."""
+    print("| side | views | " + " | ".join(f"{label} (s)" for _, label in STAGES) + " |")
+    print("| --- " * (2 + len(STAGES)) + "|")
+    for side, result in seconds.items():
+        for count in views:
+            spans = result.get("stages", {}).get(str(count))
+            if spans:
+                cells = " | ".join(f"{spans.get(name, 0.0):.3f}" for name, _ in STAGES)
+                print(f"| {side} | {count} | {cells} |")
+
+
 def bench_model(name: str, paths: list[str], work: Path, args: argparse.Namespace) -> bool:
     """Print the tables of one model; False when ours and upstream fp32 disagree."""
     folder = str(checkpoint(MODEL_NAMES[name]))
@@ -245,6 +291,8 @@ def bench_model(name: str, paths: list[str], work: Path, args: argparse.Namespac
             if (a, b) == target_pair:
                 met &= theirs / ours >= speed_target
         print(f"| {count} | " + " | ".join(cells) + " |", flush=True)
+
+    print_stages(seconds, views)
 
     rss_sides = [side for side in ("ours fp32", "upstream fp32", "upstream") if side in args.sides]
     if not args.skip_rss:

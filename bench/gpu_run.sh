@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# The GPU rows of bench/README.md on the device machine, prepared to fit its 15 minutes
-# (two calls of under 10, back to back so the machine stays warm). Here, once:
+# The GPU rows of bench/README.md on the device machine, in parts of under 10 minutes each
+# (a session's 15 minutes hold one, and the start of a second). Here, once:
 #   bash bench/gpu_wheels.sh
 # then, through the device tool, with carry [".whl"] and timeout_s 590:
 #   bash bench/gpu_run.sh throughput     # 32 views bf16, small/base/large/giant (and the
 #                                        # head-tails lever); cold start
 #   bash bench/gpu_run.sh request        # the served default: giant, 1/4/8 views, exports
-#   bash bench/gpu_run.sh views          # a third call, another session: memory model on
+#   bash bench/gpu_run.sh views          # memory model on
 #                                        # CUDA, many views of giant at 504 px up to 2000
+# MODELS / COLD_MODELS narrow the throughput part (e.g. MODELS=small COLD_MODELS=nested, to
+# rerun what a shorter session left). Starting the machine took about 30 s of the 15 minutes
+# on 2026-12-04, and each part used close to its 590 s: one part a session, two at most.
 # Each part writes its logs to $OUT (bench/.cache/gpu without one) as it goes, so a part cut
 # short still returns what it measured. DA3COG_GPU_SMOKE=1 runs the same plumbing on a CPU
 # at toy sizes (small only), to check the script before spending device time.
@@ -25,8 +28,9 @@ if [ "${DA3COG_GPU_SMOKE:-0}" = 1 ]; then
   device=cpu models="small" giant=small views=2 res=140 repeats=1 cold_models="small"
   few="4 8" many="8 16" many_res=140 chunk=4 memory_models="small"
 else
-  device=cuda models="small base large giant" giant=giant views=32 res=504 repeats=5
-  cold_models="giant nested" few="8 32 128" many="128 512 2000" many_res=504 chunk=120
+  device=cuda models="${MODELS:-small base large giant}" giant=giant views=32 res=504 repeats=5
+  cold_models="${COLD_MODELS:-giant nested}" few="8 32 128" many="128 512 2000" many_res=504
+  chunk=120
   memory_models="giant nested small"
 fi
 {

@@ -196,3 +196,19 @@ def test_head_tails_run_one_at_a_time_without_a_device_budget(monkeypatch) -> No
     budget = memory.network_bytes(preset, _views(32), 5)
     monkeypatch.setattr(memory, "device_budget", lambda: budget)
     assert memory.head_views(preset, 32, (378, 504), on_gpu=True) == 5
+
+
+def test_device_memory_counts_the_allocators_cached_blocks_as_available(monkeypatch) -> None:
+    """A previous request's blocks stay reserved by PyTorch's caching allocator: the driver
+    counts them as taken, but the next request reuses them first."""
+    import torch
+
+    gib = memory.GIB
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *_: (10 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *_: 30 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *_: 6 * gib)
+    assert memory.available_device_bytes() == 34 * gib
+    assert memory.device_budget() == int(34 * gib * memory.SAFETY_FRACTION)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert memory.available_device_bytes() is None

@@ -11,7 +11,8 @@ them; its table is in bench/README.md), deliberately an upper bound:
   preset's branches run one after the other, so the larger of the two counts, the metric
   branch's with the any-view branch's outputs held beside it. On a CPU they are host memory,
   on a GPU device memory (fitted on CPU float32; the GPU runs the backbone in bf16, so the
-  bound is loose there, and it has not been measured on a GPU yet);
+  bound is loose there: 0.52-0.67 of it for small on an H200, the only preset measured on a
+  GPU so far);
 * each view as decoded (3 bytes a pixel) and its outputs at the output resolution, through
   the exporters (``OUTPUT_BYTES_PER_PIXEL``; plus ``EXPORT_IMAGE_BYTES_PER_PIXEL`` of the
   largest view for each of the ``EXPORT_WRITERS`` encoding views at once), and the point
@@ -32,9 +33,13 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from da3cog.io.preprocess import PATCH_SIZE
 from da3cog.model.presets import ModelPreset
+
+if TYPE_CHECKING:
+    import torch
 
 ACTIVATION_BYTES_PER_TOKEN_CHANNEL = 300
 HEAD_BYTES_PER_PIXEL_CHANNEL = 8
@@ -212,14 +217,19 @@ def available_host_bytes() -> int | None:
     return min(candidates) if candidates else None
 
 
-def available_device_bytes() -> int | None:
-    """Free memory on the current CUDA device, or None without one."""
+def available_device_bytes(device: torch.device | None = None) -> int | None:
+    """Memory this process can still allocate on ``device`` (default: the current CUDA
+    device; None without CUDA):
+    what the driver reports free plus what PyTorch's caching allocator holds reserved but
+    unused (a previous request's or chunk's blocks, reused before the driver is asked for
+    more; the driver counts them as taken)."""
     import torch
 
     if not torch.cuda.is_available():
         return None
-    free, _ = torch.cuda.mem_get_info()
-    return int(free)
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(free) + max(int(cached), 0)
 
 
 MEMORY_BUDGET_ENV = "DA3COG_MEMORY_BUDGET_GB"

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from da3cog import memory
 from da3cog.pipeline import DepthAnything3, InferenceOptions
 from da3cog.weights import (
     CONFIG_NAME,
@@ -84,11 +85,6 @@ def load_preset(spec: str, device: torch.device) -> LoadedModel:
     return load_model(checkpoint_folder(spec), device=device, model_id=repo)
 
 
-def free_gpu_bytes(device: torch.device) -> int:
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(free)
-
-
 def warm_up(model: DepthAnything3) -> float:
     """One small two-view request so the first real one pays no kernel selection or
     allocator growth; returns the seconds it took."""
@@ -141,7 +137,7 @@ class ModelCache:
         reserve = float(os.environ.get(GPU_RESERVE_ENV, DEFAULT_GPU_RESERVE_GB))
         return cls(
             device,
-            free_bytes=lambda: free_gpu_bytes(device),
+            free_bytes=lambda: memory.available_device_bytes(device) or 0,
             reserve_bytes=int(reserve * 1024**3),
         )
 
