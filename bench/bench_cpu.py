@@ -293,9 +293,16 @@ def worker_latency(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     device = spec["device"]
     model = _load(spec["side"], spec["folder"], device)
+    if spec.get("compile"):
+        # The backbone only: the rest of the forward is data-dependent Python (reference view,
+        # RANSAC) and the heads are a small share of the time at the paper's setting.
+        mode = None if spec["compile"] == "default" else spec["compile"]
+        for network in [m for m in model.modules() if hasattr(m, "backbone")]:  # nested: two
+            network.backbone = torch.compile(network.backbone, mode=mode, dynamic=False)
     inputs = torch.load(spec["inputs"])
     result: dict = {
-        "threads": torch.get_num_threads(), "latency": {}, "ops": {}, "head_views": {}
+        "threads": torch.get_num_threads(), "latency": {}, "ops": {}, "head_views": {},
+        "first_call": {},
     }
     arrays = {}
     with torch.inference_mode():
@@ -306,7 +313,10 @@ def worker_latency(spec: dict) -> dict:
                 tails = _head_views(model, images, device, spec["heads"])
                 result["head_views"][str(views)] = tails
             run = functools.partial(_forward, head_views=tails)
+            started = time.perf_counter()
             depth, extrinsics = run(spec["side"], model, images, device)  # warm-up
+            _sync(device)
+            result["first_call"][str(views)] = time.perf_counter() - started
             _sync(device)
             arrays[f"depth_{views}"] = depth.float().cpu().numpy()
             arrays[f"extrinsics_{views}"] = extrinsics.float().cpu().numpy()
@@ -608,18 +618,20 @@ def _latency_rows(
     rows: list[tuple[str, ...]] = []
     latency = {}
     outputs = {}
-    runs = [("ours", "ours", "shipped"), ("upstream", "upstream", "shipped")]
+    runs = [("ours", "ours", "shipped", None), ("upstream", "upstream", "shipped", None)]
     if args.lever_heads:
-        runs.append(("ours, lever", "ours", "lever"))
-    for label, side, heads in runs:
+        runs.append(("ours, lever", "ours", "lever", None))
+    if args.lever_compile:
+        runs.append(("ours, compiled", "ours", "shipped", args.lever_compile))
+    for label, side, heads, compile_mode in runs:
         print(f"[{name}] latency {label} (warm-up + {args.repeats} repeats) ...", flush=True)
-        out = scratch / f"{name}-{side}-{heads}.npz"
+        out = scratch / f"{name}-{label.replace(', ', '-')}.npz"
         latency[label] = _worker(
             "latency",
             {
                 "side": side, "folder": str(folder), "inputs": str(inputs), "device": args.device,
                 "repeats": args.repeats, "threads": args.threads, "out": str(out),
-                "views": args.views, "heads": heads,
+                "views": args.views, "heads": heads, "compile": compile_mode,
             },
             f"{label} latency",
         )
@@ -654,6 +666,8 @@ def _latency_rows(
 
     if args.lever_heads:
         rows.extend(_lever_rows(name, args, latency, outputs))
+    if args.lever_compile:
+        rows.extend(_compile_rows(name, args, latency, outputs))
     parity = _worker(
         "compare", {"ours": outputs["ours"], "upstream": outputs["upstream"]}, "output comparison"
     )
@@ -741,6 +755,42 @@ def _lever_rows(
     return rows
 
 
+def _compile_rows(
+    name: str, args: argparse.Namespace, latency: dict, outputs: dict
+) -> list[tuple[str, ...]]:
+    """``--lever-compile MODE``: ours with ``torch.compile`` on the backbone against ours as
+    shipped: time, the first call (compiling included), and its fp32 depth against ours."""
+    rows: list[tuple[str, ...]] = []
+    compiled = latency["ours, compiled"]
+    for views in args.views:
+        shipped_t = statistics.median(latency["ours"]["latency"][str(views)])
+        compiled_t = statistics.median(compiled["latency"][str(views)])
+        rows.append((
+            name, f"  lever: compiled backbone ({args.lever_compile}), {views} views",
+            _fmt(compiled_t, "ms"), _fmt(shipped_t, "ms") + " (ours)",
+            f"{shipped_t / compiled_t:.3f}x faster", "info", "",
+        ))
+        rows.append((
+            name, f"  lever: its first {views}-view call (compiles)",
+            f"{compiled['first_call'][str(views)]:.1f} s",
+            f"{latency['ours']['first_call'][str(views)]:.1f} s (ours)", "", "info", "",
+        ))
+    moved = _worker(
+        "compare", {"ours": outputs["ours, compiled"], "upstream": outputs["ours"]},
+        "compiled comparison",
+    )
+    for views in args.views:
+        key = f"fp32_depth_{views}" if f"fp32_depth_{views}" in moved else f"depth_{views}"
+        diff, std, rel = moved[key]
+        rows.append((
+            name, f"  lever: compiled depth {views}v fp32 vs ours max|d|/std",
+            f"max|d| {diff:.2e}", f"std {std:.3e}", f"{rel:.2e}",
+            f"<= {PARITY_TOLERANCE['fp32']:g}",
+            "OK" if rel <= PARITY_TOLERANCE["fp32"] else "DIFFER",
+        ))
+    return rows
+
+
 def _rss_rows(
     name: str, folder: Path, args: argparse.Namespace, inputs: Path
 ) -> list[tuple[str, ...]]:
@@ -823,6 +873,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also time ours with the other number of head tails at once (every view where "
         "ours runs one, as on a CPU; one where ours batches them, as on a GPU): what the "
         "choice of da3cog.memory.head_views costs or saves on this machine",
+    )
+    parser.add_argument(
+        "--lever-compile", choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+        help="also time ours with torch.compile on the backbone in this mode (reduce-overhead: "
+        "CUDA graphs on a GPU); its first call, which compiles, is reported apart",
     )
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)

@@ -8,6 +8,7 @@
 #   bash bench/gpu_run.sh request        # the served default: giant, 1/4/8 views, exports
 #   bash bench/gpu_run.sh views          # memory model on
 #                                        # CUDA, many views of giant at 504 px up to 2000
+#   bash bench/gpu_run.sh levers         # torch.compile + CUDA graphs, small and giant
 # MODELS / COLD_MODELS narrow the throughput part (e.g. MODELS=small COLD_MODELS=nested, to
 # rerun what a shorter session left). Starting the machine took about 30 s of the 15 minutes
 # on 2026-12-04, and each part used close to its 590 s: one part a session, two at most.
@@ -16,7 +17,7 @@
 # at toy sizes (small only), to check the script before spending device time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: bench/gpu_run.sh throughput|request|views}"
+part="${1:?usage: bench/gpu_run.sh throughput|request|views|levers}"
 out="${OUT:-bench/.cache/gpu}"
 mkdir -p "$out" bench/.cache
 python="${PYTHON:-python3}"
@@ -70,6 +71,16 @@ case "$part" in
       --views 1 4 8 --repeats "$repeats" --res "$res" --skip-rss \
       --sides "ours bf16" upstream "ours fp32" "upstream fp32"
     ;;
+  levers)
+    # torch.compile on the backbone with CUDA graphs (reduce-overhead), small then giant: the
+    # levers left for the 1.5x throughput target (one model a step: a cut step keeps the other).
+    step compile-small 200 "$python" bench/bench_cpu.py --device "$device" --models small \
+      --views "$views" --repeats "$repeats" --measure latency --res "$res" \
+      --lever-compile reduce-overhead
+    step compile-giant 360 "$python" bench/bench_cpu.py --device "$device" --models "$giant" \
+      --views "$views" --repeats "$repeats" --measure latency --res "$res" \
+      --lever-compile reduce-overhead
+    ;;
   views)
     # shellcheck disable=SC2086
     step memory 120 "$python" bench/memory_model.py --device "$device" --models $memory_models \
@@ -83,7 +94,7 @@ case "$part" in
       --res "$many_res" --views $many --chunk "$chunk" --paths chunked
     ;;
   *)
-    echo "unknown part $part: throughput, request or views" >&2
+    echo "unknown part $part: throughput, request, views or levers" >&2
     exit 2
     ;;
 esac
