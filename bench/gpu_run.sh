@@ -83,8 +83,9 @@ case "$part" in
     ;;
   views)
     # shellcheck disable=SC2086
+    # Every view's head tails at once: what the pipeline runs on a GPU when they fit.
     step memory 120 "$python" bench/memory_model.py --device "$device" --models $memory_models \
-      --quick
+      --quick --all-tails
     # Chunks of 120 sharing 60, upstream streaming's default; one pass only where it can end.
     # shellcheck disable=SC2086
     step views-one-pass 120 "$python" bench/bench_views.py --device "$device" --model "$giant" \
