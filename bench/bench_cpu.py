@@ -740,15 +740,23 @@ def _lever_rows(
             name, f"  lever: {kind}, {views} views", str(ops), f"{shipped_ops} (ours)",
             f"{ops / shipped_ops:.2f} of ours", "info", "",
         ))
+    return rows + _moved_rows(name, args, outputs, "ours, lever", "depth")
+
+
+def _moved_rows(
+    name: str, args: argparse.Namespace, outputs: dict, label: str, what: str
+) -> list[tuple[str, ...]]:
+    """How far a lever's depth moved from ours as shipped: the fp32 outputs (TF32 off) on
+    CUDA, where each run also saves them, else the timed ones (fp32 on a CPU)."""
     moved = _worker(
-        "compare", {"ours": outputs["ours, lever"], "upstream": outputs["ours"]},
-        "lever comparison",
+        "compare", {"ours": outputs[label], "upstream": outputs["ours"]}, f"{label} comparison"
     )
+    rows = []
     for views in args.views:
         key = f"fp32_depth_{views}" if f"fp32_depth_{views}" in moved else f"depth_{views}"
         diff, std, rel = moved[key]
         rows.append((
-            name, f"  lever: depth {views}v fp32 vs ours max|d|/std", f"max|d| {diff:.2e}",
+            name, f"  lever: {what} {views}v fp32 vs ours max|d|/std", f"max|d| {diff:.2e}",
             f"std {std:.3e}", f"{rel:.2e}", f"<= {PARITY_TOLERANCE['fp32']:g}",
             "OK" if rel <= PARITY_TOLERANCE["fp32"] else "DIFFER",
         ))
@@ -775,20 +783,7 @@ def _compile_rows(
             f"{compiled['first_call'][str(views)]:.1f} s",
             f"{latency['ours']['first_call'][str(views)]:.1f} s (ours)", "", "info", "",
         ))
-    moved = _worker(
-        "compare", {"ours": outputs["ours, compiled"], "upstream": outputs["ours"]},
-        "compiled comparison",
-    )
-    for views in args.views:
-        key = f"fp32_depth_{views}" if f"fp32_depth_{views}" in moved else f"depth_{views}"
-        diff, std, rel = moved[key]
-        rows.append((
-            name, f"  lever: compiled depth {views}v fp32 vs ours max|d|/std",
-            f"max|d| {diff:.2e}", f"std {std:.3e}", f"{rel:.2e}",
-            f"<= {PARITY_TOLERANCE['fp32']:g}",
-            "OK" if rel <= PARITY_TOLERANCE["fp32"] else "DIFFER",
-        ))
-    return rows
+    return rows + _moved_rows(name, args, outputs, "ours, compiled", "compiled depth")
 
 
 def _rss_rows(
