@@ -94,13 +94,13 @@ def status(key):
             return int(line.split()[1]) * 1024
     raise RuntimeError(key)
 
+# Host memory on every device (on a GPU the kept outputs live there), device memory on CUDA.
+Path("/proc/self/clear_refs").write_text("5")
+host_before = status("VmRSS:")
 if cuda:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-else:
-    Path("/proc/self/clear_refs").write_text("5")
-    before = status("VmRSS:")
 started = time.perf_counter()
 if upstream:
     found = len(network.inference(frames, process_res=res).depth)
@@ -113,9 +113,10 @@ else:
 if cuda:
     torch.cuda.synchronize()
 seconds = time.perf_counter() - started
-added = (torch.cuda.max_memory_allocated() if cuda else status("VmHWM:")) - before
+host_added = status("VmHWM:") - host_before
+added = torch.cuda.max_memory_allocated() - before if cuda else host_added
 assert found == views
-print(json.dumps({"seconds": seconds, "added": added, "loops": loops}))
+print(json.dumps({"seconds": seconds, "added": added, "host_added": host_added, "loops": loops}))
 """
 
 
@@ -150,8 +151,13 @@ def main() -> int:
     args = parser.parse_args()
     folder = checkpoint(MODEL_NAMES[args.model])
     print(f"{args.model} at {args.res} px on {args.device}; chunks of {args.chunk} views")
-    print("| views | path | seconds | views/s | peak added (MiB) |")
-    print("| --- | --- | --- | --- | --- |")
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        print("| views | path | seconds | views/s | GPU peak added (MiB) | host peak added (MiB) |")
+        print("| --- | --- | --- | --- | --- | --- |")
+    else:
+        print("| views | path | seconds | views/s | peak added (MiB) |")
+        print("| --- | --- | --- | --- | --- |")
     for views in args.views:
         paths = (
             ("one pass", "none"),
@@ -170,9 +176,10 @@ def main() -> int:
             if row.get("loops"):
                 # "loop closure: 1 of 3 candidate loop(s) kept (...); ..." -> "1 of 3 ... kept"
                 path += f" ({row['loops'].removeprefix('loop closure: ').split(' (')[0]})"
+            host = f" {row['host_added'] / 2**20:.0f} |" if cuda else ""
             print(
                 f"| {views} | {path} | {row['seconds']:.1f} | {views / row['seconds']:.2f} | "
-                f"{row['added'] / 2**20:.0f} |",
+                f"{row['added'] / 2**20:.0f} |{host}",
                 flush=True,
             )
     return 0
