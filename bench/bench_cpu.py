@@ -188,7 +188,7 @@ def _head_views(model, images, device: str, heads: str) -> int:
     from da3cog import memory
 
     views, height, width = images.shape[1], images.shape[-2], images.shape[-1]
-    shipped = memory.head_views(model.preset, views, (height, width), device.startswith("cuda"))
+    shipped = memory.head_views(model.preset, views, (height, width), images.device)
     if heads == "shipped":
         return shipped
     return 1 if shipped > 1 else views

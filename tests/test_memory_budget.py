@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from da3cog import memory
 from da3cog.model.presets import PRESETS
@@ -192,23 +193,31 @@ def test_head_tails_batch_as_many_views_as_the_device_budget_holds(preset_name: 
 def test_head_tails_run_one_at_a_time_without_a_device_budget(monkeypatch) -> None:
     preset = PRESETS["da3-small"]
     assert memory.plan_head_views(preset, _views(32), None) == 1
-    assert memory.head_views(preset, 32, (378, 504), on_gpu=False) == 1
+    assert memory.head_views(preset, 32, (378, 504), torch.device("cpu")) == 1
     budget = memory.network_bytes(preset, _views(32), 5)
-    monkeypatch.setattr(memory, "device_budget", lambda: budget)
-    assert memory.head_views(preset, 32, (378, 504), on_gpu=True) == 5
+    asked = []
+    monkeypatch.setattr(memory, "device_budget", lambda device: asked.append(device) or budget)
+    assert memory.head_views(preset, 32, (378, 504), torch.device("cuda", 1)) == 5
+    assert asked == [torch.device("cuda", 1)]  # the pipeline's device, not the current one
 
 
 def test_device_memory_counts_the_allocators_cached_blocks_as_available(monkeypatch) -> None:
     """A previous request's blocks stay reserved by PyTorch's caching allocator: the driver
-    counts them as taken, but the next request reuses them first."""
-    import torch
-
+    counts them as taken, but the next request reuses them first. Each query names the
+    device asked about."""
     gib = memory.GIB
+    asked = []
+
+    def on(result):
+        return lambda device=None: asked.append(device) or result
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *_: (10 * gib, 80 * gib))
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *_: 30 * gib)
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *_: 6 * gib)
-    assert memory.available_device_bytes() == 34 * gib
-    assert memory.device_budget() == int(34 * gib * memory.SAFETY_FRACTION)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", on((10 * gib, 80 * gib)))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", on(30 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", on(6 * gib))
+    second = torch.device("cuda", 1)
+    assert memory.available_device_bytes(second) == 34 * gib
+    assert asked == [second] * 3
+    assert memory.device_budget(second) == int(34 * gib * memory.SAFETY_FRACTION)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert memory.available_device_bytes() is None

@@ -136,16 +136,16 @@ def network_bytes(preset: ModelPreset, size: RequestSize, head_views: int = 1) -
 
 
 def head_views(
-    preset: ModelPreset, views: int, processing_size: tuple[int, int], on_gpu: bool
+    preset: ModelPreset, views: int, processing_size: tuple[int, int], device: torch.device
 ) -> int:
     """Views whose head tails a forward of ``views`` images of ``processing_size`` (height,
-    width) runs at once on this machine: one at a time on a CPU, where batching them measured
+    width) runs at once on ``device``: one at a time on a CPU, where batching them measured
     no faster; on a GPU, where fewer kernel launches pay (1.6x for small at 32 views on an
-    H200, bench/README.md), as many as the free device memory holds."""
-    if not on_gpu:
+    H200, bench/README.md), as many as its free memory holds."""
+    if device.type != "cuda":
         return 1
     pixels = (processing_size[0] * processing_size[1],) * views
-    return plan_head_views(preset, RequestSize(pixels, pixels, pixels), device_budget())
+    return plan_head_views(preset, RequestSize(pixels, pixels, pixels), device_budget(device))
 
 
 def plan_head_views(preset: ModelPreset, size: RequestSize, device: int | None) -> int:
@@ -245,8 +245,10 @@ def host_budget() -> int | None:
     return None if available is None else int(available * SAFETY_FRACTION)
 
 
-def device_budget() -> int | None:
-    available = available_device_bytes()
+def device_budget(device: torch.device | None = None) -> int | None:
+    """Bytes a request may plan to use on ``device`` (default: the current CUDA device; None
+    without CUDA): a share of what it can still allocate."""
+    available = available_device_bytes(device)
     return None if available is None else int(available * SAFETY_FRACTION)
 
 

@@ -555,10 +555,7 @@ class DepthAnything3:
             generator=generator,
             autocast_dtype=self.autocast_dtype,
             head_views=memory.head_views(
-                self.loaded.preset,
-                batch.num_views,
-                batch.processing_size,
-                self.device.type == "cuda",
+                self.loaded.preset, batch.num_views, batch.processing_size, self.device
             ),
         )
 
@@ -724,7 +721,8 @@ class DepthAnything3:
             points=0,
         )
         on_gpu = self.device.type == "cuda"
-        host, device = memory.host_budget(), memory.device_budget() if on_gpu else None
+        host = memory.host_budget()
+        device = memory.device_budget(self.device) if on_gpu else None
         preset = self.loaded.preset
         if chunk == "auto":
             chunk = memory.plan_chunk(preset, size, on_gpu, host, device)

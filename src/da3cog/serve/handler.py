@@ -191,7 +191,7 @@ class Server:
         host, device = memory.host_budget(), None
         on_gpu = self.device.type == "cuda"
         if on_gpu:
-            device = memory.device_budget()
+            device = memory.device_budget(self.device)
         points = values.max_points if values.export_format != "none" else 0
         gaussians = values.mode == "gaussian-splat"
 
