@@ -317,7 +317,6 @@ def worker_latency(spec: dict) -> dict:
             depth, extrinsics = run(spec["side"], model, images, device)  # warm-up
             _sync(device)
             result["first_call"][str(views)] = time.perf_counter() - started
-            _sync(device)
             arrays[f"depth_{views}"] = depth.float().cpu().numpy()
             arrays[f"extrinsics_{views}"] = extrinsics.float().cpu().numpy()
             times = []

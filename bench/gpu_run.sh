@@ -54,9 +54,9 @@ case "$part" in
     # shellcheck disable=SC2086
     step throughput 380 "$python" bench/bench_cpu.py --device "$device" --models $models \
       --views "$views" --repeats "$repeats" --measure latency --res "$res" --lever-heads
-    # shellcheck disable=SC2086
     # One run per side after a warm-up: on the H200 (2026-12-04) two did not fit beside
     # writing nested's 6.4 GB checkpoint.
+    # shellcheck disable=SC2086
     step cold 195 "$python" bench/bench_cpu.py --device "$device" --models $cold_models \
       --measure cold --cold-runs 1 --res "$res"
     ;;
@@ -82,8 +82,8 @@ case "$part" in
       --lever-compile reduce-overhead
     ;;
   views)
-    # shellcheck disable=SC2086
     # Every view's head tails at once: what the pipeline runs on a GPU when they fit.
+    # shellcheck disable=SC2086
     step memory 120 "$python" bench/memory_model.py --device "$device" --models $memory_models \
       --quick --all-tails
     # Chunks of 120 sharing 60, upstream streaming's default; one pass only where it can end.

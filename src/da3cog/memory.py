@@ -219,10 +219,9 @@ def available_host_bytes() -> int | None:
 
 def available_device_bytes(device: torch.device | None = None) -> int | None:
     """Memory this process can still allocate on ``device`` (default: the current CUDA
-    device; None without CUDA):
-    what the driver reports free plus what PyTorch's caching allocator holds reserved but
-    unused (a previous request's or chunk's blocks, reused before the driver is asked for
-    more; the driver counts them as taken)."""
+    device; None without CUDA): what the driver reports free plus what PyTorch's caching
+    allocator holds reserved but unused (a previous request's or chunk's blocks, reused before
+    the driver is asked for more; the driver counts them as taken)."""
     import torch
 
     if not torch.cuda.is_available():

@@ -293,7 +293,8 @@ class InferenceOptions:
         check_strategy(self.reference_strategy)
         if self.mixed_shapes not in MIXED_SHAPES:
             raise ValueError(
-                f"mixed_shapes must be one of {', '.join(MIXED_SHAPES)}, got {self.mixed_shapes!r}"
+                f"mixed_shapes must be one of {', '.join(MIXED_SHAPES)}, "
+                f"got {self.mixed_shapes!r}"
             )
         if self.output_resolution not in OUTPUT_RESOLUTIONS:
             raise ValueError(
