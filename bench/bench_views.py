@@ -24,11 +24,14 @@ coffee, 400x300 crops panning back and forth), through ``DepthAnything3.predict`
 
 It prints the wall time of the prediction, views per second, and the peak memory the
 prediction added (CPU: ``VmHWM`` after a reset minus the RSS before; CUDA:
-``max_memory_allocated``). The chunked path's peak should stay flat in N (one chunk's
-activations plus the outputs), the one-pass path's grows with N. Random weights: the timing and
-memory are those of the real network; the depth is not meaningful. Upstream's streaming code
-is not on PyPI and needs CUDA as published: it is not run here (bench/README.md has a one-off
-comparison on a CPU, patched to run).
+``max_memory_allocated``), beside what the memory model estimated for that request and path
+(:func:`da3cog.memory.estimate`, what the pipeline plans with; an upper bound, so the ratio
+measured / estimate should stay at or below 1; not for upstream's rows, nor for spilled
+outputs, which the estimate counts as kept). The chunked path's peak should stay flat in N
+(one chunk's activations plus the outputs), the one-pass path's grows with N. Random
+weights: the timing and memory are those of the real network; the depth is not meaningful.
+Upstream's streaming code is not on PyPI and needs CUDA as published: it is not run here
+(bench/README.md has a one-off comparison on a CPU, patched to run).
 """
 
 from __future__ import annotations
@@ -40,6 +43,12 @@ import sys
 from pathlib import Path
 
 from random_checkpoints import MODEL_NAMES, ROOT, checkpoint
+
+from da3cog import memory
+from da3cog.model.presets import PRESETS
+
+# The frames' size (width, height): 400x300 crops of a 600x400 photo, as CHILD cuts them.
+FRAME_SIZE = (400, 300)
 
 CHILD = r"""
 import json, sys, time
@@ -134,6 +143,25 @@ def run(folder: Path, device: str, views: int, res: int, chunk: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def estimated(
+    preset: str, views: int, res: int, chunk: int | None, on_gpu: bool
+) -> memory.MemoryEstimate:
+    """What the memory model estimates a prediction of ``views`` frames adds, in one pass
+    (``chunk`` None) or in chunks of ``chunk`` views, outputs at the input size. On a GPU the
+    device part counts every head tail of a pass at once (the pipeline runs as many as the
+    free memory holds, :func:`da3cog.memory.head_views`: on a large GPU all of them), where
+    the planner's estimate counts one."""
+    size = memory.request_size([FRAME_SIZE] * views, res, "input", gaussians=False, points=0)
+    planned = memory.estimate(PRESETS[preset], size, on_gpu, chunk=chunk)
+    if not on_gpu:
+        return planned
+    per_pass = size.processing_pixels[: chunk or views]
+    network = memory.network_bytes(
+        PRESETS[preset], memory.RequestSize(per_pass, per_pass, per_pass), len(per_pass)
+    )
+    return memory.MemoryEstimate(host=planned.host, device=network)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="small", choices=MODEL_NAMES)
@@ -153,10 +181,13 @@ def main() -> int:
     print(f"{args.model} at {args.res} px on {args.device}; chunks of {args.chunk} views")
     cuda = args.device.startswith("cuda")
     if cuda:
-        print("| views | path | seconds | views/s | GPU peak added (MiB) | host peak added (MiB) |")
+        print(
+            "| views | path | seconds | views/s | GPU peak added / estimate (MiB) "
+            "| host peak added / estimate (MiB) |"
+        )
         print("| --- | --- | --- | --- | --- | --- |")
     else:
-        print("| views | path | seconds | views/s | peak added (MiB) |")
+        print("| views | path | seconds | views/s | peak added / estimate (MiB) |")
         print("| --- | --- | --- | --- | --- |")
     for views in args.views:
         paths = (
@@ -176,13 +207,31 @@ def main() -> int:
             if row.get("loops"):
                 # "loop closure: 1 of 3 candidate loop(s) kept (...); ..." -> "1 of 3 ... kept"
                 path += f" ({row['loops'].removeprefix('loop closure: ').split(' (')[0]})"
-            host = f" {row['host_added'] / 2**20:.0f} |" if cuda else ""
+            estimate = None
+            if chunk == "none" or chunk.isdigit() or chunk.startswith("loops:"):
+                planned = None if chunk == "none" else int(chunk.split(":")[-1])
+                estimate = estimated(MODEL_NAMES[args.model], views, args.res, planned, cuda)
+            if cuda:
+                device_estimate = estimate.device if estimate else None
+                memory_cells = (
+                    f"{against(row['added'], device_estimate)} | "
+                    f"{against(row['host_added'], estimate.host if estimate else None)} |"
+                )
+            else:
+                memory_cells = f"{against(row['added'], estimate.host if estimate else None)} |"
             print(
-                f"| {views} | {path} | {row['seconds']:.1f} | {views / row['seconds']:.2f} | "
-                f"{row['added'] / 2**20:.0f} |{host}",
+                f"| {views} | {path} | {row['seconds']:.1f} | {views / row['seconds']:.3g} | "
+                f"{memory_cells}",
                 flush=True,
             )
     return 0
+
+
+def against(measured: int, estimate: int | None) -> str:
+    """``measured / estimate (ratio)`` in MiB, or the measured figure alone."""
+    if estimate is None:
+        return f"{measured / 2**20:.0f}"
+    return f"{measured / 2**20:.0f} / {estimate / 2**20:.0f} ({measured / estimate:.2f})"
 
 
 if __name__ == "__main__":

@@ -47,7 +47,11 @@ HEAD_BYTES_PER_PIXEL_CHANNEL = 8
 # four output layers (local and global features, float32) and the head's outputs.
 HELD_BYTES_PER_TOKEN_CHANNEL = 4 * 2 * 4
 HELD_BYTES_PER_PIXEL = 64
-OUTPUT_BYTES_PER_PIXEL = 64
+# Every view's outputs (depth, confidence, colours: 11 bytes a pixel kept) and what the
+# exporters copy of all views at once (shared percentile ranges, stacked NPZ arrays, COLMAP
+# tracks): a served request with every format grew by 35.2 bytes per added output pixel,
+# decoded views and network included (bench/memory_outputs.py, bench/README.md).
+OUTPUT_BYTES_PER_PIXEL = 40
 # Per-view files are encoded by this many writers at once (da3cog.export.files), each holding
 # one view's image in the making: about EXPORT_IMAGE_BYTES_PER_PIXEL of its output pixels
 # (measured: 45-67 for the depth visualisation and the images of every format).
