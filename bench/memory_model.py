@@ -2,6 +2,7 @@
 """Measure the network's activation peak and compare it with the served model's estimate.
 
     python bench/memory_model.py [--models small base] [--device cpu] [--quick] [--all-tails]
+                                 [--points 32x280 64x280]
 
 For every (model, views, processing size) of the grid a fresh subprocess builds the network
 with random weights (activations do not depend on the weights' values), runs one forward on a
@@ -110,7 +111,21 @@ def main() -> int:
     parser.add_argument(
         "--all-tails", action="store_true", help="the heads' tails over every view at once"
     )
+    parser.add_argument(
+        "--points",
+        nargs="+",
+        metavar="VIEWSxRES",
+        help="measure these (views, processing size) points instead of the grid, e.g. 32x280",
+    )
     args = parser.parse_args()
+    grid = QUICK_GRID if args.quick else GRID
+    if args.points:
+        try:
+            grid = tuple(tuple(int(n) for n in point.split("x")) for point in args.points)
+        except ValueError:
+            parser.error(f"--points takes VIEWSxRES, e.g. 32x280, got {args.points}")
+        if any(len(point) != 2 or min(point) < 1 for point in grid):
+            parser.error(f"--points takes VIEWSxRES, e.g. 32x280, got {args.points}")
 
     from da3cog import memory
     from da3cog.model.presets import PRESETS
@@ -125,7 +140,7 @@ def main() -> int:
     ratios = []
     for model in args.models:
         preset = MODEL_NAMES[model]
-        for views, res in QUICK_GRID if args.quick else GRID:
+        for views, res in grid:
             head_views = views if args.all_tails else 1
             row = measure(preset, views, res, args.device, head_views)
             pixels = row["height"] * row["width"]
