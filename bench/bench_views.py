@@ -211,14 +211,11 @@ def main() -> int:
             if chunk == "none" or chunk.isdigit() or chunk.startswith("loops:"):
                 planned = None if chunk == "none" else int(chunk.split(":")[-1])
                 estimate = estimated(MODEL_NAMES[args.model], views, args.res, planned, cuda)
+            # On a CPU the peak added is the host's.
+            memory_cells = f"{against(row['host_added'], estimate.host if estimate else None)} |"
             if cuda:
-                device_estimate = estimate.device if estimate else None
-                memory_cells = (
-                    f"{against(row['added'], device_estimate)} | "
-                    f"{against(row['host_added'], estimate.host if estimate else None)} |"
-                )
-            else:
-                memory_cells = f"{against(row['added'], estimate.host if estimate else None)} |"
+                device_cell = against(row["added"], estimate.device if estimate else None)
+                memory_cells = f"{device_cell} | {memory_cells}"
             print(
                 f"| {views} | {path} | {row['seconds']:.1f} | {views / row['seconds']:.3g} | "
                 f"{memory_cells}",

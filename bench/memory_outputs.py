@@ -28,10 +28,8 @@ from pathlib import Path
 from random_checkpoints import ROOT, checkpoint
 
 sys.path.insert(0, str(ROOT / "tests"))
-from served_peak import measure_served_request
+from served_peak import measure_served_request, served_estimate
 
-from da3cog import memory
-from da3cog.model.presets import PRESETS
 from da3cog.serve.request import EXPORT_FORMATS_MAP
 
 PROCESS_RES = 140
@@ -44,15 +42,6 @@ def measure(folder: Path, views: int, side: int, export: str) -> int:
     if not str(row["outcome"]).startswith("ran"):
         raise RuntimeError(f"{export}, {views} views: {row['outcome']}")
     return int(row["added"])
-
-
-def estimated(views: int, side: int, export: str) -> int:
-    """The memory model's host estimate of the same request (as the handler computes it)."""
-    points = 0 if export == "none" else 1_000_000
-    size = memory.request_size(
-        [(side, side * 3 // 4)] * views, PROCESS_RES, "input", gaussians=False, points=points
-    )
-    return memory.estimate(PRESETS["da3-small"], size, on_gpu=False).host
 
 
 def main() -> int:
@@ -83,7 +72,7 @@ def main() -> int:
     print("| --- | --- | --- | --- | --- |")
     for export in args.formats:
         small, large = (measure(folder, n, args.side, export) for n in (few, many))
-        low, high = (estimated(n, args.side, export) for n in (few, many))
+        low, high = (served_estimate(n, args.side, export, PROCESS_RES).host for n in (few, many))
         slope, model_slope = (large - small) / added_pixels, (high - low) / added_pixels
         print(
             f"| {export} | {small / 2**20:.0f} / {large / 2**20:.0f} | {low / 2**20:.0f} / "

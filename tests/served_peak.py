@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from da3cog import memory
+from da3cog.model.presets import PRESETS
 
 CHILD = r"""
 import json, sys
@@ -57,6 +58,17 @@ except RequestError as error:
     outcome = "refused: " + str(error)
 print(json.dumps({"outcome": outcome, "added": status("VmHWM:") - before}))
 """
+
+
+def served_estimate(
+    views: int, side: int, export: str, process_res: int, max_points: int = 1_000_000
+) -> memory.MemoryEstimate:
+    """The memory model's estimate of the request :func:`measure_served_request` sends, as
+    the handler computes it on a CPU (a point cloud only when a format is exported)."""
+    points = max_points if export != "none" else 0
+    sizes = [(side, side * 3 // 4)] * views
+    size = memory.request_size(sizes, process_res, "input", gaussians=False, points=points)
+    return memory.estimate(PRESETS["da3-small"], size, on_gpu=False)
 
 
 def measure_served_request(

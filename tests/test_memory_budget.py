@@ -12,23 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from served_peak import measure_served_request
+from served_peak import measure_served_request, served_estimate
 
 from da3cog import memory
 from da3cog.model.presets import PRESETS
 
 VIEWS, SIDE, EXPORT, PROCESS_RES, MAX_POINTS = 3, 1200, "glb", 280, 1_000_000
-
-
-def _estimate(
-    views: int = VIEWS,
-    side: int = SIDE,
-    process_res: int = PROCESS_RES,
-    max_points: int = MAX_POINTS,
-) -> memory.MemoryEstimate:
-    sizes = [(side, side * 3 // 4)] * views
-    size = memory.request_size(sizes, process_res, "input", False, max_points)
-    return memory.estimate(PRESETS["da3-small"], size, on_gpu=False)
 
 
 def _run(
@@ -50,7 +39,7 @@ def _run(
 def test_budget_edge_and_measured_peak(
     tmp_path: Path, small_checkpoint: Path, margin: float
 ) -> None:
-    estimate = _estimate().host
+    estimate = served_estimate(VIEWS, SIDE, EXPORT, PROCESS_RES, MAX_POINTS).host
     outcome = _run(tmp_path, small_checkpoint, int(estimate * margin))
     if margin > 1:
         assert str(outcome["outcome"]).startswith("ran"), outcome
@@ -69,9 +58,9 @@ def test_outputs_of_many_large_views_stay_under_the_estimate(
     and what the exporters copy of all views at once make the peak, which stays under the
     estimate (measured at about 0.55 of it; one that counted only the 11 bytes a pixel kept
     for each view, without the exporters' copies, fails here)."""
-    shape = {"views": 12, "side": 1600, "process_res": 140, "max_points": 10_000}
-    estimate = _estimate(**shape).host
-    outcome = _run(tmp_path, small_checkpoint, int(estimate * 1.01), export="all", **shape)
+    shape = {"views": 12, "side": 1600, "export": "all", "process_res": 140, "max_points": 10_000}
+    estimate = served_estimate(**shape).host
+    outcome = _run(tmp_path, small_checkpoint, int(estimate * 1.01), **shape)
     assert str(outcome["outcome"]).startswith("ran"), outcome
     assert 0 < outcome["added"] <= estimate, (outcome["added"], estimate)
 
