@@ -4,15 +4,17 @@ and the chunk size that makes a request fit (:func:`plan_chunk`).
 The estimate is a linear model fitted to measured peaks (``bench/memory_model.py`` measures
 them; its table is in bench/README.md), deliberately an upper bound:
 
-* the network's activations: ``ACTIVATION_BYTES_PER_TOKEN_CHANNEL`` x tokens x the
-  backbone's width, plus ``HEAD_BYTES_PER_PIXEL_CHANNEL`` x the processing pixels of the
-  views whose full-resolution head tails run at once x the head's width (one view on a CPU;
-  on a GPU as many as fit, :func:`plan_head_views`); a nested
-  preset's branches run one after the other, so the larger of the two counts, the metric
-  branch's with the any-view branch's outputs held beside it. On a CPU they are host memory,
-  on a GPU device memory (fitted on CPU float32; the GPU runs the backbone in bf16, so the
-  bound is loose there: 0.52-0.67 of it for small on an H200, the only preset measured on a
-  GPU so far);
+* the network's activations, three terms: the backbone's
+  (``ACTIVATION_BYTES_PER_TOKEN_CHANNEL`` x tokens of every view x the backbone's width: its
+  output layers are kept for every view and its attention sees them all), the head's
+  (``HEAD_BYTES_PER_PIXEL_CHANNEL`` x the processing pixels of the views one head call takes,
+  at least ``HEAD_CHUNK_VIEWS`` of them, x the head's width) and its full-resolution tails'
+  (``TAIL_BYTES_PER_PIXEL_CHANNEL`` x the processing pixels of the views whose tails run at
+  once x the head's width: one view on a CPU; on a GPU as many as fit,
+  :func:`plan_head_views`). A nested preset's branches run one after the other, so the larger
+  of the two counts, the metric branch's with the any-view branch's outputs held beside it.
+  On a CPU they are host memory, on a GPU device memory (fitted on CPU float32; the GPU runs
+  the backbone in bf16, so the bound is looser there);
 * each view as decoded (3 bytes a pixel) and its outputs at the output resolution, through
   the exporters (``OUTPUT_BYTES_PER_PIXEL``; plus ``EXPORT_IMAGE_BYTES_PER_PIXEL`` of the
   largest view for each of the ``EXPORT_WRITERS`` encoding views at once), and the point
@@ -36,13 +38,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from da3cog.io.preprocess import PATCH_SIZE
+from da3cog.model.network import HEAD_CHUNK_VIEWS
 from da3cog.model.presets import ModelPreset
 
 if TYPE_CHECKING:
     import torch
 
-ACTIVATION_BYTES_PER_TOKEN_CHANNEL = 300
-HEAD_BYTES_PER_PIXEL_CHANNEL = 8
+# The network's three terms: the tightest upper bound of 86 peaks measured on CPUs (small, base,
+# large and giant, 1 to 64 views, 280 and 504 px, tails one at a time and all at once;
+# `bench/memory_model.py --fit bench/results/cpu-*/memory_model*.log`: 67.4, 7.13
+# and 6.97), times 1.2 rounded up, for the spread of a point measured again (bench/README.md);
+# tests/test_memory_budget.py holds them to those logs.
+ACTIVATION_BYTES_PER_TOKEN_CHANNEL = 81
+HEAD_BYTES_PER_PIXEL_CHANNEL = 9
+TAIL_BYTES_PER_PIXEL_CHANNEL = 9
 # What a nested preset's any-view branch holds while its metric branch runs: the backbone's
 # four output layers (local and global features, float32) and the head's outputs.
 HELD_BYTES_PER_TOKEN_CHANNEL = 4 * 2 * 4
@@ -122,19 +131,31 @@ class MemoryEstimate:
         return f"{self.host / GIB:.1f} GiB of RAM"
 
 
+def network_terms(
+    preset: ModelPreset, size: RequestSize, head_views: int = 1
+) -> tuple[int, int, int]:
+    """What the network's three constants multiply (module docstring), for one branch of
+    ``preset``: tokens x backbone width, the pixels of one head call's views x head width,
+    the pixels of ``head_views`` tails x head width (the largest views each time)."""
+    tokens = sum(p // PATCH_SIZE**2 + 1 for p in size.processing_pixels)
+    largest = sorted(size.processing_pixels, reverse=True)
+    head_call = largest[: max(HEAD_CHUNK_VIEWS, head_views)]
+    tails = largest[:head_views]
+    features = preset.head.features
+    return tokens * preset.backbone.embed_dim, sum(head_call) * features, sum(tails) * features
+
+
 def network_bytes(preset: ModelPreset, size: RequestSize, head_views: int = 1) -> int:
     """The network's activation peak (see the module docstring) with the heads'
     full-resolution tails over ``head_views`` views at once. A nested preset runs its
     branches one after the other: the larger of the any-view branch's peak and the metric
     branch's on top of what the any-view branch holds meanwhile (its outputs)."""
-    tokens = sum(p // PATCH_SIZE**2 + 1 for p in size.processing_pixels)
-    width = preset.backbone.embed_dim
-    tails = sorted(size.processing_pixels, reverse=True)[:head_views]
-    total = ACTIVATION_BYTES_PER_TOKEN_CHANNEL * tokens * width
-    total += HEAD_BYTES_PER_PIXEL_CHANNEL * sum(tails) * preset.head.features
+    backbone, head, tails = network_terms(preset, size, head_views)
+    total = ACTIVATION_BYTES_PER_TOKEN_CHANNEL * backbone
+    total += HEAD_BYTES_PER_PIXEL_CHANNEL * head + TAIL_BYTES_PER_PIXEL_CHANNEL * tails
     if preset.metric_branch is None:
         return total
-    held = HELD_BYTES_PER_TOKEN_CHANNEL * tokens * width
+    held = HELD_BYTES_PER_TOKEN_CHANNEL * backbone
     held += HELD_BYTES_PER_PIXEL * sum(size.processing_pixels)
     return max(total, held + network_bytes(preset.metric_branch, size, head_views))
 

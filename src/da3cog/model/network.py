@@ -25,8 +25,8 @@ from da3cog.model.presets import PRESETS, ModelPreset, short_name
 from da3cog.model.reference_view import ReferenceStrategy, check_strategy
 
 # Images per head call at least (more when the full-resolution tails run over more at once):
-# bounds the head's activation memory for long sequences.
-_HEAD_CHUNK = 8
+# bounds the head's activation memory for long sequences (da3cog.memory counts it).
+HEAD_CHUNK_VIEWS = 8
 
 
 @dataclass(frozen=True)
@@ -106,11 +106,11 @@ def _check_request(
 def _run_in_chunks(
     head: nn.Module, features: list[torch.Tensor], *args: torch.Tensor | int, tail_views: int
 ) -> object:
-    """Run a head over images in chunks of ``max(_HEAD_CHUNK, tail_views)``, its
+    """Run a head over images in chunks of ``max(HEAD_CHUNK_VIEWS, tail_views)``, its
     full-resolution tail over ``tail_views`` of them at a time, and concatenate its outputs: a
     dataclass of tensors (fields concatenated) or a tuple of tensors."""
     count = features[0].shape[0]
-    size = max(_HEAD_CHUNK, tail_views)
+    size = max(HEAD_CHUNK_VIEWS, tail_views)
     chunks = []
     for start in range(0, count, size):
         part = slice(start, start + size)
