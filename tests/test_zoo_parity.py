@@ -45,6 +45,7 @@ from da3cog.geometry import (
     trajectory_scale,
 )
 from da3cog.io import prepare_images
+from da3cog.model import gaussian_adapter
 from da3cog.model.gaussian_adapter import (
     GaussianParameters,
     build_gaussians,
@@ -310,8 +311,14 @@ def anyview_errors(ours: NetworkOutput, output: dict) -> dict[str, float]:
     }
 
 
-@pytest.mark.parametrize("views", [1, 2])
-def test_gaussians_match_upstream(small_gs: SmallPair, views: int) -> None:
+@pytest.mark.parametrize(("views", "one_view_at_a_time"), [(1, False), (2, False), (3, True)])
+def test_gaussians_match_upstream(
+    small_gs: SmallPair, views: int, one_view_at_a_time: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Our Gaussians against upstream's; ``one_view_at_a_time``: the adapter builds them a
+    view at a time (as it does past ``ADAPTER_PIXELS``) into the output tensors."""
+    if one_view_at_a_time:
+        monkeypatch.setattr(gaussian_adapter, "ADAPTER_PIXELS", 1)
     images = network_input(views)
     reference = run_upstream(small_gs.upstream, images, {}, infer_gs=True)
     with torch.inference_mode():

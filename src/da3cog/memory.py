@@ -20,7 +20,9 @@ them; its table is in bench/README.md), deliberately an upper bound:
   largest view for each of the ``EXPORT_WRITERS`` encoding views at once), and the point
   clouds' points
   (``POINT_BYTES`` for each of at most ``max_points``);
-* Gaussians: ``GAUSSIAN_BYTES`` for each (one per processing pixel of every view).
+* Gaussians: ``GAUSSIAN_BYTES`` for each (one per processing pixel of every view) and
+  ``GAUSSIAN_ADAPTER_BYTES`` for each the adapter builds at once; on a GPU on the device
+  (where they are built) as well as on the host (where they are exported).
 
 Available memory is what the kernel would give this process before the OOM killer acts: the
 smaller of ``MemAvailable`` and the cgroup's limit minus its usage, less a safety margin.
@@ -38,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from da3cog.io.preprocess import PATCH_SIZE
+from da3cog.model.gaussian_adapter import ADAPTER_PIXELS
 from da3cog.model.network import HEAD_CHUNK_VIEWS
 from da3cog.model.presets import ModelPreset
 
@@ -68,7 +71,13 @@ EXPORT_WRITERS = min(4, os.cpu_count() or 1)
 EXPORT_IMAGE_BYTES_PER_PIXEL = 64
 POINT_BYTES = 500
 DECODED_BYTES_PER_PIXEL = 3
-GAUSSIAN_BYTES = 4 * (3 + 3 + 4 + 27 + 1) * 3
+# Gaussians, per processing pixel: the GS head's raw outputs and the world-space Gaussians
+# built from them, kept until the request ends, and the adapter's temporaries over the pixels
+# it builds at once (da3cog.model.gaussian_adapter.ADAPTER_PIXELS). Measured through the
+# library with a ViT-S stand-in (16 and 32 views at 280 px, bench/README.md): 405 bytes a
+# pixel of growth and about 150 MiB of temporaries; with a fifth more for the spread.
+GAUSSIAN_BYTES = 488
+GAUSSIAN_ADAPTER_BYTES = 360
 # Share of the available memory a request may plan to use.
 SAFETY_FRACTION = 0.8
 
@@ -198,14 +207,19 @@ def estimate(
     outputs = OUTPUT_BYTES_PER_PIXEL * sum(size.output_pixels) + POINT_BYTES * size.points
     writers = min(EXPORT_WRITERS, len(size.output_pixels))
     outputs += EXPORT_IMAGE_BYTES_PER_PIXEL * writers * max(size.output_pixels, default=0)
-    gaussians = GAUSSIAN_BYTES * sum(size.processing_pixels) if size.gaussians else 0
+    gaussians = 0
+    if size.gaussians:
+        at_once = max(ADAPTER_PIXELS, max(size.processing_pixels, default=0))
+        gaussians = GAUSSIAN_BYTES * sum(size.processing_pixels)
+        gaussians += GAUSSIAN_ADAPTER_BYTES * min(at_once, sum(size.processing_pixels))
     network_size = size
     if chunk is not None and chunk < len(size.processing_pixels):
         largest = tuple(sorted(size.processing_pixels, reverse=True)[:chunk])
         network_size = RequestSize(largest, largest, largest)
     network = network_bytes(preset, network_size)
     if on_gpu:
-        return MemoryEstimate(host=views + outputs + gaussians, device=network)
+        # The Gaussians are built on the device, then copied to the host for the exports.
+        return MemoryEstimate(host=views + outputs + gaussians, device=network + gaussians)
     return MemoryEstimate(host=views + outputs + gaussians + network, device=0)
 
 

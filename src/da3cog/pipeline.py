@@ -546,7 +546,7 @@ class DepthAnything3:
             f"running {self.loaded.preset.name} on {batch.num_views} view(s) at "
             f"{batch.processing_size}"
         )
-        return self.network(
+        output = self.network(
             batch.images[None].to(self.device),
             conditioning,
             batch.intrinsics[None].to(self.device) if conditioning is not None else None,
@@ -559,6 +559,9 @@ class DepthAnything3:
                 self.loaded.preset, batch.num_views, batch.processing_size, self.device
             ),
         )
+        # The network's Gaussians sit in its own frame; _assemble builds them again from the
+        # parameters with the resolved cameras. Holding both sets would cost 152 bytes a pixel.
+        return replace(output, gaussians=None)
 
     def _resolve(
         self,

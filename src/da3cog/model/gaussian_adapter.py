@@ -18,7 +18,7 @@ spherical harmonics rather than colours, predicted depth and xy offsets, scales 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -158,10 +158,18 @@ def rotate_harmonics(harmonics: torch.Tensor, rotation: torch.Tensor) -> torch.T
     )
 
 
+# Pixels the adapter works on at once: its per-pixel temporaries (about 400 bytes a pixel,
+# da3cog.memory counts them) for all views of a scene would outweigh the Gaussians themselves
+# (152 bytes a pixel). Two views of 504x378; on a GPU a few more kernel launches.
+ADAPTER_PIXELS = 1 << 19
+
+
 def build_gaussians(
     parameters: GaussianParameters, extrinsics: torch.Tensor, intrinsics: torch.Tensor
 ) -> Gaussians:
-    """World-space Gaussians from GS-head outputs and cameras.
+    """World-space Gaussians from GS-head outputs and cameras, built a few views at a time
+    (at most ``ADAPTER_PIXELS`` pixels, at least one view) into the output tensors, so the
+    adapter's temporaries are bounded whatever the number of views.
 
     Args:
         parameters: raw outputs, opacities and depth, ``(B, S, H, W, ...)``.
@@ -169,10 +177,47 @@ def build_gaussians(
             unit; the Gaussians come out in this world frame.
         intrinsics: ``(B, S, 3, 3)`` in pixels of the ``H x W`` image.
     """
-    raw = parameters.raw.float()
-    batch, views, height, width, channels = raw.shape
+    batch, views, height, width, channels = parameters.raw.shape
     if channels != RAW_CHANNELS:
         raise ValueError(f"expected {RAW_CHANNELS} raw Gaussian channels, got {channels}")
+    step = max(1, ADAPTER_PIXELS // (batch * height * width))
+    if step >= views:
+        return _build_gaussians(parameters, extrinsics, intrinsics)
+
+    def views_from(start: int) -> Gaussians:
+        part = slice(start, start + step)
+        return _build_gaussians(
+            GaussianParameters(
+                raw=parameters.raw[:, part],
+                opacities=parameters.opacities[:, part],
+                depth=parameters.depth[:, part],
+                unit_scale=parameters.unit_scale,
+            ),
+            extrinsics[:, part],
+            intrinsics[:, part],
+        )
+
+    first = views_from(0)
+    names = [field.name for field in fields(Gaussians)]
+    built = Gaussians(
+        **{
+            name: getattr(first, name).new_empty((batch, views, *getattr(first, name).shape[2:]))
+            for name in names
+        }
+    )
+    for start in range(0, views, step):
+        piece = first if start == 0 else views_from(start)
+        for name in names:
+            getattr(built, name)[:, start : start + step] = getattr(piece, name)
+    return built
+
+
+def _build_gaussians(
+    parameters: GaussianParameters, extrinsics: torch.Tensor, intrinsics: torch.Tensor
+) -> Gaussians:
+    """:func:`build_gaussians` of all the views at once."""
+    raw = parameters.raw.float()
+    batch, views, height, width, _ = raw.shape
     camera_to_world = invert_rigid(as_homogeneous(extrinsics.float()))
     rotation = camera_to_world[..., :3, :3]
     centre = camera_to_world[..., :3, 3]
