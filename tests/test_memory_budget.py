@@ -106,13 +106,11 @@ print(json.dumps(row))
 """
 
 
-def _network_peak(preset: str, views: int, height: int = 210, width: int = 280) -> dict:
-    """The peak RSS one forward of ``views`` random images adds (after a one-view warm-up,
-    heads' tails one image at a time, as on a CPU), measured in a fresh process, beside
-    :func:`memory.network_bytes` of it."""
-    arguments = [str(Path(__file__).parent), preset, str(views), str(height), str(width)]
+def _child_row(code: str, *arguments: str) -> dict:
+    """Run ``code`` in a fresh process (2 threads) with this folder and ``arguments`` on its
+    command line; its last line of output, a JSON object."""
     result = subprocess.run(
-        [sys.executable, "-c", NETWORK_CHILD, *arguments],
+        [sys.executable, "-c", code, str(Path(__file__).parent), *arguments],
         capture_output=True,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "2"},
@@ -121,6 +119,13 @@ def _network_peak(preset: str, views: int, height: int = 210, width: int = 280) 
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _network_peak(preset: str, views: int, height: int = 210, width: int = 280) -> dict:
+    """The peak RSS one forward of ``views`` random images adds (after a one-view warm-up,
+    heads' tails one image at a time, as on a CPU), measured in a fresh process, beside
+    :func:`memory.network_bytes` of it."""
+    return _child_row(NETWORK_CHILD, preset, str(views), str(height), str(width))
 
 
 def test_nested_estimate_bounds_the_measured_peak() -> None:
@@ -262,16 +267,5 @@ def test_gaussian_request_stays_under_the_estimate(small_zoo_checkpoint) -> None
     would be without Gaussians, so they weigh in it. Measured 0.78-0.81 of it; the code
     before the adapter built Gaussians a few views at a time and the pipeline let go of the
     network's own set took 1827 MiB on this request, 1.06 of it."""
-    folder = small_zoo_checkpoint("small-gs")[0]
-    arguments = [str(Path(__file__).parent), str(folder), "32", "280"]
-    result = subprocess.run(
-        [sys.executable, "-c", GAUSSIAN_CHILD, *arguments],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "2"},
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    row = json.loads(result.stdout.strip().splitlines()[-1])
+    row = _child_row(GAUSSIAN_CHILD, str(small_zoo_checkpoint("small-gs")[0]), "32", "280")
     assert row["without"] < row["added"] <= row["estimate"], row
