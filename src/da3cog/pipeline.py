@@ -546,22 +546,21 @@ class DepthAnything3:
             f"running {self.loaded.preset.name} on {batch.num_views} view(s) at "
             f"{batch.processing_size}"
         )
-        output = self.network(
+        return self.network(
             batch.images[None].to(self.device),
             conditioning,
             batch.intrinsics[None].to(self.device) if conditioning is not None else None,
             reference_strategy=options.reference_strategy,
             pose_from_rays=options.pose_from_rays,
             infer_gaussians=options.infer_gaussians,
+            # _assemble places them with the resolved cameras (anchored, in the request's unit).
+            place_gaussians=False,
             generator=generator,
             autocast_dtype=self.autocast_dtype,
             head_views=memory.head_views(
                 self.loaded.preset, batch.num_views, batch.processing_size, self.device
             ),
         )
-        # The network's Gaussians sit in its own frame; _assemble builds them again from the
-        # parameters with the resolved cameras. Holding both sets would cost 152 bytes a pixel.
-        return replace(output, gaussians=None)
 
     def _resolve(
         self,

@@ -55,7 +55,7 @@ class NetworkOutput:
             Gaussians were requested.
         gaussians: world-space Gaussians built with ``extrinsics`` and ``intrinsics`` (the
             predicted cameras, even when poses were given for conditioning), in depth's unit;
-            when requested.
+            when requested and ``place_gaussians``.
         metric_scales: nested models: per scene the factor that took the any-view depth to
             metres (applied to depth, extrinsic translations and Gaussians), or None where it
             could not be fitted (too few non-sky pixels); None for other models.
@@ -160,6 +160,7 @@ class DepthAnything3Network(nn.Module):
         reference_strategy: ReferenceStrategy = "saddle_balanced",
         pose_from_rays: bool = False,
         infer_gaussians: bool = False,
+        place_gaussians: bool = True,
         generator: torch.Generator | None = None,
         autocast_dtype: torch.dtype | None = None,
         head_views: int = 1,
@@ -178,6 +179,9 @@ class DepthAnything3Network(nn.Module):
                 decoder.
             infer_gaussians: also run the GS head and build Gaussians with the predicted
                 cameras (models with a Gaussian head only).
+            place_gaussians: with ``infer_gaussians``, also place the Gaussians in the world
+                of the predicted cameras (``gaussians``); False returns their parameters only,
+                for a caller that places them with cameras of its own (the pipeline does).
             generator: RNG for the ray RANSAC and the sky quantile sampling; seed it for
                 reproducible results.
             autocast_dtype: run the backbone under autocast with this dtype (heads stay fp32).
@@ -256,7 +260,8 @@ class DepthAnything3Network(nn.Module):
                 depth=depth,
                 unit_scale=torch.ones(batch, device=depth.device),
             )
-            gaussians = build_gaussians(parameters, extrinsics_out, intrinsics_out)
+            if place_gaussians:
+                gaussians = build_gaussians(parameters, extrinsics_out, intrinsics_out)
 
         return NetworkOutput(
             depth=depth,
@@ -296,6 +301,7 @@ class NestedDepthAnything3Network(nn.Module):
         reference_strategy: ReferenceStrategy = "saddle_balanced",
         pose_from_rays: bool = False,
         infer_gaussians: bool = False,
+        place_gaussians: bool = True,
         generator: torch.Generator | None = None,
         autocast_dtype: torch.dtype | None = None,
         head_views: int = 1,
@@ -310,6 +316,8 @@ class NestedDepthAnything3Network(nn.Module):
             reference_strategy=reference_strategy,
             pose_from_rays=pose_from_rays,
             infer_gaussians=infer_gaussians,
+            # Placed below, once the metric scale is known.
+            place_gaussians=False,
             generator=generator,
             autocast_dtype=autocast_dtype,
             head_views=head_views,
@@ -345,7 +353,8 @@ class NestedDepthAnything3Network(nn.Module):
             # One frame: the Gaussians follow the metric depth and cameras (upstream leaves
             # them in the any-view unit and rescales at render time).
             parameters = output.gaussian_parameters.rescaled(factors)
-            gaussians = build_gaussians(parameters, extrinsics_out, output.intrinsics)
+            if place_gaussians:
+                gaussians = build_gaussians(parameters, extrinsics_out, output.intrinsics)
         return replace(
             output,
             depth=depth,
