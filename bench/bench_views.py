@@ -52,7 +52,6 @@ FRAME_SIZE = (400, 300)
 
 CHILD = r"""
 import json, sys, time
-from pathlib import Path
 import numpy as np, torch
 import skimage.data
 from da3cog import DepthAnything3, InferenceOptions
@@ -97,15 +96,11 @@ else:
     model.predict(frames[:1], options=InferenceOptions(process_res=140))
 cuda = device.startswith("cuda")
 
-def status(key):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(key)
+sys.path.insert(0, "tests")
+from peak_memory import peak_added, reset_peak
 
 # Host memory on every device (on a GPU the kept outputs live there), device memory on CUDA.
-Path("/proc/self/clear_refs").write_text("5")
-host_before = status("VmRSS:")
+host_before = reset_peak()
 if cuda:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -122,7 +117,7 @@ else:
 if cuda:
     torch.cuda.synchronize()
 seconds = time.perf_counter() - started
-host_added = status("VmHWM:") - host_before
+host_added = peak_added(host_before)
 added = torch.cuda.max_memory_allocated() - before if cuda else host_added
 assert found == views
 print(json.dumps({"seconds": seconds, "added": added, "host_added": host_added, "loops": loops}))

@@ -50,7 +50,6 @@ QUICK_GRID = ((1, 280), (4, 280), (4, 504))
 
 CHILD = r"""
 import json, sys
-from pathlib import Path
 import torch
 from da3cog.model.network import build_network
 from da3cog.model.presets import PRESETS
@@ -72,32 +71,22 @@ with torch.inference_mode():
     network(torch.randn(1, 1, 3, 98, 140, device=device),
             autocast_dtype=torch.bfloat16 if cuda else None)
 
-def rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
-
-def peak() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM")
+sys.path.insert(0, "tests")
+from peak_memory import peak_added, reset_peak
 
 if cuda:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
 else:
-    Path("/proc/self/clear_refs").write_text("5")
-    before = rss()
+    before = reset_peak()
 with torch.inference_mode():
     network(images, autocast_dtype=torch.bfloat16 if cuda else None, head_views=head_views)
 if cuda:
     torch.cuda.synchronize()
     added = torch.cuda.max_memory_allocated() - before
 else:
-    added = peak() - before
+    added = peak_added(before)
 print(json.dumps({"added": added, "height": height, "width": width}))
 """
 

@@ -2,9 +2,8 @@
 (shared by ``tests/test_memory_budget.py`` and ``bench/memory_outputs.py``).
 
 The child sets up the cog handler with random-weight small, writes ``views`` random PNGs of
-``side`` x ``side * 3/4`` as the request's downloads, resets its peak (``/proc/self/clear_refs``)
-and reads what the request added from ``VmHWM`` (``ru_maxrss`` would carry the parent's RSS
-over fork + exec: a test process grown to 1.3 GB made a 250 MB request look like 1.3 GB).
+``side`` x ``side * 3/4`` as the request's downloads and measures the peak resident memory
+the request adds (:mod:`peak_memory`).
 """
 
 from __future__ import annotations
@@ -31,6 +30,8 @@ from da3cog.serve.request import RequestError, RequestValues
 downloads, requests = Path(sys.argv[1]), Path(sys.argv[2])
 views, side, export = int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 process_resolution, max_points = int(sys.argv[6]), int(sys.argv[7])
+sys.path.insert(0, sys.argv[8])
+from peak_memory import peak_added, reset_peak
 server = Server(torch.device("cpu"), tmp_root=requests, files=RequestFiles(downloads))
 server.setup("small", progress=lambda _: None)
 paths = []
@@ -40,23 +41,16 @@ for index in range(views):
     Image.fromarray(picture).save(path, compress_level=1)
     paths.append(path)
 
-def status(key):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(key)
-
 values = RequestValues(image=paths[0], images=tuple(paths[1:]), model_size="small",
                        process_resolution=process_resolution, export_format=export,
                        max_points=max_points)
-Path("/proc/self/clear_refs").write_text("5")
-before = status("VmRSS:")
+before = reset_peak()
 try:
     files = server.handle(values, progress=lambda _: None)
     outcome = f"ran: {len(files)} files"
 except RequestError as error:
     outcome = "refused: " + str(error)
-print(json.dumps({"outcome": outcome, "added": status("VmHWM:") - before}))
+print(json.dumps({"outcome": outcome, "added": peak_added(before)}))
 """
 
 
@@ -93,9 +87,10 @@ def measure_served_request(
     env = {**os.environ, "DA3COG_WEIGHTS_DIR": str(weights), "OMP_NUM_THREADS": "2"}
     if budget_bytes is not None:
         env[memory.MEMORY_BUDGET_ENV] = f"{budget_bytes / memory.GIB:.6f}"
+    tests = Path(__file__).resolve().parent
     arguments = (downloads, scratch / "requests", views, side, export, process_res, max_points)
     result = subprocess.run(
-        [sys.executable, "-c", CHILD, *map(str, arguments)],
+        [sys.executable, "-c", CHILD, *map(str, arguments), str(tests)],
         capture_output=True,
         text=True,
         env=env,

@@ -69,9 +69,9 @@ def test_outputs_of_many_large_views_stay_under_the_estimate(
 NETWORK_CHILD = r"""
 import json, sys
 from dataclasses import replace
-from pathlib import Path
 import torch
 sys.path.insert(0, sys.argv[1])
+from peak_memory import peak_added, reset_peak
 from small_zoo import METRIC_SMALL, NESTED_SMALL
 from da3cog import memory
 from da3cog.model.network import build_network
@@ -92,14 +92,11 @@ else:
 network = build_network(preset).eval()
 with torch.inference_mode():
     network(torch.randn(1, 1, 3, 98, 140))  # warm-up, as the served model's setup
-    Path("/proc/self/clear_refs").write_text("5")
-    status = Path("/proc/self/status").read_text().splitlines()
-    before = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+    before = reset_peak()
     network(torch.randn(1, views, 3, height, width))
-status = Path("/proc/self/status").read_text().splitlines()
-peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+added = peak_added(before)
 size = memory.RequestSize(*(((height * width,) * views,) * 3))
-row = {"added": peak - before, "estimate": memory.network_bytes(preset, size)}
+row = {"added": added, "estimate": memory.network_bytes(preset, size)}
 if preset.metric_branch is not None:
     row["anyview_alone"] = memory.network_bytes(preset.anyview_branch, size)
 print(json.dumps(row))
@@ -227,6 +224,7 @@ import json, sys, tempfile
 from pathlib import Path
 import numpy as np, torch
 sys.path.insert(0, sys.argv[1])
+from peak_memory import peak_added, reset_peak
 from small_zoo import SMALL_GS, small_model
 from da3cog import memory
 from da3cog.export.gaussians import gaussians_ply_files
@@ -240,19 +238,12 @@ images = [np.random.default_rng(i).integers(0, 255, (height, side, 3), np.uint8)
           for i in range(views)]
 model.predict(images[:1], options=InferenceOptions(process_res=140, infer_gaussians=True))
 
-def status(key):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(key)
-
-Path("/proc/self/clear_refs").write_text("5")
-before = status("VmRSS:")
+before = reset_peak()
 options = InferenceOptions(process_res=side, infer_gaussians=True, chunk_size=None)
 prediction = model.predict(images, options=options)
 with tempfile.TemporaryDirectory() as scratch:
     gaussians_ply_files(prediction, Path(scratch))
-added = status("VmHWM:") - before
+added = peak_added(before)
 estimates = {}
 for gaussians in (True, False):
     size = memory.request_size([(side, height)] * views, side, "input", gaussians, points=0)
