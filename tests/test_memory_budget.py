@@ -255,7 +255,7 @@ print(json.dumps({"added": added, "estimate": estimates[True], "without": estima
 def test_gaussian_request_stays_under_the_estimate(small_zoo_checkpoint) -> None:
     """A request with Gaussians (the ViT-S stand-in with a GS head, 32 views of 280 px, one
     pass, the Gaussian PLY written): the peak stays under the estimate and above what it
-    would be without Gaussians, so they weigh in it. Measured 0.77-0.81 of it; the code
+    would be without Gaussians, so they weigh in it. Measured 0.65-0.66 of it; the code
     before the adapter built Gaussians a few views at a time, when the network also built
     its own set and the pipeline held it, took 1827 MiB on this request, 1.06 of it."""
     row = _child_row(GAUSSIAN_CHILD, str(small_zoo_checkpoint("small-gs")[0]), "32", "280")

@@ -405,6 +405,69 @@ def test_pose_conditioned_nested_matches_upstream(nested_small: SmallPair) -> No
     assert_parity(nested_errors(ours, reference))
 
 
+def _same(first: object, second: object) -> bool:
+    if first is None or second is None:
+        return first is second
+    return torch.equal(first, second)  # type: ignore[arg-type]
+
+
+def test_dropping_the_intermediates_changes_no_output(nested_small: SmallPair) -> None:
+    """``keep_intermediates=False`` (what the pipeline runs) returns no backbone features or
+    head logits, from either branch of a nested network (a DualDPT and a DPT head), and every
+    output bit for bit as with them: depth, confidence, cameras, rays, sky, metric scale,
+    reference view, Gaussian parameters and Gaussians."""
+    images = network_input(3)
+    with torch.inference_mode():
+        kept, lean = (
+            nested_small.ours(
+                images,
+                infer_gaussians=True,
+                keep_intermediates=keep,
+                generator=ours_generator(),
+            )
+            for keep in (True, False)
+        )
+    assert kept.metric is not None and lean.metric is not None
+    assert kept.backbone is not None and kept.head is not None and kept.metric.head is not None
+    assert lean.backbone is None and lean.head is None
+    assert lean.metric.backbone is None and lean.metric.head is None
+    assert lean.reference_view is not None  # three views: a reference is chosen
+    fields = ("depth", "depth_conf", "extrinsics", "intrinsics", "rays", "ray_conf", "sky")
+    for name in (*fields, "reference_view"):
+        assert _same(getattr(kept, name), getattr(lean, name)), name
+    assert _same(kept.metric.depth, lean.metric.depth)
+    assert kept.metric_scales == lean.metric_scales
+    assert kept.gaussian_parameters is not None and lean.gaussian_parameters is not None
+    assert _same(kept.gaussian_parameters.raw, lean.gaussian_parameters.raw)
+    assert kept.gaussians is not None and lean.gaussians is not None
+    for name in GAUSSIAN_FIELDS:
+        assert _same(getattr(kept.gaussians, name), getattr(lean.gaussians, name)), name
+
+
+def test_the_pipeline_keeps_no_intermediates(
+    small_gs: SmallPair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request's network output holds no backbone features or head logits while its views
+    are assembled (measured: 16 views of small at 504 px peaked 685-764 MiB instead of
+    932-956), and the reference view still reaches the Prediction."""
+    model = small_model(small_gs.folder, SMALL_ZOO["small-gs"])
+    seen: list[NetworkOutput] = []
+    forward = model.network.forward
+
+    def spy(*args: object, **kwargs: object) -> NetworkOutput:
+        seen.append(forward(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(model.network, "forward", spy)
+    prediction = model.predict(
+        photos()[:3], options=InferenceOptions(process_res=PROCESS_RES, infer_gaussians=True)
+    )
+    (output,) = seen
+    assert output.backbone is None and output.head is None
+    assert output.reference_view is not None
+    assert prediction.reference_view == int(output.reference_view[0])
+
+
 def test_gaussian_comparison_detects_a_perturbed_layer(nested_small: SmallPair) -> None:
     images = network_input(1)
     upstream = nested_small.upstream

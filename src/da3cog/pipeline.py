@@ -555,6 +555,8 @@ class DepthAnything3:
             infer_gaussians=options.infer_gaussians,
             # _assemble places them with the resolved cameras (anchored, in the request's unit).
             place_gaussians=False,
+            # Only the reference view's index is read from the backbone's outputs.
+            keep_intermediates=False,
             generator=generator,
             autocast_dtype=self.autocast_dtype,
             head_views=memory.head_views(
@@ -680,7 +682,7 @@ class DepthAnything3:
             )
             for index in range(batch.num_views)
         )
-        reference = output.backbone.reference_view
+        reference = output.reference_view
         return Prediction(
             views=views,
             is_metric=resolved.is_metric,

@@ -47,8 +47,9 @@ class NetworkOutput:
         rays: ``(B, S, h, w, 6)`` ray map (direction, origin), ``h, w`` = 8 x patch grid; None
             for single-view models.
         ray_conf: ``(B, S, h, w)`` ray confidence; None for single-view models.
-        head: the head's pre-activation outputs, views flattened (diagnostics and parity).
-        backbone: the backbone's outputs (diagnostics and parity).
+        head: the head's pre-activation outputs, views flattened (diagnostics and parity);
+            None when the forward ran with ``keep_intermediates=False``.
+        backbone: the backbone's outputs (diagnostics and parity); None as ``head``.
         sky: ``(B, S, H, W)`` sky score (sky where >= ``SKY_THRESHOLD``) for single-view and
             nested models (from the metric branch), else None.
         gaussian_parameters: the GS head's per-pixel outputs and the depth they sit on, when
@@ -60,6 +61,8 @@ class NetworkOutput:
             metres (applied to depth, extrinsic translations and Gaussians), or None where it
             could not be fitted (too few non-sky pixels); None for other models.
         metric: nested models: the metric branch's own output (canonical depth, sky).
+        reference_view: ``(B,)`` index of the view the backbone used as reference, or None
+            when the views kept their order.
     """
 
     depth: torch.Tensor
@@ -68,13 +71,14 @@ class NetworkOutput:
     intrinsics: torch.Tensor | None
     rays: torch.Tensor | None
     ray_conf: torch.Tensor | None
-    head: DualDPTOutput | DPTOutput
-    backbone: BackboneOutput
+    head: DualDPTOutput | DPTOutput | None
+    backbone: BackboneOutput | None
     sky: torch.Tensor | None = None
     gaussian_parameters: GaussianParameters | None = None
     gaussians: Gaussians | None = None
     metric_scales: tuple[float | None, ...] | None = None
     metric: NetworkOutput | None = None
+    reference_view: torch.Tensor | None = None
 
 
 def gaussian_models() -> list[str]:
@@ -161,6 +165,7 @@ class DepthAnything3Network(nn.Module):
         pose_from_rays: bool = False,
         infer_gaussians: bool = False,
         place_gaussians: bool = True,
+        keep_intermediates: bool = True,
         generator: torch.Generator | None = None,
         autocast_dtype: torch.dtype | None = None,
         head_views: int = 1,
@@ -182,6 +187,10 @@ class DepthAnything3Network(nn.Module):
             place_gaussians: with ``infer_gaussians``, also place the Gaussians in the world
                 of the predicted cameras (``gaussians``); False returns their parameters only,
                 for a caller that places them with cameras of its own (the pipeline does).
+            keep_intermediates: also return the backbone's features and the head's
+                pre-activation outputs (``backbone``, ``head``). False lets them go as soon as
+                the heads have run: the features of every view (4 layers of twice the
+                backbone's width per token) are the largest tensors a forward would keep.
             generator: RNG for the ray RANSAC and the sky quantile sampling; seed it for
                 reproducible results.
             autocast_dtype: run the backbone under autocast with this dtype (heads stay fp32).
@@ -209,6 +218,11 @@ class DepthAnything3Network(nn.Module):
             backbone = self.backbone(images, camera_tokens, reference_strategy)
 
         features = [f.float().flatten(0, 1) for f in backbone.features]
+        reference_view, camera_token = backbone.reference_view, backbone.camera_tokens[-1]
+        # Without autocast the float features are the backbone's own tensors; with it, copies,
+        # and the lower-precision originals need not outlive this line.
+        kept_backbone = backbone if keep_intermediates else None
+        del backbone
         head = _run_in_chunks(self.head, features, height, width, tail_views=head_views)
 
         def per_view(x: torch.Tensor) -> torch.Tensor:
@@ -227,9 +241,10 @@ class DepthAnything3Network(nn.Module):
                 intrinsics=None,
                 rays=None,
                 ray_conf=None,
-                head=head,
-                backbone=backbone,
+                head=head if keep_intermediates else None,
+                backbone=kept_backbone,
                 sky=sky,
+                reference_view=reference_view,
             )
 
         rays = per_view(head.rays)
@@ -245,7 +260,7 @@ class DepthAnything3Network(nn.Module):
             intrinsics_out[..., 1, 2] = cameras.principal_point[..., 1] * height * 0.5
             intrinsics_out[..., 2, 2] = 1.0
         else:
-            pose_encoding = self.cam_dec(backbone.camera_tokens[-1].float())
+            pose_encoding = self.cam_dec(camera_token.float())
             extrinsics_out, intrinsics_out = decode_pose(pose_encoding, (height, width))
 
         depth = per_view(torch.exp(head.depth_logits))
@@ -270,10 +285,11 @@ class DepthAnything3Network(nn.Module):
             intrinsics=intrinsics_out,
             rays=rays,
             ray_conf=ray_conf,
-            head=head,
-            backbone=backbone,
+            head=head if keep_intermediates else None,
+            backbone=kept_backbone,
             gaussian_parameters=parameters,
             gaussians=gaussians,
+            reference_view=reference_view,
         )
 
 
@@ -302,6 +318,7 @@ class NestedDepthAnything3Network(nn.Module):
         pose_from_rays: bool = False,
         infer_gaussians: bool = False,
         place_gaussians: bool = True,
+        keep_intermediates: bool = True,
         generator: torch.Generator | None = None,
         autocast_dtype: torch.dtype | None = None,
         head_views: int = 1,
@@ -318,12 +335,17 @@ class NestedDepthAnything3Network(nn.Module):
             infer_gaussians=infer_gaussians,
             # Placed below, once the metric scale is known.
             place_gaussians=False,
+            keep_intermediates=keep_intermediates,
             generator=generator,
             autocast_dtype=autocast_dtype,
             head_views=head_views,
         )
         metric = self.da3_metric(
-            images, generator=generator, autocast_dtype=autocast_dtype, head_views=head_views
+            images,
+            keep_intermediates=keep_intermediates,
+            generator=generator,
+            autocast_dtype=autocast_dtype,
+            head_views=head_views,
         )
         if output.depth_conf is None or output.extrinsics is None or output.intrinsics is None:
             raise RuntimeError("the any-view branch returned no confidence or cameras")
