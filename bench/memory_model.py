@@ -7,9 +7,12 @@
 
 For every (model, views, processing size) of the grid a fresh subprocess builds the network
 with random weights (activations do not depend on the weights' values), runs one forward on a
-random batch of ``views`` images of ``res`` x ``res * 3/4`` (rounded to the patch size) and
-reports the memory the forward added on top of the loaded network, warmed up by a one-view
-forward at 140 px as the served model is in its setup. The heads' full-resolution tails run
+random batch of ``views`` images of ``res`` x ``res * 3/4`` (rounded to the patch size), as
+the pipeline runs it (``keep_intermediates=False``: a nested network's any-view branch does
+not hold its backbone's features while the metric branch runs; rows before 2026-12-04 late
+were measured with them kept, which changes only nested rows), and reports the memory the
+forward added on top of the loaded network, warmed up by a one-view forward at 140 px as the
+served model is in its setup. The heads' full-resolution tails run
 one image at a time, as on a CPU, or with ``--all-tails`` over every view at once (what a GPU
 does when they fit, :func:`da3cog.memory.head_views`):
 
@@ -69,7 +72,7 @@ images = torch.randn(1, views, 3, height, width, device=device)
 # request's.
 with torch.inference_mode():
     network(torch.randn(1, 1, 3, 98, 140, device=device),
-            autocast_dtype=torch.bfloat16 if cuda else None)
+            autocast_dtype=torch.bfloat16 if cuda else None, keep_intermediates=False)
 
 sys.path.insert(0, "tests")
 from peak_memory import peak_added, reset_peak
@@ -81,7 +84,9 @@ if cuda:
 else:
     before = reset_peak()
 with torch.inference_mode():
-    network(images, autocast_dtype=torch.bfloat16 if cuda else None, head_views=head_views)
+    # As the pipeline runs it: the backbone's features are not kept past the heads.
+    network(images, autocast_dtype=torch.bfloat16 if cuda else None, head_views=head_views,
+            keep_intermediates=False)
 if cuda:
     torch.cuda.synchronize()
     added = torch.cuda.max_memory_allocated() - before

@@ -55,9 +55,8 @@ if TYPE_CHECKING:
 ACTIVATION_BYTES_PER_TOKEN_CHANNEL = 81
 HEAD_BYTES_PER_PIXEL_CHANNEL = 9
 TAIL_BYTES_PER_PIXEL_CHANNEL = 9
-# What a nested preset's any-view branch holds while its metric branch runs: the backbone's
-# four output layers (local and global features, float32) and the head's outputs.
-HELD_BYTES_PER_TOKEN_CHANNEL = 4 * 2 * 4
+# What a nested preset's any-view branch holds while its metric branch runs: its outputs (the
+# pipeline has it drop the backbone's features, ``keep_intermediates=False``).
 HELD_BYTES_PER_PIXEL = 64
 # Every view's outputs (depth, confidence, colours: 11 bytes a pixel kept) and what the
 # exporters copy of all views at once (shared percentile ranges, stacked NPZ arrays, COLMAP
@@ -156,16 +155,16 @@ def network_terms(
 
 def network_bytes(preset: ModelPreset, size: RequestSize, head_views: int = 1) -> int:
     """The network's activation peak (see the module docstring) with the heads'
-    full-resolution tails over ``head_views`` views at once. A nested preset runs its
-    branches one after the other: the larger of the any-view branch's peak and the metric
-    branch's on top of what the any-view branch holds meanwhile (its outputs)."""
+    full-resolution tails over ``head_views`` views at once, run as the pipeline runs it
+    (``keep_intermediates=False``). A nested preset runs its branches one after the other:
+    the larger of the any-view branch's peak and the metric branch's on top of what the
+    any-view branch holds meanwhile (its outputs)."""
     backbone, head, tails = network_terms(preset, size, head_views)
     total = ACTIVATION_BYTES_PER_TOKEN_CHANNEL * backbone
     total += HEAD_BYTES_PER_PIXEL_CHANNEL * head + TAIL_BYTES_PER_PIXEL_CHANNEL * tails
     if preset.metric_branch is None:
         return total
-    held = HELD_BYTES_PER_TOKEN_CHANNEL * backbone
-    held += HELD_BYTES_PER_PIXEL * sum(size.processing_pixels)
+    held = HELD_BYTES_PER_PIXEL * sum(size.processing_pixels)
     return max(total, held + network_bytes(preset.metric_branch, size, head_views))
 
 
