@@ -224,6 +224,7 @@ class DepthAnything3Network(nn.Module):
         kept_backbone = backbone if keep_intermediates else None
         del backbone
         head = _run_in_chunks(self.head, features, height, width, tail_views=head_views)
+        kept_head = head if keep_intermediates else None
 
         def per_view(x: torch.Tensor) -> torch.Tensor:
             return x.reshape(batch, views, *x.shape[1:])
@@ -241,7 +242,7 @@ class DepthAnything3Network(nn.Module):
                 intrinsics=None,
                 rays=None,
                 ray_conf=None,
-                head=head if keep_intermediates else None,
+                head=kept_head,
                 backbone=kept_backbone,
                 sky=sky,
                 reference_view=reference_view,
@@ -285,7 +286,7 @@ class DepthAnything3Network(nn.Module):
             intrinsics=intrinsics_out,
             rays=rays,
             ray_conf=ray_conf,
-            head=head if keep_intermediates else None,
+            head=kept_head,
             backbone=kept_backbone,
             gaussian_parameters=parameters,
             gaussians=gaussians,
