@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from da3cog.cli import main
@@ -655,3 +656,38 @@ def test_folders_and_videos_are_expanded_into_views(
     manifest = json.loads((tmp_path / "o2" / "manifest.json").read_text())
     assert len(manifest["views"]) == 2  # 2 s of video at 1 frame a second
 
+
+
+def test_running_out_of_memory_exits_3_with_advice(
+    small_checkpoint: Path,
+    images: list[Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An allocation failure the memory model did not foresee (a GPU's, or the host
+    allocator's) ends the command with status 3 and what to change, writing nothing; any
+    other failure still surfaces as itself."""
+    from da3cog.pipeline import DepthAnything3
+
+    failures = iter(
+        [
+            torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+            RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8"),
+            RuntimeError("a bug, not memory"),
+        ]
+    )
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise next(failures)
+
+    monkeypatch.setattr(DepthAnything3, "predict", fail)
+    for index, ran_out in enumerate(["GPU memory", "memory"]):
+        out = tmp_path / f"out{index}"
+        assert main(predict_args(small_checkpoint, out, images)) == 3
+        message = capsys.readouterr().err
+        assert f"da3cog: error: ran out of {ran_out} (" in message
+        assert "--chunk-size" in message and "--process-res" in message
+        assert not out.exists() or not any(out.iterdir())
+    with pytest.raises(RuntimeError, match="a bug, not memory"):
+        main(predict_args(small_checkpoint, tmp_path / "out2", images))

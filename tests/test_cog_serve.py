@@ -11,6 +11,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -27,6 +28,9 @@ from da3cog.serve.request import (
     choose_model,
     read_cameras,
 )
+
+if TYPE_CHECKING:
+    from da3cog.serve.handler import Server
 
 # --------------------------------------------------------------------------------------------
 # Which model answers, and what is refused before any work
@@ -480,6 +484,43 @@ def test_notes_name_files_as_they_are_returned() -> None:
     ]
 
 
+def _small_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_checkpoint: Path
+) -> tuple[Server, Path]:
+    """A worker set up with the small random-weight checkpoint, and the folder its runtime
+    downloads requests' files into."""
+    from da3cog.serve.handler import Server
+    from da3cog.serve.provenance import RequestFiles
+
+    monkeypatch.setenv("DA3COG_WEIGHTS_DIR", str(tmp_path / "weights"))
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "da3-small").symlink_to(small_checkpoint)
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    server = Server(
+        torch.device("cpu"), tmp_root=tmp_path / "requests", files=RequestFiles(downloads)
+    )
+    server.setup("small", progress=lambda _: None)
+    return server, downloads
+
+
+def _panning_request(downloads: Path, picture: np.ndarray, views: int) -> RequestValues:
+    """The runtime's downloads for one request: ``views`` 128x96 frames of a camera panning
+    across ``picture``."""
+    paths = []
+    for index in range(views):
+        path = downloads / f"tmp{os.urandom(4).hex()}frame{index}.png"
+        path.write_bytes(_png(np.ascontiguousarray(picture[100:196, 40 * index :][:, :128])))
+        paths.append(path)
+    return RequestValues(
+        image=paths[0],
+        images=tuple(paths[1:]),
+        model_size="small",
+        export_format="none",
+        process_resolution=140,
+    )
+
+
 def test_a_request_too_big_for_one_pass_runs_in_chunks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_checkpoint: Path, photo: Callable
 ) -> None:
@@ -489,14 +530,7 @@ def test_a_request_too_big_for_one_pass_runs_in_chunks(
     from da3cog import memory
     from da3cog.memory import MIN_CHUNK
     from da3cog.model.presets import PRESETS
-    from da3cog.serve.handler import Server
-    from da3cog.serve.provenance import RequestFiles
 
-    monkeypatch.setenv("DA3COG_WEIGHTS_DIR", str(tmp_path / "weights"))
-    (tmp_path / "weights").mkdir()
-    (tmp_path / "weights" / "da3-small").symlink_to(small_checkpoint)
-    downloads = tmp_path / "downloads"
-    downloads.mkdir()
     size = memory.request_size([(128, 96)] * 6, 140, "input", False, 0)
     preset = PRESETS["da3-small"]
     one_pass = memory.estimate(preset, size, on_gpu=False).host
@@ -505,26 +539,11 @@ def test_a_request_too_big_for_one_pass_runs_in_chunks(
     assert chunked < bigger < one_pass
     # Room for chunks of 4 views, not 5 (nor one pass over all 6).
     monkeypatch.setenv(memory.MEMORY_BUDGET_ENV, f"{(chunked + bigger) / 2 / memory.GIB:.9f}")
-    server = Server(
-        torch.device("cpu"), tmp_root=tmp_path / "requests", files=RequestFiles(downloads)
-    )
-    server.setup("small", progress=lambda _: None)
+    server, downloads = _small_server(tmp_path, monkeypatch, small_checkpoint)
     picture = photo("coffee")
 
     def request() -> RequestValues:
-        """The runtime's downloads for one request: six frames of a camera panning."""
-        paths = []
-        for index in range(6):
-            path = downloads / f"tmp{index:08d}frame.png"
-            path.write_bytes(_png(np.ascontiguousarray(picture[100:196, 40 * index :][:, :128])))
-            paths.append(path)
-        return RequestValues(
-            image=paths[0],
-            images=tuple(paths[1:]),
-            model_size="small",
-            export_format="none",
-            process_resolution=140,
-        )
+        return _panning_request(downloads, picture, 6)
 
     messages: list[str] = []
     values = request()
@@ -547,3 +566,81 @@ def test_a_request_too_big_for_one_pass_runs_in_chunks(
     looped = replace(request(), loop_closure=True)
     manifest = json.loads(server.handle(looped, progress=lambda _: None)[0].read_text())
     assert any("loop closure: not run, fewer than 3 chunks" in n for n in manifest["notes"])
+
+
+def test_a_failed_prediction_is_refused_and_frees_what_it_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_checkpoint: Path, photo: Callable
+) -> None:
+    """A prediction that fails part way (out of memory although the estimate fit: an upper
+    bound of measured peaks, not a guarantee; over the time budget; refused by the pipeline)
+    is refused with what to send instead; the failed run's tensors are already free when the
+    worker hands its memory back (the CUDA cache can only return blocks nothing holds), and
+    the same worker serves the next request. Other failures are not dressed up as the
+    user's."""
+    import weakref
+
+    from da3cog.chunked import TimeBudgetExceeded
+    from da3cog.pipeline import DepthAnything3
+    from da3cog.serve import handler
+
+    server, downloads = _small_server(tmp_path, monkeypatch, small_checkpoint)
+    picture = photo("coffee")
+
+    def request() -> RequestValues:
+        return _panning_request(downloads, picture, 3)
+
+    failures: list[tuple[Callable[[], Exception], str]] = [
+        (
+            lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+            "(3 view(s) at process_resolution=140, in one pass) ran out of GPU memory although "
+            "its estimate fit this worker. Send fewer or smaller views or a lower "
+            "process_resolution",
+        ),
+        (
+            lambda: RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to 8"),
+            "in one pass) ran out of memory although",
+        ),
+        (
+            lambda: TimeBudgetExceeded(900.0, 600.0, 2),
+            "over its 600s time budget: at most 2 of these views would fit. Send fewer views",
+        ),
+        (
+            lambda: ValueError("the shared views have fewer than 3 usable pixels"),
+            "fewer than 3 usable",
+        ),
+    ]
+    real_predict = DepthAnything3.predict
+    held: list[weakref.ref] = []
+
+    def predict(self: DepthAnything3, *args: object, **kwargs: object) -> object:
+        if not failures:
+            return real_predict(self, *args, **kwargs)
+        activations = torch.ones(1 << 20)
+        held.append(weakref.ref(activations))
+        raise failures[0][0]()
+
+    still_held_at_release: list[bool] = []
+    real_release = handler.release_memory
+
+    def release(device: torch.device) -> None:
+        still_held_at_release.append(bool(held) and held[-1]() is not None)
+        real_release(device)
+
+    monkeypatch.setattr(DepthAnything3, "predict", predict)
+    monkeypatch.setattr(handler, "release_memory", release)
+    while failures:
+        expected = failures[0][1]
+        still_held_at_release.clear()
+        with pytest.raises(RequestError) as refused:
+            server.handle(request(), progress=lambda _: None)
+        failures.pop(0)
+        assert expected in str(refused.value)
+        assert still_held_at_release and not any(still_held_at_release), expected
+    failures.append((lambda: RuntimeError("a bug, not memory"), ""))
+    with pytest.raises(RuntimeError, match="a bug, not memory") as other:
+        server.handle(request(), progress=lambda _: None)
+    assert not isinstance(other.value, RequestError)
+    failures.clear()
+    assert list((tmp_path / "requests").iterdir()) == []
+    files = server.handle(request(), progress=lambda _: None)
+    assert files[0].name == "manifest.json"

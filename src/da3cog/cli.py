@@ -416,6 +416,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, CheckpointError) as error:
         print(f"da3cog: error: {error}", file=sys.stderr)
         return 2
+    except (RuntimeError, MemoryError) as error:
+        from da3cog.memory import out_of_memory
+
+        ran_out = out_of_memory(error)
+        if ran_out is None:
+            raise
+        print(
+            f"da3cog: error: ran out of {ran_out} ({str(error).splitlines()[0]}). Try a smaller "
+            "--chunk-size, a lower --process-res or --output-resolution processing",
+            file=sys.stderr,
+        )
+        return 3
     for path in written:
         print(path)
     return 0

@@ -323,6 +323,24 @@ def plan_chunk(
     return max(fitting, default=MIN_CHUNK)
 
 
+def out_of_memory(error: BaseException) -> str | None:
+    """What ran out when ``error`` is an allocation failure ("GPU memory" for an
+    accelerator's, "memory" for the host's: PyTorch's CPU allocator or NumPy refused), else
+    None. The estimate is an upper bound fitted on measured peaks, not a guarantee (on a GPU
+    it is fitted on CPU measurements), so callers turn such a failure into a refusal that
+    names the request."""
+    import torch
+
+    if isinstance(error, torch.OutOfMemoryError):
+        return "GPU memory"
+    if isinstance(error, MemoryError):
+        return "memory"
+    # PyTorch's CPU allocator raises a plain RuntimeError.
+    if isinstance(error, RuntimeError) and "can't allocate memory" in str(error):
+        return "memory"
+    return None
+
+
 def trim_heap() -> None:
     """Return the C heap's free pages to the system (glibc ``malloc_trim``): large temporary
     buffers (a request's, a chunk's) otherwise stay in the process's RSS, where the next

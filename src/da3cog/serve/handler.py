@@ -286,15 +286,26 @@ class Server:
             time_budget=predict_seconds(self.limits),
             loop_closure=values.loop_closure,
         )
+        refusal = None
         try:
             predictions = self._predict(model, views, cameras, options, values.mode, progress)
         except TimeBudgetExceeded as error:
             advice = "fewer views (max_frames, video_fps) or a lower process_resolution"
-            raise RequestError(f"{error}. Send {advice}") from error
+            refusal = f"{error}. Send {advice}"
         except ValueError as error:
             # The views were checked when read; what the pipeline still refuses names our
             # copies of them, which mean nothing to the user.
-            raise RequestError(in_user_terms(str(error), views)) from error
+            refusal = in_user_terms(str(error), views)
+        except (RuntimeError, MemoryError) as error:
+            ran_out = memory.out_of_memory(error)
+            if ran_out is None:
+                raise
+            refusal = out_of_memory_refusal(values, len(views), chunk, ran_out)
+        if refusal is not None:
+            # Raised out here, not chained to the failure: its frames hold the request's
+            # tensors (a chunked run's outputs so far), which are free only once it is gone.
+            release_memory(self.device)
+            raise RequestError(refusal)
 
         progress("writing files")
         outputs = OutputFolder(folder / "outputs")
@@ -410,6 +421,23 @@ def fit_cameras(cameras: UserCameras, views: list[View], label: str) -> UserCame
     except ValueError as error:
         raise RequestError(f"{label}: {error}") from error
     return UserCameras(np.ascontiguousarray(intrinsics), cameras.extrinsics)
+
+
+def out_of_memory_refusal(
+    values: RequestValues, views: int, chunk: int | None, ran_out: str
+) -> str:
+    """The refusal of a request that ran out of ``ran_out`` ("memory", "GPU memory") although
+    its estimate fit: the request as it ran and what to send instead."""
+    how = "in one pass"
+    if values.mode == "monocular":
+        how = "one view at a time"
+    elif chunk is not None:
+        how = f"in chunks of {chunk} views"
+    return (
+        f"this request ({views} view(s) at process_resolution={values.process_resolution}, "
+        f"{how}) ran out of {ran_out} although its estimate fit this worker. Send fewer or "
+        "smaller views or a lower process_resolution"
+    )
 
 
 def release_memory(device: torch.device) -> None:
