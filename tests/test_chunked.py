@@ -21,6 +21,7 @@ from da3cog.chunked import (
     chunk_ranges,
     emitted_views,
     reconstruct_in_chunks,
+    rescale_chunk,
     transform_view,
 )
 from da3cog.export.manifest import export_all
@@ -228,6 +229,137 @@ def test_alignment_holds_against_bad_depth_and_a_wrong_alignment_fails_the_check
     assert centre_error > 0.1
 
 
+def _chunks_in_one_frame(
+    unit_of: Callable[[int], float], corrupt: float = 0.0
+) -> tuple[list, Callable[[range], Prediction]]:
+    """The true views, and a chunk predictor that returns them in their own frame (as chunks
+    conditioned on the user's poses are) with chunk ``k``'s depth in its own unit
+    (``unit_of(k)`` times the truth), a share ``corrupt`` of each view's depth nonsense."""
+    rng = np.random.default_rng(11)
+    truth = [make_view(index, 36, 48, name=f"f{index:03d}") for index in range(VIEWS)]
+    template = make_prediction(views=1)
+    predicted = itertools.count()
+
+    def predict_chunk(views: range) -> Prediction:
+        factor = unit_of(next(predicted))
+        scaled = []
+        for index in views:
+            depth = np.array(truth[index].depth) * factor
+            bad = rng.random(depth.shape) < corrupt
+            depth[bad] *= rng.uniform(0.2, 3.0, size=int(bad.sum()))
+            scaled.append(dataclasses.replace(truth[index], depth=depth))
+        return dataclasses.replace(template, views=tuple(scaled))
+
+    return truth, predict_chunk
+
+
+def _worst_depth_error(found: Prediction, truth: list, unit: float) -> float:
+    return max(
+        float(np.max(np.abs(f.depth / (unit * np.asarray(t.depth)) - 1)))
+        for f, t in zip(found.views, truth, strict=True)
+    )
+
+
+def test_chunks_in_the_users_frame_are_brought_to_one_depth_unit() -> None:
+    """Chunks in the user's frame whose depth the poses did not fix (``depth_unit_fixed``
+    False: each chunk in its own unit) come back in the first chunk's unit, cameras as
+    given, within 1e-5; left as they are (the check fails by far) they would not. Where the
+    first chunk's depth is in the poses' unit, only the chunks that are not are rescaled,
+    onto it; with 10% of the depth wrong the median error stays under 0.5%."""
+    units = [float(u) for u in np.exp(np.random.default_rng(5).normal(0, 0.5, 10))]
+    truth, predict_chunk = _chunks_in_one_frame(units.__getitem__)
+    found = reconstruct_in_chunks(
+        VIEWS, SIZE, OVERLAP, predict_chunk, align=False, depth_unit_fixed=lambda _: False
+    )
+    assert _worst_depth_error(found, truth, units[0]) < 1e-5
+    for f, t in zip(found.views, truth, strict=True):
+        np.testing.assert_array_equal(f.extrinsics, t.extrinsics)
+    assert all((v.alignment_residual is None) == (v.chunk == 0) for v in found.views)
+    assert any("brought to the first chunk's relative unit" in n for n in found.notes)
+    truth, predict_chunk = _chunks_in_one_frame(units.__getitem__)
+    left = reconstruct_in_chunks(VIEWS, SIZE, OVERLAP, predict_chunk, align=False)
+    assert _worst_depth_error(left, truth, units[0]) > 0.1
+
+    # Chunks 0, 1, 3 and 5 in the poses' unit (1); 2 and 4 not (their poses sit in one place).
+    fixed = {0, 1, 3, 5}
+    truth, predict_chunk = _chunks_in_one_frame(lambda k: 1.0 if k in fixed else units[k])
+    depth_fixed = iter(k in fixed for k in range(10))
+    found = reconstruct_in_chunks(
+        VIEWS,
+        SIZE,
+        OVERLAP,
+        predict_chunk,
+        align=False,
+        depth_unit_fixed=lambda _: next(depth_fixed),
+    )
+    assert _worst_depth_error(found, truth, 1.0) < 1e-5
+    rescaled = {v.chunk for v in found.views if v.alignment_residual is not None}
+    assert rescaled == {2, 4}
+    assert any("depth of 2 chunk(s)" in n and "the given poses' unit" in n for n in found.notes)
+
+    truth, predict_chunk = _chunks_in_one_frame(units.__getitem__, corrupt=0.10)
+    found = reconstruct_in_chunks(
+        VIEWS, SIZE, OVERLAP, predict_chunk, align=False, depth_unit_fixed=lambda _: False
+    )
+    ratios = np.concatenate(
+        [
+            np.ravel(f.depth / (units[0] * np.asarray(t.depth)))
+            for f, t in zip(found.views, truth, strict=True)
+        ]
+    )
+    assert np.median(np.abs(ratios - 1)) < 5e-3
+
+
+def test_unalignable_chunks_name_their_shared_views() -> None:
+    """Shared views with no usable pixel (all sky), or an infinite confidence among them:
+    the first stops the run naming the chunks and views, the second is left out of the
+    fit rather than breaking it."""
+    truth, predict_chunk, _ = _scene()
+
+    def sky_over(views: range) -> Prediction:
+        prediction = predict_chunk(views)
+        shared = range(SIZE - OVERLAP, SIZE)
+        return dataclasses.replace(
+            prediction,
+            views=tuple(
+                dataclasses.replace(view, sky=np.ones(view.depth.shape, bool))
+                if views[i] in shared
+                else view
+                for i, view in enumerate(prediction.views)
+            ),
+        )
+
+    with pytest.raises(ValueError) as refused:
+        reconstruct_in_chunks(VIEWS, SIZE, OVERLAP, sky_over)
+    assert str(refused.value).startswith(
+        f"chunk 2 cannot be aligned with chunk 1 on the views they share (f{SIZE - OVERLAP:03d} "
+        f"to f{SIZE - 1:03d}): they have fewer than 3 usable pixels"
+    )
+    for unit_fixed in (None, lambda _: False):
+        with pytest.raises(ValueError, match="chunk 2 cannot be aligned with chunk 1"):
+            reconstruct_in_chunks(
+                VIEWS,
+                SIZE,
+                OVERLAP,
+                sky_over,
+                align=unit_fixed is None,
+                depth_unit_fixed=unit_fixed,
+            )
+
+    def infinite_confidence(views: range) -> Prediction:
+        prediction = predict_chunk(views)
+        first = prediction.views[0]
+        confidence = np.array(first.confidence, dtype=np.float32)
+        confidence[0, 0] = np.inf
+        changed = dataclasses.replace(first, confidence=confidence)
+        return dataclasses.replace(prediction, views=(changed, *prediction.views[1:]))
+
+    truth, predict_chunk, gauges = _scene()
+    found = reconstruct_in_chunks(VIEWS, SIZE, OVERLAP, infinite_confidence)
+    depth_error, centre_error = _errors(found, _world_of_first_chunk(truth, gauges[0]))
+    assert depth_error < 1e-4 and centre_error < 1e-4
+
+
 class _Clock:
     """A stand-in for :mod:`time` in :mod:`da3cog.chunked`: each chunk takes 10 s."""
 
@@ -409,6 +541,69 @@ def test_chunks_with_given_poses_stay_in_the_users_frame(
     )
     np.testing.assert_allclose(found.extrinsics, extrinsics, atol=1e-5)
     assert all(v.alignment_residual is None for v in found.views)
+    # Depth in the network's unit (not the poses'): each chunk's differs, so they are brought
+    # to the first one's on their shared views, and the note says so.
+    relative = dataclasses.replace(options, align_to_input_scale=False)
+    found = small_model.predict(
+        frames, extrinsics=extrinsics, intrinsics=intrinsics, options=relative
+    )
+    np.testing.assert_allclose(found.extrinsics, extrinsics, atol=1e-5)
+    assert all((v.alignment_residual is None) == (v.chunk == 0) for v in found.views)
+    assert any("brought to the first chunk's relative unit" in n for n in found.notes)
+
+
+def test_bad_intrinsics_of_a_later_chunk_are_refused_before_any_chunk_runs(
+    small_model: DepthAnything3, frames: list[np.ndarray]
+) -> None:
+    """As in one pass: checked against every image first, named by their index in the
+    request, not in a chunk."""
+    extrinsics = np.tile(np.eye(4), (10, 1, 1))
+    extrinsics[:, 0, 3] = -0.1 * np.arange(10)
+    intrinsics = np.tile(np.array([[100.0, 0, 64], [0, 100.0, 48], [0, 0, 1]]), (10, 1, 1))
+    intrinsics[7, 0, 2] = 5000.0
+    messages: list[str] = []
+    options = InferenceOptions(process_res=112, chunk_size=4, chunk_overlap=2)
+    with pytest.raises(ValueError, match=r"intrinsics\[7\]: cx = 5000"):
+        small_model.predict(
+            frames,
+            extrinsics=extrinsics,
+            intrinsics=intrinsics,
+            options=options,
+            progress=messages.append,
+        )
+    assert not any(m.startswith("chunk ") for m in messages)
+
+
+@pytest.mark.parametrize(
+    ("mixed_shapes", "output_resolution"),
+    [("resize", "processing"), ("crop", "input"), ("crop", "processing")],
+)
+def test_views_of_several_shapes_run_in_chunks_as_in_one_pass(
+    small_model: DepthAnything3,
+    frames: list[np.ndarray],
+    mixed_shapes: str,
+    output_resolution: str,
+) -> None:
+    """Landscape frames then portrait ones: every chunk fits its views to the shape one pass
+    over all of them takes (so a view shared by two chunks is the same size in both), the
+    outputs have the one pass's sizes, and a note names the refitted views as the request
+    does."""
+    views = [*frames[:6], *(np.ascontiguousarray(f.transpose(1, 0, 2)) for f in frames[6:])]
+    options = InferenceOptions(
+        process_res=112, mixed_shapes=mixed_shapes, output_resolution=output_resolution
+    )
+    single = small_model.predict(views, options=options)
+    chunked = small_model.predict(
+        views, options=dataclasses.replace(options, chunk_size=4, chunk_overlap=2)
+    )
+    assert chunked.processing_size == single.processing_size
+    assert [v.depth.shape for v in chunked.views] == [v.depth.shape for v in single.views]
+    assert max(v.chunk or 0 for v in chunked.views) == 3
+    named = " ".join(n for n in chunked.notes if n.startswith("views of another shape"))
+    # Named as in the request: a chunk's own index would be view_0000 to view_0003.
+    assert "view_0009" in named, named
+    if mixed_shapes == "resize":
+        assert "view_0006" in named and "view_0002" not in named, named
 
 
 def test_a_request_within_one_chunk_is_a_single_pass(
@@ -481,6 +676,39 @@ def test_gaussians_follow_the_similarity() -> None:
     )
     np.testing.assert_allclose(seen_after.numpy(), seen_before.numpy(), atol=1e-5)
     np.testing.assert_array_equal(after.opacities, before.opacities)
+
+
+def test_gaussians_follow_their_views_depth_unit() -> None:
+    """A chunk brought to another depth unit in the user's frame: each view's Gaussians are
+    scaled about that view's camera centre (where its depth is measured from), sizes with
+    them; orientations, colours and opacities as they were."""
+    gaussians = _random_gaussians()
+    views = []
+    for index in range(3):
+        extrinsics = np.eye(4, dtype=np.float32)
+        extrinsics[:3, :3] = Rotation.from_euler("y", 20 * index, degrees=True).as_matrix()
+        extrinsics[:3, 3] = (index, -0.5 * index, 0.2)
+        views.append(make_view(index, 10, 10, name=f"v{index}", extrinsics=extrinsics))
+    prediction = dataclasses.replace(make_prediction(views=1), views=tuple(views))
+    rescaled = rescale_chunk(dataclasses.replace(prediction, gaussians=gaussians), 1.7)
+    assert rescaled.gaussians is not None
+    per_view = 100
+    for index, view in enumerate(views):
+        rotation, translation = view.extrinsics[:3, :3], view.extrinsics[:3, 3]
+        centre = -rotation.T @ translation
+        part = slice(index * per_view, (index + 1) * per_view)
+        np.testing.assert_allclose(
+            rescaled.gaussians.means[part] - centre,
+            1.7 * (gaussians.means[part] - centre),
+            atol=1e-5,
+        )
+        np.testing.assert_allclose(rescaled.views[index].depth, 1.7 * view.depth, rtol=1e-6)
+        np.testing.assert_array_equal(rescaled.views[index].extrinsics, view.extrinsics)
+    np.testing.assert_allclose(rescaled.gaussians.scales, 1.7 * gaussians.scales, rtol=1e-6)
+    for name in ("rotations", "harmonics", "opacities"):
+        np.testing.assert_allclose(
+            getattr(rescaled.gaussians, name), getattr(gaussians, name), atol=1e-6
+        )
 
 
 def test_pipeline_chunks_keep_the_gaussians_of_the_emitted_views(

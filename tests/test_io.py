@@ -747,6 +747,45 @@ def test_the_common_size_is_the_one_most_views_have() -> None:
     assert common_size([(98, 140), (140, 140)]) == (98, 140), "ties: the first view's"
 
 
+@pytest.mark.parametrize("method", PROCESS_METHODS)
+def test_a_views_processing_size_is_known_from_its_size_alone(method: str) -> None:
+    """What the chunked path plans with before decoding: the size prepare_images gives a
+    view, for every method, odd and extreme shapes included."""
+    from da3cog.io.preprocess import processing_size
+
+    rng = np.random.default_rng(4)
+    sizes = [(97, 131), (500, 37), (37, 500), (504, 504), (2000, 14), (33, 29)]
+    sizes += [tuple(int(v) for v in rng.integers(20, 900, size=2)) for _ in range(20)]
+    for process_res in (112, 504):
+        for height, width in sizes:
+            image = np.zeros((height, width, 3), dtype=np.uint8)
+            try:
+                batch = prepare_images([image], process_res=process_res, method=method)
+            except ValueError:
+                continue  # too elongated to process at all
+            expected = batch.processing_size
+            assert processing_size((height, width), process_res, method) == expected
+
+
+def test_part_of_a_scene_is_fitted_to_the_scenes_shape() -> None:
+    """Views processed as part of a larger scene (a chunk) take the scene's shape, not the
+    one most of them have: resized whole, or centre-cropped; a crop larger than a view is
+    refused."""
+    from da3cog.io.preprocess import scene_processing_shape
+
+    landscape = photo("coffee")  # 400 x 600: 98 x 140 at 140
+    square = np.ascontiguousarray(landscape[:, 100:500])  # 140 x 140
+    sizes = [(98, 140), (140, 140), (140, 140)]
+    assert scene_processing_shape(sizes, "resize") == (140, 140)
+    assert scene_processing_shape(sizes, "crop") == (98, 140)
+    part = prepare_images([landscape, landscape], process_res=140, scene_shape=(140, 140))
+    assert part.processing_size == (140, 140) and part.reshaped == (0, 1)
+    alone = prepare_images([square], process_res=140, scene_shape=(98, 140), mixed_shapes="crop")
+    assert alone.processing_size == (98, 140) and alone.reshaped == (0,)
+    with pytest.raises(ValueError, match="cannot be cropped to"):
+        prepare_images([landscape], process_res=140, scene_shape=(140, 140), mixed_shapes="crop")
+
+
 def test_unknown_mixed_shapes_is_refused() -> None:
     with pytest.raises(ValueError, match="mixed_shapes must be one of resize, crop"):
         prepare_images([photo("coffee")], mixed_shapes="pad")

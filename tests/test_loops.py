@@ -20,7 +20,13 @@ from test_export_scene import (
     surface_points,
 )
 
-from da3cog.chunked import LOOP_WINDOW, reconstruct_in_chunks, transform_view
+from da3cog.chunked import (
+    LOOP_WINDOW,
+    chunk_ranges,
+    emitted_views,
+    reconstruct_in_chunks,
+    transform_view,
+)
 from da3cog.geometry import (
     Similarity,
     camera_centres,
@@ -107,14 +113,35 @@ def test_find_loops_skips_neighbouring_chunks_and_keeps_one_candidate_per_revisi
     descriptors[12] = descriptors[8]
     descriptors /= np.linalg.norm(descriptors, axis=1, keepdims=True)
     chunk_of = np.arange(40) // 5
-    loops = find_loops(descriptors, chunk_of, threshold=0.9, suppression=5, limit=10)
+    chunks = [range(start, start + 5) for start in range(0, 40, 5)]
+    loops = find_loops(descriptors, chunk_of, chunks, threshold=0.9, suppression=5, limit=10)
     assert len(loops) == 1, loops
     assert 1 <= loops[0].earlier <= 4 and loops[0].later == loops[0].earlier + 35
     # Without suppression each revisited view is a candidate; the limit caps them.
-    every = find_loops(descriptors, chunk_of, threshold=0.9, suppression=1, limit=10)
+    every = find_loops(descriptors, chunk_of, chunks, threshold=0.9, suppression=1, limit=10)
     assert sorted((c.earlier, c.later) for c in every) == [(v, v + 35) for v in range(1, 5)]
-    assert len(find_loops(descriptors, chunk_of, threshold=0.9, suppression=1, limit=2)) == 2
-    assert find_loops(descriptors, chunk_of, threshold=0.999, suppression=1, limit=10) == []
+    capped = find_loops(descriptors, chunk_of, chunks, threshold=0.9, suppression=1, limit=2)
+    assert len(capped) == 2
+    assert find_loops(descriptors, chunk_of, chunks, threshold=0.999, suppression=1, limit=10) == []
+
+
+def test_find_loops_skips_chunks_that_share_views_however_far_apart() -> None:
+    """With an overlap of more than half a chunk, chunks two apart share views (aligned on
+    them already): look-alike views there are no loop; chunks that share none are."""
+    chunks = chunk_ranges(24, 5, 3)  # starts 0, 2, 4, ...: chunks 0 and 2 share view 4
+    emitted = emitted_views(chunks)
+    chunk_of = np.concatenate([[k] * len(views) for k, views in enumerate(emitted)])
+    rng = np.random.default_rng(3)
+    descriptors = rng.normal(size=(24, 16)).astype(np.float32)
+    first, third = emitted[0][0], emitted[2][-1]
+    beyond = emitted[3][-1]
+    assert set(chunks[0]) & set(chunks[2]) and not set(chunks[0]) & set(chunks[3])
+    descriptors[third] = descriptors[first]
+    descriptors /= np.linalg.norm(descriptors, axis=1, keepdims=True)
+    assert find_loops(descriptors, chunk_of, chunks, threshold=0.9, suppression=1, limit=5) == []
+    descriptors[beyond] = descriptors[first]
+    (loop,) = find_loops(descriptors, chunk_of, chunks, threshold=0.9, suppression=1, limit=5)
+    assert (loop.earlier, loop.later) == (first, beyond)
 
 
 def test_find_loops_breaks_ties_by_position_not_by_rounding_noise() -> None:
@@ -129,7 +156,8 @@ def test_find_loops_breaks_ties_by_position_not_by_rounding_noise() -> None:
     noisy = descriptors.copy()
     noisy[0] *= 1 - 1e-6  # view 0 and 29 now correlate a hair under views 2 and 27
     for case in (descriptors, noisy):
-        (loop,) = find_loops(case, chunk_of, threshold=0.9, suppression=5, limit=1)
+        chunks = [range(start, start + 5) for start in range(0, 30, 5)]
+        (loop,) = find_loops(case, chunk_of, chunks, threshold=0.9, suppression=5, limit=1)
         assert (loop.earlier, loop.later) == (0, 29)
 
 

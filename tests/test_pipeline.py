@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from da3cog.pipeline import DepthAnything3, InferenceOptions, Prediction
 
@@ -166,6 +167,12 @@ def test_bad_requests_fail_with_a_clear_message_before_the_network_runs(
         ({"seed": True}, TypeError, "seed must be an integer"),
         ({"loop_closure": "false"}, TypeError, "loop_closure must be true or false"),
         ({"infer_gaussians": 1}, TypeError, "infer_gaussians must be true or false"),
+        # A manifest's numbers: whole ones only (4.0 would fail deep inside a running request).
+        ({"chunk_size": 4.0}, TypeError, "chunk_size must be a whole number, 'auto' or None"),
+        ({"chunk_size": "Auto"}, TypeError, "chunk_size must be a whole number"),
+        ({"chunk_size": True}, TypeError, "chunk_size must be a whole number"),
+        ({"chunk_size": 4, "chunk_overlap": 2.0}, TypeError, "chunk_overlap must be a whole"),
+        ({"chunk_size": 1}, ValueError, "chunk size must be at least 2 views"),
     ],
 )
 def test_inference_options_reject_unknown_values(
@@ -173,6 +180,15 @@ def test_inference_options_reject_unknown_values(
 ) -> None:
     with pytest.raises(error, match=message):
         InferenceOptions(**options)
+
+
+def test_numpy_whole_numbers_are_whole_numbers() -> None:
+    """NumPy's integers are taken as the numbers they are, as Python's (which torch's
+    random generators need)."""
+    options = InferenceOptions(chunk_size=np.int64(4), chunk_overlap=np.int32(2), seed=np.int64(7))
+    assert (options.chunk_size, options.chunk_overlap, options.seed) == (4, 2, 7)
+    assert all(type(value) is int for value in (options.chunk_size, options.chunk_overlap))
+    torch.Generator().manual_seed(options.seed)
 
 
 def test_non_integer_process_res_is_a_type_error(

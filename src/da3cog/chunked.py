@@ -12,9 +12,14 @@ Each view is emitted once: a shared view comes from the chunk in which it is far
 edge (the first half of an overlap from the earlier chunk). Each emitted view records
 the chunk that produced it and that chunk's alignment residual.
 
-Requests with the user's own poses need no alignment: every chunk is conditioned on the
-user's cameras and is in the user's frame and unit already. Single-view models (mono, metric)
-predict every view on its own, so their chunks are simply concatenated. 3D Gaussians follow
+Requests with the user's own poses need no similarity: every chunk is conditioned on the
+user's cameras and is in the user's frame, and in their unit where the poses fix it. Where
+they do not (``align_to_input_scale`` off, or a chunk whose cameras all sit in one place),
+each chunk's depth is in its own relative unit and is brought to the previous chunk's by one
+factor fitted on the views they share (:func:`fit_depth_scale`). Single-view models (mono,
+metric) predict every view on its own, so their chunks are simply concatenated. Every chunk
+fits its views to the processing shape one pass over the whole scene would take, so a shared
+view is the same pixels in both of its chunks. 3D Gaussians follow
 their chunk's similarity (:func:`transform_gaussians`) and are kept for the emitted views.
 
 With ``loop_closure``, the places a long sequence comes back to are found after the chunks
@@ -30,7 +35,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +45,7 @@ import torch
 from da3cog.geometry import (
     RobustFit,
     Similarity,
+    camera_centres,
     compose_similarities,
     depth_to_world_points,
     invert_similarity,
@@ -48,6 +54,7 @@ from da3cog.geometry import (
     quaternion_to_matrix,
     robust_similarity,
     similarity_world_to_camera,
+    weighted_median,
 )
 from da3cog.loops import Constraint, appearance_descriptor, find_loops, optimise_pose_graph
 from da3cog.memory import trim_heap
@@ -115,6 +122,24 @@ def _confidence_weight(view: ViewPrediction) -> np.ndarray:
     return np.clip(np.asarray(view.confidence, dtype=np.float64) - 1.0, 0.0, None)
 
 
+def _usable_pairs(
+    earlier: Sequence[ViewPrediction], later: Sequence[ViewPrediction]
+) -> Iterator[tuple[ViewPrediction, ViewPrediction, np.ndarray, np.ndarray]]:
+    """Each shared view as both chunks predicted it, with the pixels both give a surface
+    at, and their weight (the two confidences' geometric mean)."""
+    for before, after in zip(earlier, later, strict=True):
+        if before.depth.shape != after.depth.shape:
+            raise ValueError(f"view {after.name}: its chunks predicted different sizes")
+        weight = np.sqrt(_confidence_weight(before) * _confidence_weight(after))
+        usable = np.isfinite(weight) & (weight > 0)
+        for view in (before, after):
+            depth = np.asarray(view.depth, dtype=np.float64)
+            usable &= np.isfinite(depth) & (depth > 0)
+            if view.sky is not None:
+                usable &= ~np.asarray(view.sky, dtype=bool)
+        yield before, after, usable, weight
+
+
 def fit_chunk(
     earlier: Sequence[ViewPrediction], later: Sequence[ViewPrediction], seed: int = 0
 ) -> tuple[RobustFit, float]:
@@ -122,12 +147,9 @@ def fit_chunk(
     the same views as each chunk predicted them (same pixels); and its residual relative to
     the views' median depth."""
     sources, targets, weights, depths = [], [], [], []
-    for before, after in zip(earlier, later, strict=True):
-        if before.depth.shape != after.depth.shape:
-            raise ValueError(f"view {after.name}: its chunks predicted different sizes")
+    for before, after, usable, weight in _usable_pairs(earlier, later):
         target, source = _world_points(before), _world_points(after)
-        weight = np.sqrt(_confidence_weight(before) * _confidence_weight(after))
-        usable = np.isfinite(target).all(-1) & np.isfinite(source).all(-1) & (weight > 0)
+        usable &= np.isfinite(target).all(-1) & np.isfinite(source).all(-1)
         sources.append(source[usable])
         targets.append(target[usable])
         weights.append(weight[usable])
@@ -135,12 +157,63 @@ def fit_chunk(
     source, target = np.concatenate(sources), np.concatenate(targets)
     weight, depth = np.concatenate(weights), np.concatenate(depths)
     if len(source) < 3:
-        raise ValueError("the shared views have fewer than 3 usable pixels: cannot align chunks")
+        raise ValueError(
+            "they have fewer than 3 usable pixels (the rest sky, without depth or with zero "
+            "confidence)"
+        )
     if len(source) > MAX_ALIGNMENT_POINTS:
         pick = np.random.default_rng(seed).choice(len(source), MAX_ALIGNMENT_POINTS, False)
         source, target, weight, depth = source[pick], target[pick], weight[pick], depth[pick]
     fit = robust_similarity(source, target, weight)
     return fit, fit.residual / float(np.median(depth))
+
+
+def fit_depth_scale(
+    earlier: Sequence[ViewPrediction], later: Sequence[ViewPrediction]
+) -> tuple[float, float]:
+    """The factor taking the ``later`` chunk's depth onto the ``earlier`` one's on the same
+    views (same pixels; for chunks in one frame whose depth units differ): the
+    confidence-weighted median of the depth ratios (robust to bad depth); and its residual,
+    the weighted median of the differences left, relative to the median depth."""
+    ratios, weights, befores, afters = [], [], [], []
+    for before, after, usable, weight in _usable_pairs(earlier, later):
+        befores.append(np.asarray(before.depth, dtype=np.float64)[usable])
+        afters.append(np.asarray(after.depth, dtype=np.float64)[usable])
+        ratios.append(befores[-1] / afters[-1])
+        weights.append(weight[usable])
+    ratio, weight = np.concatenate(ratios), np.concatenate(weights)
+    if not len(ratio):
+        raise ValueError(
+            "they have no usable pixel (all sky, without depth or with zero confidence)"
+        )
+    before, after = np.concatenate(befores), np.concatenate(afters)
+    factor = weighted_median(ratio, weight)
+    residual = weighted_median(np.abs(factor * after - before), weight)
+    return factor, residual / float(np.median(before))
+
+
+def rescale_chunk(prediction: Prediction, factor: float) -> Prediction:
+    """The chunk with its depth times ``factor``, cameras as they are (a chunk in the user's
+    frame, in another depth unit); each view's Gaussians scaled about its camera centre."""
+    views = tuple(
+        dataclasses.replace(view, depth=_frozen(np.asarray(view.depth) * np.float32(factor)))
+        for view in prediction.views
+    )
+    gaussians = prediction.gaussians
+    if gaussians is not None:
+        parts = []
+        for index, view in enumerate(prediction.views):
+            centre = camera_centres(np.asarray(view.extrinsics)[None])[0]
+            about_camera = Similarity(np.eye(3), (1.0 - factor) * centre, factor)
+            parts.append(transform_gaussians(_gaussians_of(gaussians, [index]), about_camera))
+        gaussians = _concatenate(parts)
+    return dataclasses.replace(prediction, views=views, gaussians=gaussians)
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    values = np.ascontiguousarray(array, dtype=np.float32)
+    values.flags.writeable = False
+    return values
 
 
 def transform_view(view: ViewPrediction, similarity: Similarity) -> ViewPrediction:
@@ -149,10 +222,8 @@ def transform_view(view: ViewPrediction, similarity: Similarity) -> ViewPredicti
     are."""
     if similarity is IDENTITY:
         return view
-    depth = np.asarray(view.depth, dtype=np.float32) * np.float32(similarity.scale)
-    depth.flags.writeable = False
-    extrinsics = similarity_world_to_camera(view.extrinsics, similarity).astype(np.float32)
-    extrinsics.flags.writeable = False
+    depth = _frozen(np.asarray(view.depth, dtype=np.float32) * np.float32(similarity.scale))
+    extrinsics = _frozen(similarity_world_to_camera(view.extrinsics, similarity))
     return dataclasses.replace(view, depth=depth, extrinsics=extrinsics)
 
 
@@ -192,18 +263,12 @@ def transform_gaussians(gaussians: Gaussians, similarity: Similarity) -> Gaussia
     harmonics = rotate_harmonics(torch.from_numpy(np.array(gaussians.harmonics)), rotation)
     means = similarity.scale * np.asarray(gaussians.means, dtype=np.float64)
     means = means @ similarity.rotation.T + similarity.translation
-
-    def frozen(array: np.ndarray | torch.Tensor) -> np.ndarray:
-        values = np.ascontiguousarray(np.asarray(array, dtype=np.float32))
-        values.flags.writeable = False
-        return values
-
     return dataclasses.replace(
         gaussians,
-        means=frozen(means),
-        scales=frozen(np.asarray(gaussians.scales) * similarity.scale),
-        rotations=frozen(matrix_to_quaternion(rotation @ orientations).numpy()),
-        harmonics=frozen(harmonics.numpy()),
+        means=_frozen(means),
+        scales=_frozen(np.asarray(gaussians.scales) * similarity.scale),
+        rotations=_frozen(matrix_to_quaternion(rotation @ orientations).numpy()),
+        harmonics=_frozen(harmonics.numpy()),
     )
 
 
@@ -315,6 +380,7 @@ def reconstruct_in_chunks(
     seed: int = 0,
     time_budget: float | None = None,
     spill_to: Path | None = None,
+    depth_unit_fixed: Callable[[Prediction], bool] | None = None,
 ) -> Prediction:
     """Predict ``count`` views as overlapping chunks (see the module docstring).
 
@@ -334,6 +400,11 @@ def reconstruct_in_chunks(
         spill_to: a folder on disk: every emitted view's per-pixel arrays go there as
             memory-mapped files (:func:`spill_view`), so memory holds one chunk's views, not
             all of them.
+        depth_unit_fixed: for chunks in one frame (``align`` False: the user's poses),
+            whether a chunk's depth is in that frame's unit (the poses fixed it). A chunk
+            whose depth is not, and every chunk after a first chunk whose depth is not, is
+            brought to the previous chunk's depth unit on the views they share
+            (:func:`fit_depth_scale`), so that all views share one unit.
     """
     report = progress or (lambda _: None)
     chunks = chunk_ranges(count, size, overlap)
@@ -349,6 +420,7 @@ def reconstruct_in_chunks(
     units: list[float] = []
     descriptors: list[np.ndarray] = []
     first: Prediction | None = None
+    first_fixed, rescaled = False, 0
     # The previous chunk's views, already in the world frame: the next chunk is fitted on them.
     previous: tuple[ViewPrediction, ...] = ()
     started = time.perf_counter()
@@ -362,14 +434,32 @@ def reconstruct_in_chunks(
         if len(prediction.views) != len(chunk):
             raise RuntimeError(f"chunk {index}: {len(prediction.views)} views for {len(chunk)}")
         to_world, residual = IDENTITY, None
+        shared = range(chunk.start, chunks[index - 1].stop) if index else range(0)
+        # The shared views as the previous chunk placed them, and as this one predicts them.
+        placed = [previous[v - chunks[index - 1].start] for v in shared]
+        again = [prediction.views[v - chunk.start] for v in shared]
+        if depth_unit_fixed is not None and not align:
+            fixed = depth_unit_fixed(prediction)
+            if index == 0:
+                first_fixed = fixed
+            elif not (fixed and first_fixed):
+                try:
+                    factor, residual = fit_depth_scale(placed, again)
+                except ValueError as error:
+                    raise _unaligned(index, prediction, chunk, shared, error) from error
+                prediction = rescale_chunk(prediction, factor)
+                residuals.append(residual)
+                rescaled += 1
+                report(
+                    f"chunk {index + 1}: depth brought to the previous chunk's unit on "
+                    f"{len(shared)} shared views, factor {factor:.4g}, residual "
+                    f"{residual:.2%} of depth"
+                )
         if index > 0 and align and prediction.cameras_estimated:
-            earlier = chunks[index - 1]
-            shared = range(chunk.start, earlier.stop)
-            fit, residual = fit_chunk(
-                [previous[v - earlier.start] for v in shared],
-                [prediction.views[v - chunk.start] for v in shared],
-                seed=seed + index,
-            )
+            try:
+                fit, residual = fit_chunk(placed, again, seed=seed + index)
+            except ValueError as error:
+                raise _unaligned(index, prediction, chunk, shared, error) from error
             to_world = fit.similarity
             residuals.append(residual)
             report(
@@ -408,17 +498,24 @@ def reconstruct_in_chunks(
         f"reconstructed in {len(chunks)} chunks of {size} views sharing {overlap} "
         "(each view from one chunk: views[i].chunk)"
     )
-    if residuals:
+    if residuals and align:
         how += (
             f"; chunks aligned by similarity on their shared views, residual "
             f"{min(residuals):.2%}-{max(residuals):.2%} of depth"
+        )
+    elif residuals:
+        unit = "the given poses' unit" if first_fixed else "the first chunk's relative unit"
+        how += (
+            f"; the depth of {rescaled} chunk(s), which the given poses did not put in their "
+            f"unit, brought to {unit} on the views shared with the chunk before (residual "
+            f"{min(residuals):.2%}-{max(residuals):.2%} of depth)"
         )
     if spill_to is not None:
         how += "; every view's outputs kept in memory-mapped temporary files"
     notes.append(how)
     if loop_closure and len(chunks) < 3:
         notes.append("loop closure: not run, fewer than 3 chunks (neighbours align already)")
-    elif loop_closure and not residuals:
+    elif loop_closure and not (align and residuals):
         notes.append("loop closure: not run, the chunks share one frame already (no drift)")
     elif loop_closure:
         deadline = None if time_budget is None else started + time_budget
@@ -439,6 +536,18 @@ def reconstruct_in_chunks(
         notes=tuple(notes),
         is_metric=all(metric),
         gaussians=_concatenate(gaussians) if gaussians else None,
+    )
+
+
+def _unaligned(
+    index: int, prediction: Prediction, chunk: range, shared: range, error: ValueError
+) -> ValueError:
+    """Why chunk ``index`` (0-based) cannot be fitted onto the one before, naming the views."""
+    names = [prediction.views[v - chunk.start].name for v in shared]
+    which = names[0] if len(names) == 1 else f"{names[0]} to {names[-1]}"
+    return ValueError(
+        f"chunk {index + 1} cannot be aligned with chunk {index} on the views they share "
+        f"({which}): {error}"
     )
 
 
@@ -511,11 +620,12 @@ def _close_loops(
     seed: int,
 ) -> tuple[list[Similarity] | None, str]:
     """Close the loops of a sequentially aligned run (:mod:`da3cog.loops`): find views in
-    chunks two or more apart that look alike, predict each candidate's neighbourhoods (the
-    views around both ends, each end within the chunk that emitted it) as one loop chunk, fit
-    it onto both ends as placed in the world, keep the loops whose two look-alike views see
-    each other's surfaces in it (:func:`covisibility`) and whose two fits are as tight as the
-    overlaps', and re-solve the chunks' placements with the overlaps and the kept loops.
+    chunks two or more apart that share no view and look alike, predict each candidate's
+    neighbourhoods (the views around both ends, each end within the chunk that emitted it) as
+    one loop chunk, fit it onto both ends as placed in the world, keep the loops whose two
+    look-alike views see each other's surfaces in it (:func:`covisibility`) and whose two
+    fits are as tight as the overlaps', and re-solve the chunks' placements with the overlaps
+    and the kept loops.
 
     Returns each chunk's correction (new placement after the old one's inverse: applied to
     what the chunk emitted) or None when no loop was kept, and a note saying what happened.
@@ -526,6 +636,7 @@ def _close_loops(
     candidates = find_loops(
         inputs.descriptors,
         chunk_of,
+        inputs.chunks,
         threshold=LOOP_SIMILARITY,
         suppression=max(1, len(inputs.emitted[0])),
         limit=len(inputs.chunks),

@@ -609,13 +609,14 @@ def robust_similarity(
     threshold = huber_k * 1.4826 * float(np.median(distance))
     return RobustFit(
         similarity=fit,
-        residual=_weighted_median(distance, base),
+        residual=weighted_median(distance, base),
         inlier_share=float(base[distance <= threshold].sum() / base.sum()),
         iterations=rounds,
     )
 
 
-def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+def weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+    """The value below which half of the (non-negative, not all zero) ``weights`` lie."""
     order = np.argsort(values)
     cumulative = np.cumsum(weights[order])
     return float(values[order][np.searchsorted(cumulative, 0.5 * cumulative[-1])])

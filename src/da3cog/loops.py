@@ -77,24 +77,31 @@ class LoopCandidate:
 def find_loops(
     descriptors: np.ndarray,
     chunk_of: np.ndarray,
+    chunks: Sequence[range],
     *,
     threshold: float,
     suppression: int,
     limit: int,
 ) -> list[LoopCandidate]:
     """Loop candidates among views with unit ``descriptors (N, D)``, predicted by the chunks
-    ``chunk_of (N,)`` (non-decreasing): for each view, the best-matching view of a chunk at
-    least two chunks later (neighbouring chunks share views: their overlap aligns them
-    already), kept at ``threshold`` or above; then, best first, a candidate within
-    ``suppression`` views of a kept one at both ends is dropped; at most ``limit`` kept."""
+    ``chunk_of (N,)`` (non-decreasing indices into ``chunks``, each chunk's views): for each
+    view, the best-matching view of a chunk at least two chunks later that shares no view
+    with its own (chunks that share views are aligned on them already: with an overlap of
+    more than half a chunk, chunks two apart do), kept at ``threshold`` or above; then, best
+    first, a candidate within ``suppression`` views of a kept one at both ends is dropped; at
+    most ``limit`` kept."""
     count = len(descriptors)
     chunk_of = np.asarray(chunk_of)
+    starts = np.array([chunk.start for chunk in chunks])[chunk_of]
+    stops = np.array([chunk.stop for chunk in chunks])[chunk_of]
     descriptors = np.asarray(descriptors, dtype=np.float32)
     found: list[LoopCandidate] = []
     for start in range(0, count, _RETRIEVAL_BLOCK):
         rows = np.arange(start, min(start + _RETRIEVAL_BLOCK, count))
         scores = descriptors[rows] @ descriptors.T
-        scores[chunk_of[None, :] - chunk_of[rows, None] < 2] = -np.inf
+        neighbours = chunk_of[None, :] - chunk_of[rows, None] < 2
+        neighbours |= starts[None, :] < stops[rows, None]
+        scores[neighbours] = -np.inf
         best = scores.argmax(axis=1)
         best_score = scores[np.arange(len(rows)), best]
         for row, column, score in zip(rows, best, best_score, strict=True):

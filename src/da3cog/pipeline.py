@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 import tempfile
 import time
@@ -41,6 +42,7 @@ from da3cog.io import (
     prepare_images,
     source_size,
 )
+from da3cog.io.preprocess import processing_size, scene_processing_shape
 from da3cog.model.gaussian_adapter import build_gaussians
 from da3cog.model.metric import SKY_THRESHOLD, canonical_to_metric
 from da3cog.model.network import NetworkOutput, gaussian_models
@@ -301,7 +303,7 @@ class InferenceOptions:
                 f"output_resolution must be one of {', '.join(OUTPUT_RESOLUTIONS)}, "
                 f"got {self.output_resolution!r}"
             )
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+        if not _is_int(self.seed):
             raise TypeError(f"seed must be an integer, got {self.seed!r}")
         # A manifest's "false" (a string) would otherwise switch these on.
         for name in ("pose_from_rays", "align_to_input_scale", "infer_gaussians", "loop_closure"):
@@ -309,6 +311,17 @@ class InferenceOptions:
                 raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.chunk_overlap is not None and self.chunk_size is None:
             raise ValueError("chunk_overlap needs chunk_size")
+        # A manifest's 4.0 or "Auto" would otherwise fail deep inside a running request.
+        if self.chunk_size not in (None, "auto") and not _is_int(self.chunk_size):
+            raise TypeError(
+                f"chunk_size must be a whole number, 'auto' or None, got {self.chunk_size!r}"
+            )
+        if self.chunk_overlap is not None and not _is_int(self.chunk_overlap):
+            raise TypeError(f"chunk_overlap must be a whole number, got {self.chunk_overlap!r}")
+        # NumPy's integers as Python's: torch's generators take no others.
+        for name in ("seed", "chunk_size", "chunk_overlap"):
+            if _is_int(getattr(self, name)):
+                object.__setattr__(self, name, int(getattr(self, name)))
         if self.chunk_size == "auto":
             if self.chunk_overlap is not None and self.chunk_overlap < 1:
                 raise ValueError(f"chunk overlap must be at least 1, got {self.chunk_overlap}")
@@ -331,6 +344,28 @@ class InferenceOptions:
 
 
 ProgressCallback = Callable[[str], None]
+
+
+UNDETERMINED_SCALE_NOTE = (
+    "the input cameras do not determine a scale (one view or coincident centres): depth keeps "
+    "the network's relative unit"
+)
+
+
+def _is_int(value: object) -> bool:
+    """Whether ``value`` is a whole number (Python's or NumPy's), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class _Scene:
+    """What a chunk's views take from the scene they are part of: their names (the scene's,
+    not their index in the chunk) and the processing ``(height, width)`` every view of the
+    scene is fitted to (None: the chunk's own, where a view's size cannot be read before
+    decoding)."""
+
+    names: tuple[str, ...]
+    shape: tuple[int, int] | None
 
 
 @dataclass(frozen=True)
@@ -462,10 +497,26 @@ class DepthAnything3:
             return self._predict_in_chunks(
                 images, user_extrinsics, user_intrinsics, options, chunk, report, spill=spill
             )
+        return self._predict_one_pass(images, user_extrinsics, user_intrinsics, options, report)
 
+    def _predict_one_pass(
+        self,
+        images: Sequence[ImageSource],
+        user_extrinsics: np.ndarray | None,
+        user_intrinsics: np.ndarray | None,
+        options: InferenceOptions,
+        report: ProgressCallback,
+        scene: _Scene | None = None,
+    ) -> Prediction:
+        """The stages of :meth:`predict` over ``images`` in one pass (checked already);
+        ``scene``: they are part of a larger scene run in chunks (their names and the
+        processing shape are the scene's)."""
         started = time.perf_counter()
-        decoded = self._decode(images, user_intrinsics, report)
-        batch, notes = self._preprocess(decoded, options, report)
+        names = None if scene is None else scene.names
+        decoded = self._decode(images, user_intrinsics, report, names)
+        batch, notes = self._preprocess(
+            decoded, options, report, None if scene is None else scene.shape
+        )
         # Poses condition the network only with intrinsics beside them.
         poses = user_extrinsics if batch.intrinsics is not None else None
         output = self._forward(batch, poses, options, report)
@@ -485,12 +536,18 @@ class DepthAnything3:
         images: Sequence[ImageSource],
         user_intrinsics: np.ndarray | None,
         report: ProgressCallback,
+        names: Sequence[str] | None = None,
     ) -> _Decoded:
-        """Decode the images; the intrinsics to use are the user's, else (single-view models)
-        EXIF's, checked against the decoded sizes."""
+        """Decode the images (``names``: theirs, default :func:`image_name`); the intrinsics
+        to use are the user's, else (single-view models) EXIF's, checked against the decoded
+        sizes."""
         preset = self.loaded.preset
         report(f"decoding {len(images)} image(s)")
-        names = [image_name(source, index) for index, source in enumerate(images)]
+        names = (
+            list(names)
+            if names is not None
+            else [image_name(source, index) for index, source in enumerate(images)]
+        )
         arrays = [load_image(source) for source in images]
         if user_intrinsics is not None:
             check_intrinsics_for_images(user_intrinsics, [a.shape[:2] for a in arrays])
@@ -511,9 +568,14 @@ class DepthAnything3:
         return _Decoded(names, arrays, None, None, notes)
 
     def _preprocess(
-        self, decoded: _Decoded, options: InferenceOptions, report: ProgressCallback
+        self,
+        decoded: _Decoded,
+        options: InferenceOptions,
+        report: ProgressCallback,
+        scene_shape: tuple[int, int] | None = None,
     ) -> tuple[PreparedBatch, tuple[str, ...]]:
-        """The network's input batch (and a note when views of other shapes were fitted)."""
+        """The network's input batch (and a note when views of other shapes were fitted;
+        ``scene_shape``: the shape to fit them to, default the batch's own)."""
         report("preprocessing")
         batch = prepare_images(
             decoded.arrays,
@@ -521,6 +583,7 @@ class DepthAnything3:
             options.resize_method,
             decoded.intrinsics,
             mixed_shapes=options.mixed_shapes,
+            scene_shape=scene_shape,
         )
         if not batch.reshaped:
             return batch, ()
@@ -622,10 +685,7 @@ class DepthAnything3:
                 user_extrinsics, predicted_extrinsics.double().numpy(), seed=options.seed
             )
             if scale is None:
-                notes.append(
-                    "the input cameras do not determine a scale (one view or coincident "
-                    "centres): depth keeps the network's relative unit"
-                )
+                notes.append(UNDETERMINED_SCALE_NOTE)
             else:
                 depth, unit = depth / scale, 1.0 / scale
                 if is_metric:
@@ -785,29 +845,43 @@ class DepthAnything3:
 
         single_pass = replace(options, chunk_size=None, chunk_overlap=None, loop_closure=False)
         names = [image_name(source, index) for index, source in enumerate(images)]
+        shape = None
+        sizes = [source_size(source) for source in images]
+        known = [size for size in sizes if size is not None]
+        if len(known) == len(sizes):
+            # As one pass would: the views fitted to one shape, the intrinsics checked against
+            # every image before the first chunk runs (and named by their index in the scene).
+            heights_widths = [(height, width) for width, height in known]
+            if intrinsics is not None:
+                check_intrinsics_for_images(intrinsics, heights_widths)
+            processing = [
+                processing_size(size, options.process_res, options.resize_method)
+                for size in heights_widths
+            ]
+            shape = scene_processing_shape(processing, options.mixed_shapes)
 
         def predict_chunk(views: Sequence[int]) -> Prediction:
             part = list(views)
-            prediction = self.predict(
+            return self._predict_one_pass(
                 [images[index] for index in part],
-                extrinsics=None if extrinsics is None else extrinsics[part],
-                intrinsics=None if intrinsics is None else intrinsics[part],
-                options=single_pass,
-                progress=report,
+                None if extrinsics is None else extrinsics[part],
+                None if intrinsics is None else intrinsics[part],
+                single_pass,
+                report,
+                _Scene(tuple(names[index] for index in part), shape),
             )
-            renamed = (
-                replace(view, name=names[index])
-                for view, index in zip(prediction.views, views, strict=True)
-            )
-            return replace(prediction, views=tuple(renamed))
+
+        def in_pose_unit(prediction: Prediction) -> bool:
+            return options.align_to_input_scale and UNDETERMINED_SCALE_NOTE not in prediction.notes
 
         return reconstruct_in_chunks(
             len(images),
             chunk,
             options.overlap_for(chunk),
             predict_chunk,
-            # The user's poses put every chunk in their frame and unit already.
+            # The user's poses put every chunk in their frame (and, where they fix it, unit).
             align=extrinsics is None,
+            depth_unit_fixed=None if extrinsics is None else in_pose_unit,
             loop_closure=options.loop_closure,
             progress=report,
             seed=options.seed,

@@ -181,6 +181,7 @@ def prepare_images(
     method: str = "upper_bound_resize",
     intrinsics: np.ndarray | None = None,
     mixed_shapes: str = "resize",
+    scene_shape: tuple[int, int] | None = None,
 ) -> PreparedBatch:
     """Turn images into the DA3 input batch, exactly as the reference implementation does
     (with ``mixed_shapes="crop"``; the default differs from it only for views of different
@@ -197,6 +198,10 @@ def prepare_images(
             at ``+0.5``), with positive focal lengths and last row ``(0, 0, 1)``.
         mixed_shapes: One of :data:`MIXED_SHAPES`: ``"resize"`` keeps every view's whole
             frame, ``"crop"`` is the reference's centre crop.
+        scene_shape: the ``(height, width)`` every view is fitted to (cropped or resized, as
+            ``mixed_shapes`` says) when these images are part of a larger scene run in parts:
+            :func:`scene_processing_shape` of all its views, so that every part is processed
+            as one pass over the whole scene would be. Default: these images' own.
 
     Returns:
         A :class:`PreparedBatch`; its ``intrinsics`` are the given ones moved to the processed
@@ -228,10 +233,11 @@ def prepare_images(
         views.append(view)
 
     before = [view.processing_size for view in views]
+    shape = scene_shape or scene_processing_shape(before, mixed_shapes)
     if mixed_shapes == "crop":
-        processed, views = _crop_to_common_size(processed, views)
+        processed, views = _crop_to_common_size(processed, views, shape)
     else:
-        processed, views = _resize_to_common_size(inputs, processed, views)
+        processed, views = _resize_to_common_size(inputs, processed, views, shape)
     del inputs
     reshaped = tuple(i for i, view in enumerate(views) if view.processing_size != before[i])
 
@@ -322,16 +328,18 @@ def _check_patch_aligned(height: int, width: int, input_size: tuple[int, int], i
 
 
 def _crop_to_common_size(
-    processed: list[np.ndarray], views: list[ViewGeometry]
+    processed: list[np.ndarray], views: list[ViewGeometry], shape: tuple[int, int]
 ) -> tuple[list[np.ndarray], list[ViewGeometry]]:
     sizes = [view.processing_size for view in views]
-    if len(set(sizes)) <= 1:
+    if set(sizes) == {shape}:
         return processed, views
-
-    common_height = min(height for height, _ in sizes)
-    common_width = min(width for _, width in sizes)
+    common_height, common_width = shape
+    if any(height < common_height or width < common_width for height, width in sizes):
+        raise ValueError(
+            f"views of processed sizes {sorted(set(sizes))} cannot be cropped to {shape}"
+        )
     logger.warning(
-        "views have different processed sizes %s; centre-cropping all of them to %dx%d",
+        "views processed at sizes %s; centre-cropping all of them to %dx%d",
         sorted(set(sizes)),
         common_height,
         common_width,
@@ -361,6 +369,40 @@ def _crop_to_common_size(
     return cropped_images, cropped_views
 
 
+def processing_size(
+    input_size: tuple[int, int], process_res: int, method: str
+) -> tuple[int, int]:
+    """The ``(height, width)`` a view of ``input_size`` (height, width) is processed at by
+    ``method``, before views of other shapes are fitted to the scene's
+    (:func:`scene_processing_shape`); what :func:`prepare_images` gives it, from its size
+    alone."""
+    _validate_method(method)
+    input_height, input_width = input_size
+    reference_side = (
+        max(input_height, input_width)
+        if method.startswith("upper_bound")
+        else min(input_height, input_width)
+    )
+    height, width = input_height, input_width
+    if reference_side != process_res:
+        scale = process_res / float(reference_side)
+        height, width = max(1, round(input_height * scale)), max(1, round(input_width * scale))
+    if method.endswith("_resize"):
+        return max(1, _nearest_patch_multiple(height)), max(1, _nearest_patch_multiple(width))
+    return (height // PATCH_SIZE) * PATCH_SIZE, (width // PATCH_SIZE) * PATCH_SIZE
+
+
+def scene_processing_shape(
+    sizes: Sequence[tuple[int, int]], mixed_shapes: str
+) -> tuple[int, int]:
+    """The ``(height, width)`` every view of a scene is processed at, from their own
+    processing sizes: the common crop (``"crop"``: the smallest height and width) or the
+    size most views have (``"resize"``)."""
+    if mixed_shapes == "crop":
+        return min(height for height, _ in sizes), min(width for _, width in sizes)
+    return common_size(sizes)
+
+
 def common_size(sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
     """The ``(height, width)`` most views have (the earliest view's among equals)."""
     counts: dict[tuple[int, int], int] = {}
@@ -370,16 +412,20 @@ def common_size(sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
 
 
 def _resize_to_common_size(
-    inputs: list[np.ndarray], processed: list[np.ndarray], views: list[ViewGeometry]
+    inputs: list[np.ndarray],
+    processed: list[np.ndarray],
+    views: list[ViewGeometry],
+    shape: tuple[int, int],
 ) -> tuple[list[np.ndarray], list[ViewGeometry]]:
-    """Views of another size than most: their whole input image resized to that size (one
-    resize from the input, so no second resampling), pixels no longer square."""
+    """Views of another size than ``shape`` (the size most views of the scene have): their
+    whole input image resized to it (one resize from the input, so no second resampling),
+    pixels no longer square."""
     sizes = [view.processing_size for view in views]
-    if len(set(sizes)) <= 1:
+    if set(sizes) == {shape}:
         return processed, views
-    height, width = common_size(sizes)
+    height, width = shape
     logger.info(
-        "views have different processed sizes %s; resizing the others whole to %dx%d",
+        "views processed at sizes %s; resizing the others whole to %dx%d",
         sorted(set(sizes)),
         height,
         width,
