@@ -191,17 +191,29 @@ def test_zip_members_are_never_trusted_as_paths(tmp_path: Path) -> None:
         bundle.writestr("b/frame.png", _png(picture))
         bundle.writestr("a/frame.png", _png(picture))
         bundle.writestr(".hidden/x.png", _png(picture))
+        bundle.writestr("c/notes.txt", b"not an image")
+        bundle.writestr("c/shot.jfif", _png(picture))  # a JPEG name; the content decides
+    messages: list[str] = []
     views, kind = gather_views(
-        archive, (), tmp_path / "out", video_fps=1, max_frames=1, limits=Limits(), progress=print
+        archive,
+        (),
+        tmp_path / "out",
+        video_fps=1,
+        max_frames=1,
+        limits=Limits(),
+        progress=messages.append,
     )
     assert kind == "zip"
     # Sorted by member name; hidden members are skipped, equal names kept apart.
-    assert [v.path.parent.name for v in views] == ["0000", "0001"]
-    assert [v.name for v in views] == ["frame", "frame"]
+    assert [v.path.parent.name for v in views] == ["0000", "0001", "0002"]
+    assert [v.name for v in views] == ["frame", "frame", "shot"]
     assert [v.label for v in views] == [
         'image "views.zip" member "a/frame.png"',
         'image "views.zip" member "b/frame.png"',
+        'image "views.zip" member "c/shot.jfif"',
     ]
+    # Files not named as images are left out, and the user hears which.
+    assert any('1 file(s) not named as images left out ("c/notes.txt")' in m for m in messages)
     assert all((tmp_path / "out") in v.path.parents for v in views)
     with pytest.raises(RequestError, match="at most 1 views"):
         gather_views(
@@ -266,6 +278,66 @@ def test_video_frames_are_sampled_on_a_time_grid(tmp_path: Path) -> None:
         sample_video_frames(
             tmp_path / "bad.mp4", "bad", tmp_path / "f", fps=1, max_frames=1, limits=Limits()
         )
+
+
+def test_a_panoramas_video_fits_what_h264_encodes(tmp_path: Path) -> None:
+    """libx264 refuses frames over 16384 pixels a side: a depth video of panoramas that
+    wide is written at most MAX_VIDEO_SIDE a side, aspect kept, and reads back."""
+    import av
+
+    from da3cog.export.video import MAX_VIDEO_SIDE
+    from da3cog.serve.video import encode_mp4
+
+    strip = np.tile(np.linspace(0, 255, 17000, dtype=np.uint8)[None, :, None], (30, 1, 3))
+    clip = tmp_path / "panorama.mp4"
+    assert encode_mp4(iter([strip, strip]), clip, fps=2) == 2
+    with av.open(str(clip)) as container:
+        stream = container.streams.video[0]
+        assert (stream.width, stream.height) == (MAX_VIDEO_SIDE, 8)
+        assert sum(1 for _ in container.decode(stream)) == 2
+
+
+def _with_display_matrix(clip: Path, matrix: tuple[int, ...]) -> None:
+    """Rewrite the MP4 track header's display matrix (what phones set for portrait video)."""
+    import struct
+
+    data = bytearray(clip.read_bytes())
+    header = data.find(b"tkhd")
+    assert data[header + 4] == 0, "a version-0 track header"
+    # size/type, version/flags, created, modified, track id, reserved, duration, reserved x2,
+    # layer, group, volume, reserved: then the 3x3 matrix.
+    at = header + 4 + 4 + 4 * 5 + 8 + 8
+    data[at : at + 36] = struct.pack(">9i", *matrix)
+    clip.write_bytes(bytes(data))
+
+
+def test_portrait_phone_video_frames_come_out_upright(tmp_path: Path) -> None:
+    """A phone's portrait video: landscape frames with a display rotation of 90 degrees
+    clockwise. Its sampled frames are turned as players show them (sizes swapped; the coded
+    frame's left edge at the top), downscaled or not."""
+    from da3cog.serve.limits import Limits
+    from da3cog.serve.video import encode_mp4, sample_video_frames
+
+    frame = np.full((32, 48, 3), 30, dtype=np.uint8)
+    frame[:, :12] = 220  # the coded frame's left quarter
+    clip = tmp_path / "portrait.mp4"
+    encode_mp4(iter([frame] * 4), clip, fps=4)
+    one = 0x00010000
+    _with_display_matrix(clip, (0, one, 0, -one, 0, 0, 0, 0, 0x40000000))
+    for folder, view_pixels, shown in (("full", 48 * 32, (32, 48)), ("small", 24 * 16, (16, 24))):
+        (view, *_) = sample_video_frames(
+            clip,
+            "portrait",
+            tmp_path / folder,
+            fps=4,
+            max_frames=1,
+            limits=Limits(max_view_pixels=view_pixels),
+        )
+        assert view.size == shown and view.input_size == (32, 48)
+        picture = np.asarray(Image.open(view.path), dtype=float)
+        assert picture.shape[:2] == (shown[1], shown[0])
+        quarter = shown[1] // 4
+        assert picture[: quarter - 2].mean() > 180 and picture[quarter + 2 :].mean() < 70
 
 
 # --------------------------------------------------------------------------------------------
@@ -566,6 +638,98 @@ def test_a_request_too_big_for_one_pass_runs_in_chunks(
     looped = replace(request(), loop_closure=True)
     manifest = json.loads(server.handle(looped, progress=lambda _: None)[0].read_text())
     assert any("loop closure: not run, fewer than 3 chunks" in n for n in manifest["notes"])
+
+
+def test_a_monocular_request_counts_the_outputs_of_every_view(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Monocular requests run one view at a time but keep every view's outputs for the
+    exports: their estimate is one view's network and all views' outputs, so many large
+    views are refused with how many fit, as multi-view ones are (before, only the largest
+    view was counted and any number was accepted)."""
+    from da3cog import memory
+    from da3cog.model.presets import PRESETS
+    from da3cog.serve.handler import Server
+    from da3cog.serve.media import View
+    from da3cog.serve.provenance import RequestFiles
+
+    preset = PRESETS["da3-small"]
+    views = [
+        View(tmp_path / f"v{index}.png", f"images[{index}]", (1600, 1200), (1600, 1200))
+        for index in range(12)
+    ]
+    size = memory.request_size([(1600, 1200)] * 4, 504, "input", False, 0)
+    four = memory.estimate(preset, size, on_gpu=False, chunk=1).host
+    assert memory.estimate(preset, size, on_gpu=False).host > four  # the network counted once
+    monkeypatch.setenv(memory.MEMORY_BUDGET_ENV, f"{four * 1.05 / memory.GIB:.9f}")
+    server = Server(
+        torch.device("cpu"), tmp_root=tmp_path / "requests", files=RequestFiles(tmp_path)
+    )
+    values = RequestValues(
+        image=tmp_path / "v0.png", mode="monocular", export_format="none", process_resolution=504
+    )
+    assert server._check_memory(values, preset, views[:4]) is None
+    with pytest.raises(RequestError, match="Send at most 4 of these views") as refused:
+        server._check_memory(values, preset, views)
+    # The outputs at the input size set the bound: a lower resolution would not help.
+    assert "process_resolution=280" not in str(refused.value)
+
+
+def test_a_monocular_request_runs_under_the_time_budget_view_by_view(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_checkpoint: Path, photo: Callable
+) -> None:
+    """One view at a time, each reported with the time left; a request whose first view
+    shows it cannot finish in the time budget stops there and is refused with how many views
+    would fit, instead of running every view past the platform's timeout."""
+    from da3cog.pipeline import DepthAnything3
+    from da3cog.serve.limits import TIME_BUDGET_ENV
+
+    server, downloads = _small_server(tmp_path, monkeypatch, small_checkpoint)
+    picture = photo("coffee")
+    messages: list[str] = []
+    values = replace(_panning_request(downloads, picture, 3), mode="monocular")
+    files = server.handle(values, progress=messages.append)
+    views = [m for m in messages if m.startswith("view ")]
+    assert [m.split(":")[0] for m in views] == ["view 1/3", "view 2/3", "view 3/3"]
+    assert "s left" not in views[0] and all("s left" in m for m in views[1:])
+    assert files[0].name == "manifest.json"
+
+    ran: list[int] = []
+    real_predict = DepthAnything3.predict
+
+    def counted(self: DepthAnything3, *args: object, **kwargs: object) -> object:
+        ran.append(1)
+        return real_predict(self, *args, **kwargs)
+
+    monkeypatch.setattr(DepthAnything3, "predict", counted)
+    monkeypatch.setenv(TIME_BUDGET_ENV, "0.001")
+    with pytest.raises(RequestError, match=r"over its 0\.001s time budget: not even one view fits"):
+        server.handle(replace(_panning_request(downloads, picture, 3), mode="monocular"))
+    assert len(ran) == 1
+
+
+def test_a_view_too_elongated_to_process_is_refused_before_any_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_checkpoint: Path, photo: Callable
+) -> None:
+    """A 3000x2 strip among good photos, in any mode: refused from its header before the
+    network sees any view (the last view of a monocular request used to be refused after all
+    the others ran), named as the user sent it."""
+    from da3cog.pipeline import DepthAnything3
+
+    server, downloads = _small_server(tmp_path, monkeypatch, small_checkpoint)
+    ran: list[object] = []
+    monkeypatch.setattr(DepthAnything3, "predict", lambda *args, **kwargs: ran.append(args))
+    for mode in ("monocular", "multi-view"):
+        request = _panning_request(downloads, photo("coffee"), 3)
+        strip = downloads / f"tmp{os.urandom(4).hex()}strip.png"
+        strip.write_bytes(_png(np.zeros((2, 3000, 3), dtype=np.uint8)))
+        values = replace(request, images=(*request.images, strip), mode=mode)
+        with pytest.raises(RequestError) as refused:
+            server.handle(values, progress=lambda _: None)
+        message = str(refused.value)
+        assert "strip.png" in message and "3000x2 pixels is too elongated" in message, message
+        assert "process_resolution=140" in message and str(downloads) not in message
+    assert ran == []
 
 
 def test_a_failed_prediction_is_refused_and_frees_what_it_held(

@@ -128,6 +128,11 @@ def bad_request(name: str, views: list[np.ndarray]) -> dict[str, Any]:
             "options": InferenceOptions(process_res=5000),
         },
         "process-res-too-small": {"images": views[:2], "options": InferenceOptions(process_res=7)},
+        # The last view of a chunked run: refused before the first chunk, not in the last.
+        "too-elongated-last-view": {
+            "images": [*views[:3], np.zeros((2, 3000, 3), dtype=np.uint8)],
+            "options": InferenceOptions(process_res=PROCESS_RES, chunk_size=2),
+        },
     }
     return requests[name]
 
@@ -146,6 +151,7 @@ def bad_request(name: str, views: list[np.ndarray]) -> dict[str, Any]:
         ("unknown-resize-method", "unknown process_res method 'stretch'"),
         ("process-res-too-large", "process_res must be between 14 and 4096 pixels, got 5000"),
         ("process-res-too-small", "process_res must be between 14 and 4096 pixels, got 7"),
+        ("too-elongated-last-view", r"image 3 \(3000x2 pixels\) is too elongated"),
     ],
 )
 def test_bad_requests_fail_with_a_clear_message_before_the_network_runs(

@@ -340,12 +340,14 @@ class TimeBudgetExceeded(RuntimeError):
             not even one chunk does).
     """
 
-    def __init__(self, projected: float, budget: float, views_that_fit: int) -> None:
+    def __init__(
+        self, projected: float, budget: float, views_that_fit: int, step: str = "chunk"
+    ) -> None:
         self.projected, self.budget, self.views_that_fit = projected, budget, views_that_fit
         fit = (
             f"at most {views_that_fit} of these views would fit"
             if views_that_fit
-            else "not even one chunk fits"
+            else f"not even one {step} fits"
         )
         super().__init__(
             f"this run would take about {_seconds(projected)}, over its {_seconds(budget)} "
@@ -357,15 +359,25 @@ def _seconds(value: float) -> str:
     return f"{value:.0f}s" if value >= 10 else f"{value:.2g}s"
 
 
-def _check_pace(chunks: Sequence[range], done: int, elapsed: float, budget: float) -> None:
+def time_left(done: int, total: int, elapsed: float) -> str:
+    """``", about Ns left"`` once ``done`` of ``total`` steps took ``elapsed`` seconds (empty
+    before the first)."""
+    if not done:
+        return ""
+    return f", about {elapsed / done * (total - done):.0f}s left"
+
+
+def check_pace(
+    chunks: Sequence[range], done: int, elapsed: float, budget: float, step: str = "chunk"
+) -> None:
     """Raise :class:`TimeBudgetExceeded` when ``done`` chunks took ``elapsed`` seconds and all
-    of ``chunks`` at that pace would pass ``budget``."""
+    of ``chunks`` at that pace would pass ``budget`` (``step``: what a chunk is called)."""
     per_chunk = elapsed / done
     projected = per_chunk * len(chunks)
     if projected <= budget:
         return
     fitting = int(budget // per_chunk)
-    raise TimeBudgetExceeded(projected, budget, chunks[fitting - 1].stop if fitting else 0)
+    raise TimeBudgetExceeded(projected, budget, chunks[fitting - 1].stop if fitting else 0, step)
 
 
 def reconstruct_in_chunks(
@@ -425,10 +437,7 @@ def reconstruct_in_chunks(
     previous: tuple[ViewPrediction, ...] = ()
     started = time.perf_counter()
     for index, (chunk, emit) in enumerate(zip(chunks, emitted, strict=True)):
-        eta = ""
-        if index:
-            per_chunk = (time.perf_counter() - started) / index
-            eta = f", about {per_chunk * (len(chunks) - index):.0f}s left"
+        eta = time_left(index, len(chunks), time.perf_counter() - started)
         report(f"chunk {index + 1}/{len(chunks)}: views {chunk.start}..{chunk.stop - 1}{eta}")
         prediction = predict_chunk(chunk)
         if len(prediction.views) != len(chunk):
@@ -487,7 +496,7 @@ def reconstruct_in_chunks(
         if first is None:
             first = prediction
         if time_budget is not None and index + 1 < len(chunks):
-            _check_pace(chunks, index + 1, time.perf_counter() - started, time_budget)
+            check_pace(chunks, index + 1, time.perf_counter() - started, time_budget)
         # What this chunk freed goes back to the system: otherwise the heap grows with the
         # chunks (glibc keeps freed buffers), on top of the outputs kept.
         del prediction

@@ -492,10 +492,23 @@ class DepthAnything3:
         self._check_request(extrinsics, intrinsics, options)
         user_extrinsics = check_extrinsics(extrinsics, count) if extrinsics is not None else None
         user_intrinsics = check_intrinsics(intrinsics, count) if intrinsics is not None else None
-        chunk, spill = self._plan_chunks(images, options)
+        sizes = [source_size(source) for source in images]
+        for index, size in enumerate(sizes):
+            # A view too elongated to process is refused before any runs (from its header;
+            # one whose size cannot be read is checked when decoded).
+            if size is not None:
+                processing_size(size[::-1], options.process_res, options.resize_method, index)
+        chunk, spill = self._plan_chunks(images, sizes, options)
         if chunk is not None and count > chunk:
             return self._predict_in_chunks(
-                images, user_extrinsics, user_intrinsics, options, chunk, report, spill=spill
+                images,
+                sizes,
+                user_extrinsics,
+                user_intrinsics,
+                options,
+                chunk,
+                report,
+                spill=spill,
             )
         return self._predict_one_pass(images, user_extrinsics, user_intrinsics, options, report)
 
@@ -763,19 +776,21 @@ class DepthAnything3:
         )
 
     def _plan_chunks(
-        self, images: Sequence[ImageSource], options: InferenceOptions
+        self,
+        images: Sequence[ImageSource],
+        sizes: Sequence[tuple[int, int] | None],
+        options: InferenceOptions,
     ) -> tuple[int | None, bool]:
         """The chunk size (None: one pass): ``options.chunk_size``, or for ``"auto"`` the one
-        the memory model picks from the views' sizes as their headers give them (one pass when
-        a size cannot be read: the decoder then says why); and whether the views' outputs must
-        leave the heap for memory-mapped files (:func:`da3cog.chunked.spill_view`) because the
-        chunks do not fit beside all of them."""
+        the memory model picks from the views' ``(width, height)`` as their headers give them
+        (one pass when a size cannot be read: the decoder then says why); and whether the
+        views' outputs must leave the heap for memory-mapped files
+        (:func:`da3cog.chunked.spill_view`) because the chunks do not fit beside all of them."""
         chunk = options.chunk_size
         unplanned = None if chunk == "auto" else chunk
         minimum = memory.MIN_CHUNK if chunk == "auto" else chunk
         if minimum is None or len(images) <= minimum:
             return unplanned, False
-        sizes = [source_size(source) for source in images]
         if any(size is None for size in sizes):
             return unplanned, False
         size = memory.request_size(
@@ -830,6 +845,7 @@ class DepthAnything3:
     def _predict_in_chunks(
         self,
         images: Sequence[ImageSource],
+        sizes: Sequence[tuple[int, int] | None],
         extrinsics: np.ndarray | None,
         intrinsics: np.ndarray | None,
         options: InferenceOptions,
@@ -840,13 +856,13 @@ class DepthAnything3:
     ) -> Prediction:
         """:meth:`predict` as overlapping chunks aligned into one world (:mod:`da3cog.chunked`):
         each chunk runs the single-pass stages on its views (and their cameras, if given);
+        ``sizes``: the views' ``(width, height)`` from their headers (None where unreadable);
         ``spill``: the views' outputs go to memory-mapped temporary files."""
         from da3cog.chunked import reconstruct_in_chunks
 
         single_pass = replace(options, chunk_size=None, chunk_overlap=None, loop_closure=False)
         names = [image_name(source, index) for index, source in enumerate(images)]
         shape = None
-        sizes = [source_size(source) for source in images]
         known = [size for size in sizes if size is not None]
         if len(known) == len(sizes):
             # As one pass would: the views fitted to one shape, the intrinsics checked against

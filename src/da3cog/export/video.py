@@ -336,9 +336,17 @@ def gaussians_video_files(
     return batch.entries
 
 
+# The longest side of a video we write: libx264 refuses frames wider or taller than 16384
+# pixels (a panorama's depth at its input size can be), and a preview needs far less.
+MAX_VIDEO_SIDE = 4096
+
+
 def even_size(height: int, width: int) -> tuple[int, int]:
-    """H.264 with 4:2:0 chroma needs even sides."""
-    return height + height % 2, width + width % 2
+    """The frame size to encode ``height x width`` pictures at: H.264 with 4:2:0 chroma needs
+    even sides; at most :data:`MAX_VIDEO_SIDE` (aspect kept)."""
+    scale = min(1.0, MAX_VIDEO_SIDE / max(height, width))
+    height, width = max(1, round(height * scale)), max(1, round(width * scale))
+    return min(height + height % 2, MAX_VIDEO_SIDE), min(width + width % 2, MAX_VIDEO_SIDE)
 
 
 def fit_frame(picture: np.ndarray, height: int, width: int) -> np.ndarray:

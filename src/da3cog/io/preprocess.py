@@ -321,7 +321,7 @@ def _check_patch_aligned(height: int, width: int, input_size: tuple[int, int], i
     # only fails later inside the network with an unreadable shape error.
     if height % PATCH_SIZE or width % PATCH_SIZE or height == 0 or width == 0:
         raise ValueError(
-            f"image {index} ({input_size[0]}x{input_size[1]} pixels) is too elongated for this "
+            f"image {index} ({input_size[1]}x{input_size[0]} pixels) is too elongated for this "
             f"process_res and method: a side would be {min(height, width)} pixels, less than "
             f"one {PATCH_SIZE}-pixel patch; use a larger process_res or a lower_bound_* method"
         )
@@ -370,13 +370,15 @@ def _crop_to_common_size(
 
 
 def processing_size(
-    input_size: tuple[int, int], process_res: int, method: str
+    input_size: tuple[int, int], process_res: int, method: str, index: int = 0
 ) -> tuple[int, int]:
     """The ``(height, width)`` a view of ``input_size`` (height, width) is processed at by
     ``method``, before views of other shapes are fitted to the scene's
     (:func:`scene_processing_shape`); what :func:`prepare_images` gives it, from its size
-    alone."""
+    alone. Raises ValueError, as :func:`prepare_images` does, for a view too elongated to
+    process (named as image ``index``)."""
     _validate_method(method)
+    _validate_process_res(process_res)
     input_height, input_width = input_size
     reference_side = (
         max(input_height, input_width)
@@ -388,8 +390,12 @@ def processing_size(
         scale = process_res / float(reference_side)
         height, width = max(1, round(input_height * scale)), max(1, round(input_width * scale))
     if method.endswith("_resize"):
-        return max(1, _nearest_patch_multiple(height)), max(1, _nearest_patch_multiple(width))
-    return (height // PATCH_SIZE) * PATCH_SIZE, (width // PATCH_SIZE) * PATCH_SIZE
+        height = max(1, _nearest_patch_multiple(height))
+        width = max(1, _nearest_patch_multiple(width))
+    else:
+        height, width = (height // PATCH_SIZE) * PATCH_SIZE, (width // PATCH_SIZE) * PATCH_SIZE
+    _check_patch_aligned(height, width, input_size, index)
+    return height, width
 
 
 def scene_processing_shape(

@@ -53,9 +53,11 @@ class VideoBounds:
 
 @dataclass(frozen=True)
 class SampledFrame:
-    """One kept frame: ``picture`` ``(h, w, 3)`` uint8 RGB at the size the caller's ``fit``
-    chose, ``size`` the frame's own ``(width, height)``, ``seconds`` its time from the first
-    frame, ``position`` its index among all decoded frames."""
+    """One kept frame, upright as players show it (its stream's display rotation applied):
+    ``picture`` ``(h, w, 3)`` uint8 RGB at the size the caller's ``fit`` chose (for the
+    frame as coded, then turned), ``size`` the frame's own ``(width, height)`` as shown,
+    ``seconds`` its time from the first frame, ``position`` its index among all decoded
+    frames."""
 
     picture: np.ndarray
     size: tuple[int, int]
@@ -149,6 +151,12 @@ def sample_frames(
                 size = (frame.width, frame.height)
                 width, height = fit(size) if fit is not None else size
                 picture = frame.to_ndarray(format="rgb24", width=width, height=height)
+                # Upright as players show it (phones record portrait video as landscape
+                # frames with a display rotation), as images are with their EXIF orientation.
+                turns = _display_quarter_turns(frame)
+                if turns:
+                    picture = np.ascontiguousarray(np.rot90(picture, turns))
+                    size = size[::-1] if turns % 2 else size
                 yield SampledFrame(picture, size, elapsed, position)
                 kept += 1
                 if fps is not None:
@@ -164,6 +172,14 @@ def sample_frames(
         raise VideoDecodeError(f"{label}: not a readable video ({reason})") from error
     if not kept:
         raise VideoDecodeError(f"{label}: the video has no frames")
+
+
+def _display_quarter_turns(frame: object) -> int:
+    """Counterclockwise quarter turns (0-3) that show a decoded frame as players do: its
+    stream's display matrix (PyAV's ``rotation``, counterclockwise degrees), to the nearest
+    quarter turn."""
+    rotation = getattr(frame, "rotation", 0) or 0
+    return round(rotation / 90) % 4
 
 
 def _check_frame_size(width: int, height: int, label: str, bounds: VideoBounds) -> None:

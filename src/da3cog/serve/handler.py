@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 from da3cog import memory
-from da3cog.chunked import TimeBudgetExceeded
+from da3cog.chunked import TimeBudgetExceeded, check_pace, time_left
 from da3cog.geometry import check_intrinsics_for_images
-from da3cog.io import exif_focal
+from da3cog.io import PATCH_SIZE, exif_focal
+from da3cog.io.preprocess import processing_size
 from da3cog.model.presets import ModelPreset, get_preset
 from da3cog.pipeline import DepthAnything3, InferenceOptions, Prediction, default_device
 from da3cog.serve.limits import DEFAULT_LIMITS, Limits, predict_seconds
@@ -202,11 +203,15 @@ class Server:
                 [v.size for v in chosen], resolution, output, gaussians, points
             )
 
-        def needed(count: int, output: str) -> memory.MemoryEstimate:
-            chosen = views[:count]
-            if values.mode == "monocular":
-                chosen = [max(views, key=lambda v: v.size[0] * v.size[1])]
-            return memory.estimate(preset, size_of(chosen, output), on_gpu)
+        def needed(
+            count: int, output: str, resolution: int = values.process_resolution
+        ) -> memory.MemoryEstimate:
+            # Monocular requests run one view at a time and keep every view's outputs: as
+            # chunks of one view.
+            chunk = 1 if values.mode == "monocular" else None
+            return memory.estimate(
+                preset, size_of(views[:count], output, resolution), on_gpu, chunk=chunk
+            )
 
         def fits(estimate: memory.MemoryEstimate) -> bool:
             return memory.fits(estimate, host, device)
@@ -232,7 +237,7 @@ class Server:
         if values.output_resolution == "input" and fits(needed(len(views), "processing")):
             advice.append("output_resolution=processing")
         if values.process_resolution > 280 and fits(
-            memory.estimate(preset, size_of(views, values.output_resolution, 280), on_gpu)
+            needed(len(views), values.output_resolution, 280)
         ):
             advice.append("process_resolution=280")
         what = " or ".join(advice) if advice else "fewer or smaller views"
@@ -272,6 +277,7 @@ class Server:
         if not choice.spec.cameras and (cameras is None or cameras.intrinsics is None):
             missing_focal = [v.name for v in views if isinstance(exif_focal(v.path), str)]
         check_formats(values, choice.spec, cameras, missing_focal)
+        check_view_shapes(views, values.process_resolution)
         chunk = self._check_memory(values, choice.spec, views)
         if chunk is not None:
             progress(f"{len(views)} views do not fit in one pass: chunks of {chunk} views")
@@ -358,11 +364,19 @@ class Server:
 
         if mode != "monocular":
             return [run(views, cameras)]
-        # Monocular: every view on its own, in its own camera frame.
-        return [
-            run([view], None if cameras is None else cameras.for_view(index))
-            for index, view in enumerate(views)
-        ]
+        # Monocular: every view on its own, in its own camera frame, under the time budget
+        # of a chunked run (each view a chunk of one).
+        predictions: list[Prediction] = []
+        singles = [range(index, index + 1) for index in range(len(views))]
+        started = time.perf_counter()
+        for index, view in enumerate(views):
+            eta = time_left(index, len(views), time.perf_counter() - started)
+            progress(f"view {index + 1}/{len(views)}: {view.label}{eta}")
+            predictions.append(run([view], None if cameras is None else cameras.for_view(index)))
+            if options.time_budget is not None and index + 1 < len(views):
+                elapsed = time.perf_counter() - started
+                check_pace(singles, index + 1, elapsed, options.time_budget, "view")
+        return predictions
 
     def _extra_files(
         self,
@@ -421,6 +435,22 @@ def fit_cameras(cameras: UserCameras, views: list[View], label: str) -> UserCame
     except ValueError as error:
         raise RequestError(f"{label}: {error}") from error
     return UserCameras(np.ascontiguousarray(intrinsics), cameras.extrinsics)
+
+
+def check_view_shapes(views: list[View], process_resolution: int) -> None:
+    """Refuse, before any model loads, a view so elongated that at ``process_resolution`` a
+    side would be narrower than one patch of the network, named as the user sent it."""
+    for view in views:
+        width, height = view.display_size
+        try:
+            processing_size((height, width), process_resolution, InferenceOptions.resize_method)
+        except ValueError:
+            raise RequestError(
+                f"{view.label}: {width}x{height} pixels is too elongated for "
+                f"process_resolution={process_resolution}, where its shorter side would be "
+                f"narrower than one {PATCH_SIZE}-pixel patch; send images whose longer side is "
+                f"at most about {process_resolution // (PATCH_SIZE // 2)} times the shorter"
+            ) from None
 
 
 def out_of_memory_refusal(

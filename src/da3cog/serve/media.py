@@ -42,7 +42,7 @@ from da3cog.serve.request import RequestError
 
 # File names inside a zip that are taken as images (their content decides whether they are).
 IMAGE_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif", ".bmp", ".tif", ".tiff"}
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".heic", ".heif", ".bmp", ".tif", ".tiff"}
 )
 # A zip member's first bytes are held in memory to read its header before writing it out.
 ZIP_HEADER_PREFIX = 1024 * 1024
@@ -208,15 +208,18 @@ def _member_label(label: str, name: str) -> str:
     return f'{label} member "{name}"'
 
 
-def _zip_members(archive: zipfile.ZipFile, label: str, limits: Limits) -> list[zipfile.ZipInfo]:
+def _zip_members(
+    archive: zipfile.ZipFile, label: str, limits: Limits
+) -> tuple[list[zipfile.ZipInfo], list[str]]:
     """The image members of a zip in file-name order (folders, hidden files and macOS
-    metadata skipped), after checking the directory against the limits."""
+    metadata skipped), after checking the directory against the limits; and the names of
+    the other files, which are not read."""
     infos = archive.infolist()
     if len(infos) > limits.zip_max_entries:
         raise RequestError(
             f"{label}: the zip has {len(infos)} entries; at most {limits.zip_max_entries}"
         )
-    members = []
+    members, others = [], []
     for info in infos:
         name = info.filename
         parts = PurePosixPath(name.replace("\\", "/")).parts
@@ -224,6 +227,7 @@ def _zip_members(archive: zipfile.ZipFile, label: str, limits: Limits) -> list[z
         if info.is_dir() or hidden:
             continue
         if PurePosixPath(name).suffix.lower() not in IMAGE_SUFFIXES:
+            others.append(name)
             continue
         if ".." in parts or name.startswith(("/", "\\")) or ":" in parts[0]:
             raise RequestError(
@@ -254,7 +258,7 @@ def _zip_members(archive: zipfile.ZipFile, label: str, limits: Limits) -> list[z
             f"{label}: the zip's images expand to {total / 1024**3:.1f} GiB; at most "
             f"{limits.zip_max_total_bytes / 1024**3:.0f} GiB"
         )
-    return members
+    return members, sorted(others)
 
 
 def _stream_member(
@@ -292,16 +296,29 @@ def _stream_member(
 
 
 def extract_zip(
-    path: Path, label: str, folder: Path, first_index: int, limits: Limits
+    path: Path,
+    label: str,
+    folder: Path,
+    first_index: int,
+    limits: Limits,
+    progress: Progress | None = None,
 ) -> list[View]:
     """The images of a zip as views ``first_index``, ``first_index + 1``..., streamed member
-    by member into ``folder`` under names of ours (member paths are never trusted)."""
+    by member into ``folder`` under names of ours (member paths are never trusted);
+    ``progress`` hears which files were left out for not being named as images."""
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
         raise RequestError(f"{label}: not a readable zip file ({error})") from error
     with archive:
-        members = _zip_members(archive, label, limits)
+        members, others = _zip_members(archive, label, limits)
+        if others and progress is not None:
+            shown = ", ".join(f'"{name}"' for name in others[:5])
+            more = f" and {len(others) - 5} more" if len(others) > 5 else ""
+            progress(
+                f"{label}: {len(others)} file(s) not named as images left out ({shown}{more}); "
+                f"images are taken by the names {', '.join(sorted(IMAGE_SUFFIXES))}"
+            )
         if first_index + len(members) > limits.max_views:
             raise RequestError(
                 f"{label}: the zip holds {len(members)} images; a request takes at most "
@@ -350,7 +367,7 @@ def gather_views(
         views = [take_image(image, label, folder, 0, user_file_name(image), limits)]
     elif head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         kind = "zip"
-        views = extract_zip(image, label, folder, 0, limits)
+        views = extract_zip(image, label, folder, 0, limits, progress)
         progress(f"zip: {len(views)} image(s)")
     elif sniff_video_format(head) is not None:
         kind = "video"
