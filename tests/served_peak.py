@@ -59,9 +59,13 @@ def served_estimate(
 ) -> memory.MemoryEstimate:
     """The memory model's estimate of the request :func:`measure_served_request` sends, as
     the handler computes it on a CPU (a point cloud only when a format is exported)."""
+    from da3cog.serve.handler import exports_tracks
+
     points = max_points if export != "none" else 0
     sizes = [(side, side * 3 // 4)] * views
-    size = memory.request_size(sizes, process_res, "input", gaussians=False, points=points)
+    size = memory.request_size(
+        sizes, process_res, "input", gaussians=False, points=points, tracked=exports_tracks(export)
+    )
     return memory.estimate(PRESETS["da3-small"], size, on_gpu=False)
 
 

@@ -6,6 +6,7 @@ Lines, CSV and Parquet, per-scene options, and inputs and outputs through fsspec
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -264,6 +265,42 @@ def test_per_scene_options_and_uris(tmp_path: Path, photo, small_model, small_ch
     assert memory.exists(f"/batch-{tmp_path.name}/out/s0/{COMPLETE_NAME}")
     index = memory.cat_file(f"/batch-{tmp_path.name}/out/index.jsonl").decode().splitlines()
     assert [json.loads(line)["scene"] for line in index] == ["s0", "s1"]
+
+
+def test_a_scene_with_its_own_formats_takes_the_batch_export_options_it_can(
+    tmp_path: Path, photo, small_model: DepthAnything3, small_checkpoint: Path
+) -> None:
+    """The batch's export options (the point clouds' seed) go to a scene only as far as its
+    own formats take them: a scene without point clouds is done, not failed after its
+    prediction for an option it has no use for."""
+    rows = _write_scenes(tmp_path, photo("coffee"), count=2)
+    rows[1]["options"] = {"export": ["depth_npy", "cameras_json"]}
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    settings = _settings(
+        small_checkpoint, formats=("ply", "depth_npy"), export_options={"seed": 3}
+    )
+    scenes = read_manifest_text(tmp_path, text)
+    results = run_batch(scenes, tmp_path / "out", settings, model=small_model)
+    assert [r.status for r in results] == ["done", "done"], [r.error for r in results]
+    assert any(name.endswith(".ply") for name in results[0].files)
+    assert not any(name.endswith(".ply") for name in results[1].files)
+
+
+def test_a_scene_whose_options_clash_with_the_batchs_is_refused_before_any_run(
+    tmp_path: Path, photo, small_checkpoint: Path
+) -> None:
+    """Checked with the batch's settings, not alone: chunk_overlap under a batch run in one
+    pass (chunk_size None) stops the batch naming the scene, before a model loads."""
+    rows = _write_scenes(tmp_path, photo("coffee"), count=2)
+    rows[1]["options"] = {"chunk_overlap": 2}
+    scenes = read_manifest_text(tmp_path, "".join(json.dumps(r) + "\n" for r in rows))
+    settings = dataclasses.replace(
+        _settings(tmp_path / "no-such-checkpoint"),
+        options=InferenceOptions(process_res=56, chunk_size=None),
+    )
+    with pytest.raises(ValueError, match="scene s1: options: chunk_overlap needs chunk_size"):
+        run_batch(scenes, tmp_path / "out", settings)
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_long_scene_runs_in_chunks_inside_its_worker(

@@ -506,6 +506,21 @@ def test_auto_spills_the_outputs_to_disk_when_even_the_smallest_chunk_does_not_f
     assert np.array_equal(np.load(written.folder / "depth_0009_view_0009.npy"), kept.views[9].depth)
 
 
+def test_a_loop_closure_writes_again_only_the_depth_of_a_spilled_view(tmp_path: Path) -> None:
+    """Moving a spilled view (a loop closure's correction) changes its depth and cameras
+    only: the depth goes to a new file, the image and confidence keep theirs (writing them
+    again doubled the disk a long run's outputs take)."""
+    from da3cog.chunked import _moved, spill_view
+
+    view = spill_view(make_view(0, 12, 16, name="a"), tmp_path)
+    assert isinstance(view.image, np.memmap) and isinstance(view.confidence, np.memmap)
+    moved = _moved(view, Similarity(np.eye(3), np.ones(3), 2.0), tmp_path)
+    assert moved.image is view.image and moved.confidence is view.confidence
+    assert isinstance(moved.depth, np.memmap)
+    np.testing.assert_allclose(moved.depth, 2 * np.asarray(view.depth), rtol=1e-6)
+    assert list(tmp_path.iterdir()) == []  # unlinked once mapped
+
+
 def test_an_explicit_chunk_size_spills_too_when_the_outputs_do_not_fit(
     small_model: DepthAnything3,
     frames: list[np.ndarray],

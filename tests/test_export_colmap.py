@@ -179,6 +179,59 @@ def test_tracks_span_views_and_respect_occlusion() -> None:
     assert (cloud.view[seen_in_1] == 1).all()
 
 
+def test_tracks_are_bounded_and_taken_from_the_nearest_views_first() -> None:
+    """Twelve views that all see the room: a point is looked for in the views nearest its
+    source first and observed in at most max_track_length of them, so the observations
+    grow with the points, not points x views; each still starts at its source view and
+    reprojects as before (the uncapped tracks restricted to the same views)."""
+    prediction = make_prediction(views=12)
+    everywhere = _tracks(prediction, max_track_length=12)
+    capped = _tracks(prediction, max_track_length=4)
+    assert everywhere.lengths.max() > 4 and capped.lengths.max() == 4
+    assert len(capped.point) <= 4 * len(capped.points) < len(everywhere.point)
+    cloud = fuse_points(prediction)
+    source_of = cloud.view[capped.points][capped.point]
+    first = np.concatenate([[0], np.cumsum(capped.lengths)[:-1]])
+    assert (capped.view[first] == source_of[first]).all()
+    near = np.abs(capped.view - source_of).mean()
+    far = np.abs(everywhere.view - cloud.view[everywhere.points][everywhere.point]).mean()
+    assert near < far
+    # Every capped observation is one of the uncapped ones, at the same place.
+    full = {
+        (int(everywhere.points[p]), int(v)): tuple(xy)
+        for p, v, xy in zip(everywhere.point, everywhere.view, everywhere.xy, strict=True)
+    }
+    for p, v, xy in zip(capped.point, capped.view, capped.xy, strict=True):
+        assert full[(int(capped.points[p]), int(v))] == tuple(xy)
+    with pytest.raises(ValueError, match="max_track_length must be at least"):
+        _tracks(prediction, max_track_length=1)
+
+
+def test_a_colmap_models_memory_is_what_the_estimate_counts_a_tracked_point(
+    tmp_path: Path,
+) -> None:
+    """The served model's estimate counts each point of a COLMAP model at
+    TRACKED_POINT_BYTES (its track included) beside the outputs' per-pixel cost: an export
+    of 30 views that all see the room (tracks as long as they may be) stays within it, and
+    would not within the plain point cost."""
+    import tracemalloc
+
+    from da3cog import memory
+
+    prediction = make_prediction(views=30, size=(60, 80))
+    points = 40_000
+    tracemalloc.start()
+    try:
+        export_colmap(prediction, tmp_path, max_points=points, colmap_images=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    pixels = sum(view.depth.size for view in prediction.views)
+    outputs = memory.OUTPUT_BYTES_PER_PIXEL * pixels
+    assert outputs + memory.POINT_BYTES * points < peak, peak
+    assert peak <= outputs + memory.TRACKED_POINT_BYTES * points, peak
+
+
 def test_bundle_adjustment_runs_and_pulls_a_perturbed_camera_back(tmp_path: Path) -> None:
     """pycolmap's bundle adjustment on the exported model of an exact scene (it refuses
     one-view tracks): with camera 2 moved off its pose, the adjusted pose returns towards the

@@ -6,6 +6,7 @@ resolutions, all-sky and sky-free images, and EXIF focal parsing on real JPEGs."
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -306,10 +307,41 @@ def test_metric_depth_without_a_focal_is_reported_relative_with_the_reason(
     assert not prediction.is_metric and prediction.focal_source is None
     assert prediction.intrinsics is None
     (note,) = _scale_notes(prediction)
-    assert "needs a focal length" in note and "view 1: an array carries no EXIF" in note
+    assert "needs a focal length" in note and "view_0001: an array carries no EXIF" in note
     assert note in caplog.text
     canonical = mono_model.predict(images, options=OPTIONS)
     np.testing.assert_array_equal(prediction.depth, canonical.depth)
+
+
+def test_metric_depth_in_chunks_takes_exif_as_one_pass_does(
+    metric_model: DepthAnything3, photo: Photo, tmp_path: Path
+) -> None:
+    """Four views in chunks of two, the first two with an EXIF focal: EXIF is used for all
+    views or none, as in one pass, not by the chunks whose views happen to have it (the
+    first chunk made the whole prediction claim EXIF focal lengths while its depth was
+    called relative); the reason names the view as the request does."""
+    images = [
+        write_jpeg(tmp_path / "one.jpg", photo("astronaut"), FocalLengthIn35mmFilm=35),
+        write_jpeg(tmp_path / "two.jpg", photo("astronaut"), FocalLengthIn35mmFilm=50),
+        photo("chelsea"),
+        photo("coffee")[:, :400],
+    ]
+    one_pass = metric_model.predict(images, options=OPTIONS)
+    chunked = metric_model.predict(
+        images, options=dataclasses.replace(OPTIONS, chunk_size=2, chunk_overlap=1)
+    )
+    assert [v.chunk for v in chunked.views] == [0, 0, 1, 2]
+    for found in (one_pass, chunked):
+        assert not found.is_metric
+        assert (found.focal_source, found.intrinsics_source) == (None, None)
+        assert all(v.intrinsics is None for v in found.views)
+        (note,) = [n for n in found.notes if "needs a focal length" in n]
+        assert "view_0002: an array carries no EXIF" in note, note
+    # Outside the sky (whose depth is a percentile of the batch's, upstream's rule), the
+    # same depth: the chunks are the same single-view predictions.
+    for a, b in zip(one_pass.views, chunked.views, strict=True):
+        ground = ~np.asarray(a.sky, dtype=bool)
+        np.testing.assert_array_equal(np.asarray(a.depth)[ground], np.asarray(b.depth)[ground])
 
 
 class IdealCanonicalNetwork(nn.Module):

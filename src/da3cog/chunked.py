@@ -231,14 +231,16 @@ def transform_view(view: ViewPrediction, similarity: Similarity) -> ViewPredicti
 SPILLED_ARRAYS = ("depth", "confidence", "image", "sky")
 
 
-def spill_view(view: ViewPrediction, folder: Path) -> ViewPrediction:
-    """The view with its per-pixel arrays moved into memory-mapped files in ``folder``:
+def spill_view(
+    view: ViewPrediction, folder: Path, arrays: Sequence[str] = SPILLED_ARRAYS
+) -> ViewPrediction:
+    """The view with its per-pixel ``arrays`` moved into memory-mapped files in ``folder``:
     read-only arrays backed by the disk, so a long run keeps its outputs in the page cache,
     which the kernel can write back and drop, instead of its own heap. Each file is unlinked
     as soon as it is mapped: it goes away with the last array that uses it, whatever happens
     to the run."""
-    arrays = {}
-    for name in SPILLED_ARRAYS:
+    spilled = {}
+    for name in arrays:
         value = getattr(view, name)
         if value is None:
             continue
@@ -246,10 +248,10 @@ def spill_view(view: ViewPrediction, folder: Path) -> ViewPrediction:
         try:
             with os.fdopen(handle, "wb") as stream:
                 np.save(stream, np.ascontiguousarray(value))
-            arrays[name] = np.load(path, mmap_mode="r")
+            spilled[name] = np.load(path, mmap_mode="r")
         finally:
             os.unlink(path)
-    return dataclasses.replace(view, **arrays)
+    return dataclasses.replace(view, **spilled)
 
 
 def transform_gaussians(gaussians: Gaussians, similarity: Similarity) -> Gaussians:
@@ -569,8 +571,12 @@ def _scene_size(views: Sequence[ViewPrediction]) -> float:
 
 
 def _moved(view: ViewPrediction, correction: Similarity, spill_to: Path | None) -> ViewPrediction:
+    """The view moved by a loop closure's ``correction``; of a spilled view only the depth,
+    which the move changes, is written again (the other arrays keep their files)."""
     moved = transform_view(view, correction)
-    return moved if spill_to is None or moved is view else spill_view(moved, spill_to)
+    if spill_to is None or moved is view:
+        return moved
+    return spill_view(moved, spill_to, arrays=("depth",))
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ them; its table is in bench/README.md), deliberately an upper bound:
 * each view as decoded (3 bytes a pixel) and its outputs at the output resolution, through
   the exporters (``OUTPUT_BYTES_PER_PIXEL``; plus ``EXPORT_IMAGE_BYTES_PER_PIXEL`` of the
   largest view for each of the ``EXPORT_WRITERS`` encoding views at once), and the point
-  clouds' points
-  (``POINT_BYTES`` for each of at most ``max_points``);
+  clouds' points (``POINT_BYTES`` for each of at most ``max_points``;
+  ``TRACKED_POINT_BYTES`` with the multi-view tracks of a COLMAP model);
 * Gaussians: ``GAUSSIAN_BYTES`` for each (one per processing pixel of every view) and
   ``GAUSSIAN_ADAPTER_BYTES`` for each the adapter builds at once; on a GPU on the device
   (where they are built) as well as on the host (where they are exported).
@@ -69,6 +69,11 @@ OUTPUT_BYTES_PER_PIXEL = 40
 EXPORT_WRITERS = min(4, os.cpu_count() or 1)
 EXPORT_IMAGE_BYTES_PER_PIXEL = 64
 POINT_BYTES = 500
+# A point of a COLMAP model also carries its multi-view track, at most
+# da3cog.export.colmap.MAX_TRACK_LENGTH observations of about 100 bytes each while the tracks
+# are built: the whole export measured 3405 bytes a point (30 views of 80x60, 40,000 points)
+# and 2669 (80 views of 160x120, 200,000 points; tracemalloc), with a fifth more.
+TRACKED_POINT_BYTES = 4100
 DECODED_BYTES_PER_PIXEL = 3
 # Gaussians, per processing pixel: the GS head's raw outputs and the world-space Gaussians
 # built from them, kept until the request ends, and the adapter's temporaries over the pixels
@@ -94,6 +99,7 @@ class RequestSize:
         output_pixels: each view's pixels at the output resolution.
         gaussians: whether Gaussians are predicted.
         points: points the point-cloud exports may keep (0: no point cloud).
+        tracked: whether those points get multi-view tracks (a COLMAP model).
     """
 
     view_pixels: tuple[int, ...]
@@ -101,6 +107,7 @@ class RequestSize:
     output_pixels: tuple[int, ...]
     gaussians: bool = False
     points: int = 0
+    tracked: bool = False
 
 
 def processing_pixels(size: tuple[int, int], process_res: int) -> int:
@@ -118,12 +125,13 @@ def request_size(
     output: str,
     gaussians: bool,
     points: int,
+    tracked: bool = False,
 ) -> RequestSize:
     """The :class:`RequestSize` of views of these ``(width, height)`` sizes."""
     processing = tuple(processing_pixels(size, process_res) for size in sizes)
     views = tuple(width * height for width, height in sizes)
     outputs = views if output == "input" else processing
-    return RequestSize(views, processing, outputs, gaussians, min(points, sum(outputs)))
+    return RequestSize(views, processing, outputs, gaussians, min(points, sum(outputs)), tracked)
 
 
 @dataclass(frozen=True)
@@ -203,7 +211,8 @@ def estimate(
     network holds the activations of one chunk (its largest views) while every view's
     decoded image and outputs are kept."""
     views = DECODED_BYTES_PER_PIXEL * sum(size.view_pixels)
-    outputs = OUTPUT_BYTES_PER_PIXEL * sum(size.output_pixels) + POINT_BYTES * size.points
+    point_bytes = TRACKED_POINT_BYTES if size.tracked else POINT_BYTES
+    outputs = OUTPUT_BYTES_PER_PIXEL * sum(size.output_pixels) + point_bytes * size.points
     writers = min(EXPORT_WRITERS, len(size.output_pixels))
     outputs += EXPORT_IMAGE_BYTES_PER_PIXEL * writers * max(size.output_pixels, default=0)
     gaussians = 0

@@ -360,12 +360,15 @@ def _is_int(value: object) -> bool:
 @dataclass(frozen=True)
 class _Scene:
     """What a chunk's views take from the scene they are part of: their names (the scene's,
-    not their index in the chunk) and the processing ``(height, width)`` every view of the
+    not their index in the chunk), the processing ``(height, width)`` every view of the
     scene is fitted to (None: the chunk's own, where a view's size cannot be read before
-    decoding)."""
+    decoding) and, for single-view models, why EXIF focal lengths are not used (a view of
+    the scene has none: no chunk uses them, as one pass would not; None: each chunk reads
+    its views')."""
 
     names: tuple[str, ...]
     shape: tuple[int, int] | None
+    exif_missing: str | None = None
 
 
 @dataclass(frozen=True)
@@ -525,8 +528,7 @@ class DepthAnything3:
         ``scene``: they are part of a larger scene run in chunks (their names and the
         processing shape are the scene's)."""
         started = time.perf_counter()
-        names = None if scene is None else scene.names
-        decoded = self._decode(images, user_intrinsics, report, names)
+        decoded = self._decode(images, user_intrinsics, report, scene)
         batch, notes = self._preprocess(
             decoded, options, report, None if scene is None else scene.shape
         )
@@ -549,16 +551,16 @@ class DepthAnything3:
         images: Sequence[ImageSource],
         user_intrinsics: np.ndarray | None,
         report: ProgressCallback,
-        names: Sequence[str] | None = None,
+        scene: _Scene | None = None,
     ) -> _Decoded:
-        """Decode the images (``names``: theirs, default :func:`image_name`); the intrinsics
-        to use are the user's, else (single-view models) EXIF's, checked against the decoded
-        sizes."""
+        """Decode the images (named as ``scene`` says, else by :func:`image_name`); the
+        intrinsics to use are the user's, else (single-view models) EXIF's, checked against
+        the decoded sizes."""
         preset = self.loaded.preset
         report(f"decoding {len(images)} image(s)")
         names = (
-            list(names)
-            if names is not None
+            list(scene.names)
+            if scene is not None
             else [image_name(source, index) for index, source in enumerate(images)]
         )
         arrays = [load_image(source) for source in images]
@@ -567,7 +569,10 @@ class DepthAnything3:
             return _Decoded(names, arrays, user_intrinsics, "user intrinsics", ())
         if preset.cameras:
             return _Decoded(names, arrays, None, None, ())
-        exif, reason = _exif_intrinsics(images, arrays)
+        if scene is not None and scene.exif_missing is not None:
+            exif, reason = None, scene.exif_missing
+        else:
+            exif, reason = _exif_intrinsics(images, [a.shape[:2] for a in arrays], names)
         if exif is not None:
             return _Decoded(names, arrays, exif, "exif", ())
         notes: tuple[str, ...] = ()
@@ -862,7 +867,7 @@ class DepthAnything3:
 
         single_pass = replace(options, chunk_size=None, chunk_overlap=None, loop_closure=False)
         names = [image_name(source, index) for index, source in enumerate(images)]
-        shape = None
+        shape, exif_missing = None, None
         known = [size for size in sizes if size is not None]
         if len(known) == len(sizes):
             # As one pass would: the views fitted to one shape, the intrinsics checked against
@@ -875,6 +880,8 @@ class DepthAnything3:
                 for size in heights_widths
             ]
             shape = scene_processing_shape(processing, options.mixed_shapes)
+            if not self.loaded.preset.cameras and intrinsics is None:
+                exif_missing = _exif_intrinsics(images, heights_widths, names)[1] or None
 
         def predict_chunk(views: Sequence[int]) -> Prediction:
             part = list(views)
@@ -884,7 +891,7 @@ class DepthAnything3:
                 None if intrinsics is None else intrinsics[part],
                 single_pass,
                 report,
-                _Scene(tuple(names[index] for index in part), shape),
+                _Scene(tuple(names[index] for index in part), shape, exif_missing),
             )
 
         def in_pose_unit(prediction: Prediction) -> bool:
@@ -1017,16 +1024,16 @@ def _numpy_or_none(tensor: torch.Tensor | None) -> np.ndarray | None:
 
 
 def _exif_intrinsics(
-    images: Sequence[ImageSource], arrays: Sequence[np.ndarray]
+    images: Sequence[ImageSource], sizes: Sequence[tuple[int, int]], names: Sequence[str]
 ) -> tuple[np.ndarray | None, str]:
     """``(N, 3, 3)`` input-pixel intrinsics from every view's EXIF focal length (principal
-    point at the image centre), or None and the reason when a view has none."""
+    point at the centre of its ``(height, width)``), or None and the reason when a view
+    (named by ``names``) has none."""
     matrices = []
-    for index, (source, array) in enumerate(zip(images, arrays, strict=True)):
+    for source, (height, width), name in zip(images, sizes, names, strict=True):
         focal = exif_focal(source)
         if isinstance(focal, str):
-            return None, f"view {index}: {focal}"
-        height, width = array.shape[:2]
+            return None, f"{name}: {focal}"
         matrices.append([[focal.fx, 0.0, width / 2], [0.0, focal.fy, height / 2], [0, 0, 1]])
     return np.array(matrices, dtype=np.float64), ""
 

@@ -145,7 +145,7 @@ class SceneRunner:
             shutil.rmtree(staging, ignore_errors=True)
 
     def _run(self, scene: Scene, staging: Path, outputs: Path, started: float) -> SceneResult:
-        from da3cog.export.manifest import export_all
+        from da3cog.export.manifest import export_all, options_taken
         from da3cog.io.cameras import read_camera_file
 
         options, formats, sampling = scene_settings(
@@ -167,7 +167,9 @@ class SceneRunner:
             options=options,
         )
         marks.append(time.perf_counter())
-        export_all(prediction, outputs, list(formats), **self.settings.export_options)
+        # The batch's export options, as far as this scene's formats take them.
+        export_options = options_taken(formats, self.settings.export_options)
+        export_all(prediction, outputs, list(formats), **export_options)
         marks.append(time.perf_counter())
         stages = ("inputs", "predict", "export")
         return SceneResult(

@@ -12,9 +12,11 @@ pose as COLMAP wants it (``qw qx qy qz``, ``tx ty tz``).
 
 Points3D are the fused, confidence-filtered points (:func:`da3cog.export.points.fuse_points`)
 with multi-view tracks built from the predicted geometry (:func:`build_tracks`): a point is
-observed in its source view at its pixel's centre and in every other view where it projects
+observed in its source view at its pixel's centre and in the other views where it projects
 inside the image onto a pixel whose depth agrees with the point's depth in that camera within
-``track_depth_tolerance`` (relative); a farther point is occluded there and not observed. 2D
+``track_depth_tolerance`` (relative); a farther point is occluded there and not observed. The
+views nearest the source view come first, and a track holds at most ``MAX_TRACK_LENGTH``
+views, so the tracks' memory grows with the points, not points x views. 2D
 points are at the exact projections (COLMAP convention, pixel centres at ``+0.5``). With two or
 more views only points seen by at least two keep their place (bundle adjustment needs tracks of
 two or more; ``min_track_length`` changes that).
@@ -38,7 +40,7 @@ from da3cog.export.points import (
     PointCloud,
     fuse_points,
     require_cameras,
-    surface_mask,
+    surface_depth_at,
     world_to_camera,
 )
 from da3cog.geometry import matrix_to_quaternion, project_points
@@ -106,6 +108,10 @@ def colmap_camera(prediction: Prediction, index: int) -> ColmapCamera:
 
 
 DEFAULT_TRACK_DEPTH_TOLERANCE = 0.02
+# Views a point is observed in at most (bundle adjustment needs two; COLMAP's own tracks of a
+# video are rarely longer): tracks then grow with the points, not points x views (a point seen
+# by all of 80 views cost some 90 bytes an observation, 1.5 GiB for 200,000 points).
+MAX_TRACK_LENGTH = 16
 
 
 @dataclass(frozen=True)
@@ -138,53 +144,73 @@ def build_tracks(
     *,
     depth_tolerance: float = DEFAULT_TRACK_DEPTH_TOLERANCE,
     min_track_length: int | None = None,
+    max_track_length: int = MAX_TRACK_LENGTH,
     drop_sky: bool = True,
 ) -> Tracks:
     """Multi-view tracks from the predicted geometry (see the module docstring).
     ``min_track_length``: points seen by fewer views are left out (default: 2 with two or more
-    views, else 1)."""
+    views, else 1). ``max_track_length``: a point is looked for in the views nearest its
+    source view in the sequence first (1 after, 1 before, 2 after...) and observed in at most
+    this many, so the tracks take memory in proportion to the points, not points x views."""
+    count = len(prediction.views)
     if min_track_length is None:
-        min_track_length = 2 if len(prediction.views) > 1 else 1
+        min_track_length = 2 if count > 1 else 1
+    if max_track_length < max(min_track_length, 1):
+        raise ValueError(
+            f"max_track_length must be at least min_track_length ({min_track_length}), "
+            f"got {max_track_length}"
+        )
     scale = np.array([[c.scale_x, c.scale_y] for c in cameras], dtype=np.float64)
     source_xy = (points.pixel.astype(np.float64) + 0.5) * scale[points.view]
-    observed_point = [np.arange(len(points))]
-    observed_view = [points.view.astype(np.int64)]
+    observed_point = [np.arange(len(points), dtype=np.int32)]
+    observed_view = [points.view.astype(np.int32)]
     observed_xy = [source_xy]
+    length = np.ones(len(points), dtype=np.int32)
+    by_view = [np.flatnonzero(points.view == index) for index in range(count)]
     xyz = torch.from_numpy(points.xyz.astype(np.float64))
-    for index, view in enumerate(prediction.views):
-        others = np.flatnonzero(points.view != index)
-        if not len(others):
-            continue
-        uv, z = (
-            values.numpy()
-            for values in project_points(
-                xyz[others],
-                torch.from_numpy(np.asarray(view.intrinsics, dtype=np.float64)),
-                torch.from_numpy(world_to_camera(view)),
+    offsets = [sign * step for step in range(1, count) for sign in (1, -1)]
+    for offset in offsets:
+        if not (length < max_track_length).any():
+            break
+        for source in range(max(0, -offset), min(count, count - offset)):
+            target = source + offset
+            candidates = by_view[source][length[by_view[source]] < max_track_length]
+            if not len(candidates):
+                continue
+            view = prediction.views[target]
+            uv, z = (
+                values.numpy()
+                for values in project_points(
+                    xyz[candidates],
+                    torch.from_numpy(np.asarray(view.intrinsics, dtype=np.float64)),
+                    torch.from_numpy(world_to_camera(view)),
+                )
             )
-        )
-        u, v = uv[:, 0], uv[:, 1]
-        seen = (z > 1e-9) & (u >= 0) & (u < view.width) & (v >= 0) & (v < view.height)
-        others, z, u, v = others[seen], z[seen], u[seen], v[seen]
-        cols, rows = u.astype(np.int64), v.astype(np.int64)
-        depth = np.asarray(view.depth, dtype=np.float64)[rows, cols]
-        usable = surface_mask(view, drop_sky)[rows, cols]
-        agrees = usable & (np.abs(z - depth) <= depth_tolerance * depth)
-        observed_point.append(others[agrees])
-        observed_view.append(np.full(int(agrees.sum()), index, dtype=np.int64))
-        observed_xy.append(np.stack([u[agrees], v[agrees]], axis=1) * scale[index])
+            u, v = uv[:, 0], uv[:, 1]
+            seen = (z > 1e-9) & (u >= 0) & (u < view.width) & (v >= 0) & (v < view.height)
+            candidates, z, u, v = candidates[seen], z[seen], u[seen], v[seen]
+            cols, rows = u.astype(np.int64), v.astype(np.int64)
+            # At the projected pixels only: whole maps for each pair of views would cost
+            # views x views full-size temporaries.
+            depth, usable = surface_depth_at(view, rows, cols, drop_sky)
+            agrees = usable & (np.abs(z - depth) <= depth_tolerance * depth)
+            observed_point.append(candidates[agrees].astype(np.int32))
+            observed_view.append(np.full(int(agrees.sum()), target, dtype=np.int32))
+            observed_xy.append(np.stack([u[agrees], v[agrees]], axis=1) * scale[target])
+            length[candidates[agrees]] += 1
     point = np.concatenate(observed_point)
     view_index = np.concatenate(observed_view)
     xy = np.concatenate(observed_xy)
-    lengths = np.bincount(point, minlength=len(points))
-    kept = np.flatnonzero(lengths >= min_track_length)
+    source = np.zeros(len(point), dtype=bool)
+    source[: len(points)] = True
+    kept = np.flatnonzero(length >= min_track_length)
     renumber = np.full(len(points), -1, dtype=np.int64)
     renumber[kept] = np.arange(len(kept))
     keep = renumber[point] >= 0
-    point, view_index, xy = renumber[point[keep]], view_index[keep], xy[keep]
-    # Stable: within a point, the source observation (listed first) stays first.
-    order = np.lexsort((np.arange(len(point)), point))
-    return Tracks(kept, point[order], view_index[order], xy[order])
+    point, view_index, xy, source = renumber[point[keep]], view_index[keep], xy[keep], source[keep]
+    # By point, its source observation first, then by view.
+    order = np.lexsort((view_index, ~source, point))
+    return Tracks(kept, point[order], view_index[order].astype(np.int64), xy[order])
 
 
 def _image_order(tracks: Tracks, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -152,6 +152,14 @@ def _check_formats(
     return requested, skipped
 
 
+def options_taken(formats: Sequence[str], options: dict[str, Any]) -> dict[str, Any]:
+    """The part of ``options`` that one of ``formats`` (names, or ``"all"``) takes: options
+    shared by scenes that choose their own formats (``da3cog batch``)."""
+    names = list(FORMATS) if "all" in formats else [name for name in formats if name in FORMATS]
+    accepted = set().union(*(_exporter_options(_EXPORTERS[name]) for name in names))
+    return {key: value for key, value in options.items() if key in accepted}
+
+
 def _check_options(formats: list[str], options: dict[str, Any]) -> None:
     accepted = set().union(*(_exporter_options(_EXPORTERS[name]) for name in formats))
     unknown = sorted(set(options) - accepted)

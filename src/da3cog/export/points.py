@@ -61,12 +61,24 @@ def sky_mask(view: ViewPrediction) -> np.ndarray | None:
     return None if sky is None else np.asarray(sky, dtype=bool)
 
 
+def _surface(depth: np.ndarray, sky: np.ndarray | None) -> np.ndarray:
+    valid = np.isfinite(depth) & (depth > 0)
+    return valid if sky is None else valid & ~sky
+
+
 def surface_mask(view: ViewPrediction, drop_sky: bool = True) -> np.ndarray:
     """Pixels with a finite positive depth (and, with ``drop_sky``, not sky)."""
-    depth = np.asarray(view.depth)
-    valid = np.isfinite(depth) & (depth > 0)
+    return _surface(np.asarray(view.depth), sky_mask(view) if drop_sky else None)
+
+
+def surface_depth_at(
+    view: ViewPrediction, rows: np.ndarray, cols: np.ndarray, drop_sky: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """The view's depth (float64) at these pixels and which of them are surface (the rule of
+    :func:`surface_mask`), reading only those pixels (no full-size temporaries)."""
+    depth = np.asarray(view.depth)[rows, cols].astype(np.float64)
     sky = sky_mask(view) if drop_sky else None
-    return valid if sky is None else valid & ~sky
+    return depth, _surface(depth, None if sky is None else sky[rows, cols])
 
 
 # --------------------------------------------------------------------------------------------

@@ -194,13 +194,14 @@ class Server:
         if on_gpu:
             device = memory.device_budget(self.device)
         points = values.max_points if values.export_format != "none" else 0
+        tracked = exports_tracks(values.export_format)
         gaussians = values.mode == "gaussian-splat"
 
         def size_of(
             chosen: list[View], output: str, resolution: int = values.process_resolution
         ) -> memory.RequestSize:
             return memory.request_size(
-                [v.size for v in chosen], resolution, output, gaussians, points
+                [v.size for v in chosen], resolution, output, gaussians, points, tracked
             )
 
         def needed(
@@ -435,6 +436,12 @@ def fit_cameras(cameras: UserCameras, views: list[View], label: str) -> UserCame
     except ValueError as error:
         raise RequestError(f"{label}: {error}") from error
     return UserCameras(np.ascontiguousarray(intrinsics), cameras.extrinsics)
+
+
+def exports_tracks(export_format: str) -> bool:
+    """Whether ``export_format`` writes a COLMAP model, whose points carry multi-view tracks
+    (:data:`da3cog.memory.TRACKED_POINT_BYTES`)."""
+    return export_format in ("colmap", "all")
 
 
 def check_view_shapes(views: list[View], process_resolution: int) -> None:
