@@ -3,7 +3,9 @@ schema, written last), a shared point cloud, and all-or-nothing output."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -205,3 +207,57 @@ def test_single_view_and_processing_resolution(tmp_path: Path) -> None:
     assert {entry.role for entry in manifest.entries} == ROLES
     assert any("processing resolution" in note for note in manifest.document["notes"])
     assert_unchanged(single, before)
+
+
+def test_pooled_percentiles_are_exact_then_taken_of_an_even_sample(monkeypatch) -> None:
+    """Shared percentiles over every view (the confidence PNGs' range, the point clouds'
+    confidence filter): exact as np.percentile of all finite values up to PERCENTILE_SAMPLE
+    of them, past that of every k-th, so at most that many are held."""
+    import da3cog.export.points as points
+
+    rng = np.random.default_rng(8)
+    parts = [rng.gamma(2.0, size=(30, 40)).astype(np.float32) for _ in range(7)]
+    parts[2][0, :5] = np.nan
+    parts[4][3, 3] = np.inf
+    finite = np.concatenate([p[np.isfinite(p)] for p in parts])
+    exact = points.pooled_percentile(lambda: iter(parts), (2.0, 98.0))
+    np.testing.assert_array_equal(exact, np.percentile(finite, (2.0, 98.0)))
+    monkeypatch.setattr(points, "PERCENTILE_SAMPLE", 1000)
+    stride = -(-len(finite) // 1000)
+    sampled = points.pooled_percentile(lambda: iter(parts), (2.0, 98.0))
+    np.testing.assert_array_equal(sampled, np.percentile(finite[::stride], (2.0, 98.0)))
+    assert points.pooled_percentile(lambda: iter([np.full(3, np.nan)]), 50.0) is None
+
+
+def test_exports_of_spilled_views_hold_one_view_at_a_time(tmp_path: Path, monkeypatch) -> None:
+    """A chunked run's views spilled to memory-mapped files: the exports that take every
+    view at once (the NPZ's stacked maps, the shared confidence range of the PNGs, the point
+    cloud's confidence filter) read them one at a time and take percentiles of at most
+    PERCENTILE_SAMPLE values (here 4096, as if the views were many and large), so the memory
+    they take on the heap does not grow with the views (it grew by about 30 bytes a pixel:
+    every view's maps copied back)."""
+    import tracemalloc
+
+    import da3cog.export.points as points
+    from da3cog.chunked import spill_view
+
+    monkeypatch.setattr(points, "PERCENTILE_SAMPLE", 4096)
+
+    def peak(views: int) -> int:
+        prediction = make_prediction(views=views, size=(120, 160))
+        spilled = dataclasses.replace(
+            prediction, views=tuple(spill_view(v, tmp_path) for v in prediction.views)
+        )
+        out = Path(tempfile.mkdtemp(dir=tmp_path)) / "out"
+        tracemalloc.start()
+        try:
+            formats = ["npz", "npz_upstream", "confidence_png", "ply"]
+            export_all(spilled, out, formats, max_points=500)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    peak(8)  # one-off costs (imports inside the exporters) out of the way
+    small, large = peak(8), peak(24)
+    growth = (large - small) / (16 * 120 * 160)
+    assert growth < 1.0, f"{growth:.2f} bytes a pixel"

@@ -9,7 +9,7 @@ import numpy as np
 
 from da3cog.export.colormap import apply_colormap
 from da3cog.export.files import ManifestEntry, all_or_nothing, returning_paths, view_file_name
-from da3cog.export.points import sky_mask
+from da3cog.export.points import pooled_percentile, sky_mask
 from da3cog.pipeline import Prediction, ViewPrediction
 
 PNG16_MAX = 65535
@@ -222,11 +222,10 @@ def confidence_range(prediction: Prediction) -> tuple[float, float]:
     maps = [view.confidence for view in prediction.views if view.confidence is not None]
     if not maps:
         raise ValueError("this prediction has no confidence maps (the model predicts none)")
-    values = np.concatenate([np.ravel(confidence) for confidence in maps])
-    values = values[np.isfinite(values)]
-    if not values.size:
+    found = pooled_percentile(lambda: (np.asarray(m) for m in maps), (2.0, 98.0))
+    if found is None:
         return 0.0, 1.0
-    low, high = np.percentile(values, (2.0, 98.0))
+    low, high = found
     if high <= low:
         high = low + max(abs(float(low)) * 1e-6, 1e-6)
     return float(low), float(high)

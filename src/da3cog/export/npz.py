@@ -22,8 +22,11 @@ where the pipeline has them ``cameras_estimated``, ``intrinsics_source`` / ``foc
 from __future__ import annotations
 
 import dataclasses
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -35,6 +38,28 @@ NPZ_FORMAT_VERSION = 1
 _MAPS = (("depth", "depth", np.float32), ("confidence", "confidence", np.float32))
 _MAPS += (("image", "images", np.uint8), ("sky", "sky", np.bool_))
 _CAMERA_FLAGS = ("cameras_estimated", "intrinsics_source", "focal_source", "metric_scale")
+
+
+@dataclass(frozen=True)
+class ViewStack:
+    """``(N, *shape)`` array of one map of every view, written view by view: stacking them
+    in memory first would copy every view's map (a chunked run's outputs, spilled to disk,
+    would come back whole).
+
+    Attributes:
+        maps: each view's map, all of one shape.
+        dtype: the stored dtype.
+    """
+
+    maps: Sequence[Any]
+    dtype: Any
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.maps), *np.shape(self.maps[0]))
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        return np.stack([np.asarray(m, dtype=dtype or self.dtype) for m in self.maps])
 
 
 def _camera_stack(views: tuple[ViewPrediction, ...], key: str, shape: tuple[int, int]):
@@ -50,12 +75,13 @@ def _camera_stack(views: tuple[ViewPrediction, ...], key: str, shape: tuple[int,
     return stacked, present
 
 
-def prediction_arrays(prediction: Prediction) -> dict[str, np.ndarray]:
-    """The bundle's arrays (copies; see the module docstring)."""
+def prediction_arrays(prediction: Prediction) -> dict[str, np.ndarray | ViewStack]:
+    """The bundle's arrays (see the module docstring): copies, but per-pixel maps of views of
+    one size as :class:`ViewStack` (``np.asarray`` stacks one)."""
     views = prediction.views
     extrinsics, has_extrinsics = _camera_stack(views, "extrinsics", (4, 4))
     intrinsics, has_intrinsics = _camera_stack(views, "intrinsics", (3, 3))
-    arrays: dict[str, np.ndarray] = {
+    arrays: dict[str, np.ndarray | ViewStack] = {
         "format_version": np.array(NPZ_FORMAT_VERSION),
         "extrinsics": extrinsics,
         "intrinsics": intrinsics,
@@ -100,27 +126,46 @@ def prediction_arrays(prediction: Prediction) -> dict[str, np.ndarray]:
         if not present:
             continue
         if stacked:
-            arrays[stacked_key] = np.stack([np.asarray(m, dtype=dtype) for m in maps])
+            arrays[stacked_key] = ViewStack(maps, dtype)
         else:
             for index, array in enumerate(maps):
                 arrays[f"{attribute}_{index:04d}"] = np.asarray(array, dtype=dtype)
     return arrays
 
 
+def write_npz(handle: IO[bytes], arrays: dict[str, np.ndarray | ViewStack], compress: bool) -> None:
+    """``np.savez`` (``np.savez_compressed`` when ``compress``) of ``arrays``, no pickles, a
+    :class:`ViewStack` written one view at a time (``np.load`` reads it as one array)."""
+    compression = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with zipfile.ZipFile(handle, "w", compression=compression, allowZip64=True) as archive:
+        for key, value in arrays.items():
+            with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
+                if not isinstance(value, ViewStack):
+                    np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
+                    continue
+                header = {
+                    "descr": np.lib.format.dtype_to_descr(np.dtype(value.dtype)),
+                    "fortran_order": False,
+                    "shape": value.shape,
+                }
+                np.lib.format.write_array_header_1_0(member, header)
+                for view_map in value.maps:
+                    member.write(np.ascontiguousarray(view_map, dtype=value.dtype).tobytes())
+
+
 def _write_npz(
     folder: Path,
     name: str,
-    arrays: dict[str, np.ndarray],
+    arrays: dict[str, np.ndarray | ViewStack],
     compress: bool,
     role: str,
     **details: Any,
 ) -> list[ManifestEntry]:
     """Write ``arrays`` as ``folder / name`` (zip-deflated when ``compress``), no pickles."""
-    save = np.savez_compressed if compress else np.savez
 
     def write(target: Path) -> None:
-        with target.open("wb") as handle:  # a handle: np.savez would append ".npz" to a name
-            save(handle, allow_pickle=False, **arrays)
+        with target.open("wb") as handle:
+            write_npz(handle, arrays, compress)
 
     with all_or_nothing() as batch:
         batch.write(folder / name, write, role, **details)
@@ -149,7 +194,7 @@ def upstream_layout_problem(prediction: Prediction) -> str | None:
     return None
 
 
-def upstream_arrays(prediction: Prediction) -> dict[str, np.ndarray]:
+def upstream_arrays(prediction: Prediction) -> dict[str, np.ndarray | ViewStack]:
     """The arrays of upstream's ``export_to_npz`` (``depth_anything_3.utils.export.npz``),
     under its keys, so scripts written for upstream's files read ours: ``image`` ``(N, H, W,
     3)`` uint8, ``depth`` ``(N, H, W)`` float32, ``conf`` ``(N, H, W)`` float32 when the model
@@ -160,12 +205,12 @@ def upstream_arrays(prediction: Prediction) -> dict[str, np.ndarray]:
     if problem is not None:
         raise ValueError(problem)
     views = prediction.views
-    arrays = {
-        "image": np.stack([np.asarray(v.image, dtype=np.uint8) for v in views]),
-        "depth": np.stack([np.asarray(v.depth, dtype=np.float32) for v in views]),
+    arrays: dict[str, np.ndarray | ViewStack] = {
+        "image": ViewStack([v.image for v in views], np.uint8),
+        "depth": ViewStack([v.depth for v in views], np.float32),
     }
     if all(v.confidence is not None for v in views):
-        arrays["conf"] = np.stack([np.asarray(v.confidence, dtype=np.float32) for v in views])
+        arrays["conf"] = ViewStack([v.confidence for v in views], np.float32)
     if all(v.extrinsics is not None for v in views):
         arrays["extrinsics"] = np.stack(
             [np.asarray(v.extrinsics, dtype=np.float32)[:3, :] for v in views]

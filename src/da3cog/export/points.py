@@ -3,8 +3,9 @@ checks every geometric exporter shares."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -125,14 +126,42 @@ def confidence_threshold(prediction: Prediction, percentile: float, drop_sky: bo
         raise ValueError(f"confidence_percentile must be within [0, 100], got {percentile}")
     if percentile == 0.0 or not _has_confidence(prediction):
         return -np.inf
-    pooled = np.concatenate(
-        [view.confidence[surface_mask(view, drop_sky)] for view in prediction.views]
+    found = pooled_percentile(
+        lambda: (
+            np.asarray(view.confidence)[surface_mask(view, drop_sky)] for view in prediction.views
+        ),
+        percentile,
     )
-    finite = np.isfinite(pooled)
-    if not finite.all():
-        pooled = pooled[finite]
-    # The pooled copy is ours to reorder: no second copy of every pixel's confidence.
-    return float(np.percentile(pooled, percentile, overwrite_input=True)) if pooled.size else np.inf
+    return np.inf if found is None else float(found)
+
+
+# Values a percentile over every view's pixels is taken of at most: past that, of an even
+# sample of them (every k-th), so that memory stays bounded however many views there are
+# (a long chunked run's outputs spilled to disk would otherwise come back whole).
+PERCENTILE_SAMPLE = 1 << 24
+
+
+def pooled_percentile(
+    parts: Callable[[], Iterable[np.ndarray]], q: float | Sequence[float]
+) -> Any:
+    """``np.percentile(..., q)`` of the finite values of every array ``parts()`` yields, as
+    if concatenated: exact up to :data:`PERCENTILE_SAMPLE` values, past that of every k-th
+    (in order) so that at most that many are held. ``parts`` is called twice (counted, then
+    gathered). None when there is no finite value."""
+    total = sum(int(np.count_nonzero(np.isfinite(part))) for part in parts())
+    if not total:
+        return None
+    stride = -(-total // PERCENTILE_SAMPLE)
+    gathered, seen = [], 0
+    for part in parts():
+        values = np.ravel(part)
+        values = values[np.isfinite(values)]
+        # A copy: a slice would keep the whole part alive.
+        gathered.append(values[(-seen) % stride :: stride].copy())
+        seen += len(values)
+    pooled = np.concatenate(gathered)
+    # The pooled copy is ours to reorder: no second copy of the values.
+    return np.percentile(pooled, q, overwrite_input=True)
 
 
 def _normals(world: np.ndarray, centre: np.ndarray) -> np.ndarray:
@@ -149,21 +178,25 @@ def _normals(world: np.ndarray, centre: np.ndarray) -> np.ndarray:
 
 
 def _chosen_pixels(
-    keeps: list[np.ndarray], max_points: int | None, seed: int
+    views: Sequence[ViewPrediction],
+    keep_of: Callable[[ViewPrediction], np.ndarray],
+    max_points: int | None,
+    seed: int,
 ) -> Iterator[np.ndarray]:
-    """Per view, the flat (row-major) indices of its kept pixels that make the cloud: all of
-    them, or a uniform subsample of ``max_points`` over every view's kept pixels in view, then
-    pixel order (seeded by ``seed``). Computed one view at a time, when the caller gets there."""
-    counts = np.array([np.count_nonzero(keep) for keep in keeps], dtype=np.int64)
+    """Per view, the flat (row-major) indices of its kept pixels (``keep_of(view)``) that make
+    the cloud: all of them, or a uniform subsample of ``max_points`` over every view's kept
+    pixels in view, then pixel order (seeded by ``seed``). Computed one view at a time, when
+    the caller gets there (the masks are counted first, then made again: not all held)."""
+    counts = np.array([np.count_nonzero(keep_of(view)) for view in views], dtype=np.int64)
     total = int(counts.sum())
-    subsets: list[np.ndarray | None] = [None] * len(keeps)
+    subsets: list[np.ndarray | None] = [None] * len(views)
     if max_points is not None and total > max_points:
         chosen = np.sort(np.random.default_rng(seed).choice(total, max_points, replace=False))
         ends = np.cumsum(counts)
         pieces = np.split(chosen, np.searchsorted(chosen, ends[:-1]))
         subsets = [piece - start for piece, start in zip(pieces, ends - counts, strict=True)]
-    for keep, subset in zip(keeps, subsets, strict=True):
-        flat = np.flatnonzero(keep)
+    for view, subset in zip(views, subsets, strict=True):
+        flat = np.flatnonzero(keep_of(view))
         yield flat if subset is None else flat[subset]
 
 
@@ -191,13 +224,14 @@ def fuse_points(
     require_cameras(prediction, "a point cloud")
     threshold = confidence_threshold(prediction, confidence_percentile, drop_sky)
     with_confidence = _has_confidence(prediction)
-    keeps = []
-    for view in prediction.views:
+
+    def keep_of(view: ViewPrediction) -> np.ndarray:
         keep = surface_mask(view, drop_sky)
         if with_confidence:
-            keep &= view.confidence >= threshold
-        keeps.append(keep)
-    chosen = _chosen_pixels(keeps, max_points, seed)
+            keep &= np.asarray(view.confidence) >= threshold
+        return keep
+
+    chosen = _chosen_pixels(prediction.views, keep_of, max_points, seed)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("xyz", "rgb", "conf", "view", "pix")}
     normal_parts: list[np.ndarray] = []
     for index, (view, flat) in enumerate(zip(prediction.views, chosen, strict=True)):
