@@ -105,14 +105,20 @@ def _world_points(view: ViewPrediction) -> np.ndarray:
     """``(H, W, 3)`` world points of a view's pixel centres at their depth (NaN where the
     depth is not a surface)."""
     depth = np.asarray(view.depth, dtype=np.float64)
-    surface = np.isfinite(depth) & (depth > 0)
-    if view.sky is not None:
-        surface &= ~np.asarray(view.sky, dtype=bool)
     return depth_to_world_points(
-        torch.from_numpy(np.where(surface, depth, np.nan)),
+        torch.from_numpy(np.where(_surface(view), depth, np.nan)),
         torch.from_numpy(np.asarray(view.intrinsics, dtype=np.float64)),
         torch.from_numpy(np.asarray(view.extrinsics, dtype=np.float64)),
     ).numpy()
+
+
+def _surface(view: ViewPrediction) -> np.ndarray:
+    """``(H, W)``: pixels with a finite positive depth that are not sky."""
+    depth = np.asarray(view.depth)
+    surface = np.isfinite(depth) & (depth > 0)
+    if view.sky is not None:
+        surface &= ~np.asarray(view.sky, dtype=bool)
+    return surface
 
 
 def _confidence_weight(view: ViewPrediction) -> np.ndarray:
@@ -131,12 +137,7 @@ def _usable_pairs(
         if before.depth.shape != after.depth.shape:
             raise ValueError(f"view {after.name}: its chunks predicted different sizes")
         weight = np.sqrt(_confidence_weight(before) * _confidence_weight(after))
-        usable = np.isfinite(weight) & (weight > 0)
-        for view in (before, after):
-            depth = np.asarray(view.depth, dtype=np.float64)
-            usable &= np.isfinite(depth) & (depth > 0)
-            if view.sky is not None:
-                usable &= ~np.asarray(view.sky, dtype=bool)
+        usable = np.isfinite(weight) & (weight > 0) & _surface(before) & _surface(after)
         yield before, after, usable, weight
 
 
@@ -434,7 +435,7 @@ def reconstruct_in_chunks(
     units: list[float] = []
     descriptors: list[np.ndarray] = []
     first: Prediction | None = None
-    first_fixed, rescaled = False, 0
+    first_fixed = False
     # The previous chunk's views, already in the world frame: the next chunk is fitted on them.
     previous: tuple[ViewPrediction, ...] = ()
     started = time.perf_counter()
@@ -460,7 +461,6 @@ def reconstruct_in_chunks(
                     raise _unaligned(index, prediction, chunk, shared, error) from error
                 prediction = rescale_chunk(prediction, factor)
                 residuals.append(residual)
-                rescaled += 1
                 report(
                     f"chunk {index + 1}: depth brought to the previous chunk's unit on "
                     f"{len(shared)} shared views, factor {factor:.4g}, residual "
@@ -517,7 +517,7 @@ def reconstruct_in_chunks(
     elif residuals:
         unit = "the given poses' unit" if first_fixed else "the first chunk's relative unit"
         how += (
-            f"; the depth of {rescaled} chunk(s), which the given poses did not put in their "
+            f"; the depth of {len(residuals)} chunk(s), which the given poses did not put in their "
             f"unit, brought to {unit} on the views shared with the chunk before (residual "
             f"{min(residuals):.2%}-{max(residuals):.2%} of depth)"
         )

@@ -496,16 +496,20 @@ class DepthAnything3:
         user_extrinsics = check_extrinsics(extrinsics, count) if extrinsics is not None else None
         user_intrinsics = check_intrinsics(intrinsics, count) if intrinsics is not None else None
         sizes = [source_size(source) for source in images]
-        for index, size in enumerate(sizes):
-            # A view too elongated to process is refused before any runs (from its header;
-            # one whose size cannot be read is checked when decoded).
-            if size is not None:
-                processing_size(size[::-1], options.process_res, options.resize_method, index)
+        # From the headers: a view too elongated to process is refused before any runs (one
+        # whose size cannot be read is checked when decoded).
+        processing = [
+            None
+            if size is None
+            else processing_size(size[::-1], options.process_res, options.resize_method, index)
+            for index, size in enumerate(sizes)
+        ]
         chunk, spill = self._plan_chunks(images, sizes, options)
         if chunk is not None and count > chunk:
             return self._predict_in_chunks(
                 images,
                 sizes,
+                processing,
                 user_extrinsics,
                 user_intrinsics,
                 options,
@@ -851,6 +855,7 @@ class DepthAnything3:
         self,
         images: Sequence[ImageSource],
         sizes: Sequence[tuple[int, int] | None],
+        processing: Sequence[tuple[int, int] | None],
         extrinsics: np.ndarray | None,
         intrinsics: np.ndarray | None,
         options: InferenceOptions,
@@ -861,7 +866,9 @@ class DepthAnything3:
     ) -> Prediction:
         """:meth:`predict` as overlapping chunks aligned into one world (:mod:`da3cog.chunked`):
         each chunk runs the single-pass stages on its views (and their cameras, if given);
-        ``sizes``: the views' ``(width, height)`` from their headers (None where unreadable);
+        ``sizes``: the views' ``(width, height)`` from their headers (None where unreadable),
+        ``processing``: their ``(height, width)`` at the processing size
+        (:func:`~da3cog.io.preprocess.processing_size`);
         ``spill``: the views' outputs go to memory-mapped temporary files."""
         from da3cog.chunked import reconstruct_in_chunks
 
@@ -875,11 +882,9 @@ class DepthAnything3:
             heights_widths = [(height, width) for width, height in known]
             if intrinsics is not None:
                 check_intrinsics_for_images(intrinsics, heights_widths)
-            processing = [
-                processing_size(size, options.process_res, options.resize_method)
-                for size in heights_widths
-            ]
-            shape = scene_processing_shape(processing, options.mixed_shapes)
+            shape = scene_processing_shape(
+                [size for size in processing if size is not None], options.mixed_shapes
+            )
             if not self.loaded.preset.cameras and intrinsics is None:
                 exif_missing = _exif_intrinsics(images, heights_widths, names)[1] or None
 

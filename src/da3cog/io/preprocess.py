@@ -265,35 +265,21 @@ def _process_view(
     rgb: np.ndarray, process_res: int, method: str, index: int
 ) -> tuple[np.ndarray, ViewGeometry]:
     input_height, input_width = rgb.shape[:2]
-
-    reference_side = (
-        max(input_height, input_width)
-        if method.startswith("upper_bound")
-        else min(input_height, input_width)
-    )
-    if reference_side != process_res:
-        scale = process_res / float(reference_side)
-        # Python's round() (half to even) is what the reference uses; keep it for parity.
-        bounded_width = max(1, round(input_width * scale))
-        bounded_height = max(1, round(input_height * scale))
+    height, width, scale = _bounded_size((input_height, input_width), process_res, method)
+    if scale != 1.0:
         interpolation = cv2.INTER_CUBIC if scale > 1.0 else cv2.INTER_AREA
-        rgb = cv2.resize(rgb, (bounded_width, bounded_height), interpolation=interpolation)
+        rgb = cv2.resize(rgb, (width, height), interpolation=interpolation)
 
-    height, width = rgb.shape[:2]
+    aligned_height, aligned_width = _patch_aligned_size(height, width, method)
+    _check_patch_aligned(aligned_height, aligned_width, (input_height, input_width), index)
     offset_x = offset_y = 0
     if method.endswith("_resize"):
-        aligned_width = max(1, _nearest_patch_multiple(width))
-        aligned_height = max(1, _nearest_patch_multiple(height))
-        _check_patch_aligned(aligned_height, aligned_width, (input_height, input_width), index)
         if (aligned_width, aligned_height) != (width, height):
             enlarging = aligned_width > width or aligned_height > height
             interpolation = cv2.INTER_CUBIC if enlarging else cv2.INTER_AREA
             rgb = cv2.resize(rgb, (aligned_width, aligned_height), interpolation=interpolation)
         resized_height, resized_width = aligned_height, aligned_width
     else:
-        aligned_width = (width // PATCH_SIZE) * PATCH_SIZE
-        aligned_height = (height // PATCH_SIZE) * PATCH_SIZE
-        _check_patch_aligned(aligned_height, aligned_width, (input_height, input_width), index)
         offset_x = (width - aligned_width) // 2
         offset_y = (height - aligned_height) // 2
         rgb = rgb[offset_y : offset_y + aligned_height, offset_x : offset_x + aligned_width]
@@ -308,6 +294,32 @@ def _process_view(
         offset_y=float(offset_y),
     )
     return np.ascontiguousarray(rgb), view
+
+
+def _bounded_size(
+    input_size: tuple[int, int], process_res: int, method: str
+) -> tuple[int, int, float]:
+    """``(height, width)`` of a view of ``input_size`` after the boundary resize (its longest
+    or shortest side at ``process_res``), and that resize's scale (1.0: none)."""
+    input_height, input_width = input_size
+    reference_side = (
+        max(input_height, input_width)
+        if method.startswith("upper_bound")
+        else min(input_height, input_width)
+    )
+    if reference_side == process_res:
+        return input_height, input_width, 1.0
+    scale = process_res / float(reference_side)
+    # Python's round() (half to even) is what the reference uses; keep it for parity.
+    return max(1, round(input_height * scale)), max(1, round(input_width * scale)), scale
+
+
+def _patch_aligned_size(height: int, width: int, method: str) -> tuple[int, int]:
+    """The patch-aligned ``(height, width)`` a bounded view is resized (``*_resize``: the
+    nearest multiples) or centre-cropped (``*_crop``: the multiples below) to."""
+    if method.endswith("_resize"):
+        return max(1, _nearest_patch_multiple(height)), max(1, _nearest_patch_multiple(width))
+    return (height // PATCH_SIZE) * PATCH_SIZE, (width // PATCH_SIZE) * PATCH_SIZE
 
 
 def _nearest_patch_multiple(side: int) -> int:
@@ -379,21 +391,7 @@ def processing_size(
     process (named as image ``index``)."""
     _validate_method(method)
     _validate_process_res(process_res)
-    input_height, input_width = input_size
-    reference_side = (
-        max(input_height, input_width)
-        if method.startswith("upper_bound")
-        else min(input_height, input_width)
-    )
-    height, width = input_height, input_width
-    if reference_side != process_res:
-        scale = process_res / float(reference_side)
-        height, width = max(1, round(input_height * scale)), max(1, round(input_width * scale))
-    if method.endswith("_resize"):
-        height = max(1, _nearest_patch_multiple(height))
-        width = max(1, _nearest_patch_multiple(width))
-    else:
-        height, width = (height // PATCH_SIZE) * PATCH_SIZE, (width // PATCH_SIZE) * PATCH_SIZE
+    height, width = _patch_aligned_size(*_bounded_size(input_size, process_res, method)[:2], method)
     _check_patch_aligned(height, width, input_size, index)
     return height, width
 

@@ -301,7 +301,7 @@ def extract_zip(
     folder: Path,
     first_index: int,
     limits: Limits,
-    progress: Progress | None = None,
+    progress: Progress,
 ) -> list[View]:
     """The images of a zip as views ``first_index``, ``first_index + 1``..., streamed member
     by member into ``folder`` under names of ours (member paths are never trusted);
@@ -312,7 +312,7 @@ def extract_zip(
         raise RequestError(f"{label}: not a readable zip file ({error})") from error
     with archive:
         members, others = _zip_members(archive, label, limits)
-        if others and progress is not None:
+        if others:
             shown = ", ".join(f'"{name}"' for name in others[:5])
             more = f" and {len(others) - 5} more" if len(others) > 5 else ""
             progress(
