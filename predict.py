@@ -53,8 +53,9 @@ METRIC_HELP = (
 EXPORT_FORMAT_HELP = (
     "Extra files: glb (points + cameras scene), ply (point cloud), npz (all arrays), "
     "colmap (zip of a COLMAP sparse model + images), all (every format the prediction "
-    "allows) or none. Depth maps (.npy + visualisation), cameras.json and manifest.json "
-    "are always returned; gaussian-splat also returns gaussians.ply."
+    "allows) or none. Depth maps (.npy + visualisation) and manifest.json are always "
+    "returned, cameras.json whenever the views have cameras; gaussian-splat also returns "
+    "gaussians.ply."
 )
 CAMERAS_HELP = (
     'JSON with "intrinsics" (N x 3 x 3 pixels of the input images, or one 3 x 3 for all '

@@ -58,10 +58,10 @@ def served_estimate(
     views: int, side: int, export: str, process_res: int, max_points: int = 1_000_000
 ) -> memory.MemoryEstimate:
     """The memory model's estimate of the request :func:`measure_served_request` sends, as
-    the handler computes it on a CPU (a point cloud only when a format is exported)."""
-    from da3cog.serve.handler import exports_tracks
+    the handler computes it on a CPU (a point cloud only when the format writes one)."""
+    from da3cog.serve.handler import exports_points, exports_tracks
 
-    points = max_points if export != "none" else 0
+    points = max_points if exports_points(export) else 0
     sizes = [(side, side * 3 // 4)] * views
     size = memory.request_size(
         sizes, process_res, "input", gaussians=False, points=points, tracked=exports_tracks(export)

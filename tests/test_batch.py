@@ -11,6 +11,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +24,7 @@ import pytest
 from PIL import Image
 
 from da3cog.batch import BatchSettings, RayOptions, read_manifest, run_batch
-from da3cog.batch.storage import COMPLETE_NAME, PARTIAL_FOLDER
+from da3cog.batch.storage import COMPLETE_NAME, PARTIAL_FOLDER, SCENE_MARKER
 from da3cog.cli import main
 from da3cog.pipeline import DepthAnything3, InferenceOptions
 
@@ -192,10 +193,19 @@ def test_a_rerun_resumes_and_clears_what_a_killed_run_left(
     settings = _settings(small_checkpoint)
     all_scenes = read_manifest(scenes)
     run_batch(all_scenes[:2], out, settings, model=small_model)
-    # A killed run: a half-written scene folder (no marker) and a staging folder.
+    # A killed run: a half-written scene folder (an upload to an object store stopped after
+    # the scene marker, which goes first, and before the completion marker) and its staging
+    # folder on this machine; and a run still going, whose staging stays.
     (out / "s3").mkdir()
+    (out / "s3" / SCENE_MARKER).write_bytes(b"")
     (out / "s3" / "depth_0000_v0.npy").write_bytes(b"half")
-    (out / PARTIAL_FOLDER / "s2.0123").mkdir(parents=True)
+    finished = subprocess.run([sys.executable, "-c", ""], check=True)
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    host = socket.gethostname().replace("-", "_")
+    (out / PARTIAL_FOLDER / f"{host}-{dead.pid}" / "s2.0123").mkdir(parents=True)
+    running = out / PARTIAL_FOLDER / f"{host}-{os.getppid()}" / "s1.4567"
+    running.mkdir(parents=True)
     (tmp_path / "scene2" / "v1.png").write_bytes((tmp_path / "scene2" / "v0.png").read_bytes())
     predicted: list[int] = []
     original = DepthAnything3.predict
@@ -208,9 +218,61 @@ def test_a_rerun_resumes_and_clears_what_a_killed_run_left(
     results = run_batch(all_scenes, out, settings, model=small_model)
     assert [r.status for r in results] == ["done"] * 4
     assert predicted == [2, 2], "only the two missing scenes ran"
-    assert not (out / PARTIAL_FOLDER).exists()
+    assert [p.relative_to(out / PARTIAL_FOLDER) for p in (out / PARTIAL_FOLDER).rglob("*")] == [
+        running.parent.relative_to(out / PARTIAL_FOLDER),
+        running.relative_to(out / PARTIAL_FOLDER),
+    ], "only the running one's staging is left"
+    assert finished.returncode == 0
     assert np.load(out / "s3" / "depth_0000_v0.npy").shape == (96, 128)
     assert [row["scene"] for row in _index(out)] == ["s0", "s1", "s2", "s3"]
+
+
+def test_a_batch_never_replaces_a_folder_it_did_not_write(
+    scenes: Path, tmp_path: Path, small_model: DepthAnything3, small_checkpoint: Path, capsys
+) -> None:
+    """A folder of the user's own under a scene's name (say their input folder, with --out
+    beside it) is refused before any scene runs, and left as it is: before, the scene's
+    outputs replaced it, files and all, and the run said nothing."""
+    out = tmp_path / "out"
+    (out / "s1").mkdir(parents=True)
+    (out / "s1" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="s1: already there and not written by a da3cog batch"):
+        run_batch(read_manifest(scenes), out, _settings(small_checkpoint), model=small_model)
+    assert sorted(p.name for p in out.iterdir()) == ["s1"]
+    assert [p.name for p in (out / "s1").iterdir()] == ["notes.txt"]
+    argv = ["batch", str(scenes), "--out", str(out), "--model", str(small_checkpoint)]
+    assert main(argv) == 2
+    assert "not written by a da3cog batch" in capsys.readouterr().err
+    assert (out / "s1" / "notes.txt").read_text() == "mine"
+    (tmp_path / "file").write_text("mine")
+    assert main([*argv[:3], str(tmp_path / "file"), *argv[4:]]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_errors_name_remote_inputs_as_the_manifest_gave_them(
+    tmp_path: Path, small_model: DepthAnything3, small_checkpoint: Path
+) -> None:
+    """A broken image fetched from an object store is named by its URI in the index, not by
+    the temporary copy the worker read (gone by the time the user looks)."""
+    memory = fsspec.filesystem("memory")
+    base = f"memory://broken-{tmp_path.name}"
+    memory.pipe_file(f"{base}/in/broken.png", b"\x89PNG\r\n\x1a\n broken")
+    # A JPEG whose header reads but whose pixels stop short: it fails in the prediction.
+    jpeg = tmp_path / "cut.jpg"
+    Image.fromarray(np.full((96, 128, 3), 128, np.uint8)).save(jpeg, quality=90)
+    memory.pipe_file(f"{base}/in/cut.jpg", jpeg.read_bytes()[:400])
+    rows = [{"scene": "b", "images": ["broken.png"]}, {"scene": "c", "images": ["cut.jpg"]}]
+    memory.pipe_file(f"{base}/in/m.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    results = run_batch(
+        read_manifest(f"{base}/in/m.jsonl"),
+        tmp_path / "out",
+        _settings(small_checkpoint),
+        model=small_model,
+    )
+    for result, name in zip(results, ["broken.png", "cut.jpg"], strict=True):
+        assert result.status == "failed"
+        assert f"{base}/in/{name}" in result.error, result.error
+        assert ".partial" not in result.error and "da3cog-" not in result.error, result.error
 
 
 def test_the_batch_command(scenes: Path, tmp_path: Path, small_checkpoint: Path, capsys) -> None:
@@ -276,9 +338,7 @@ def test_a_scene_with_its_own_formats_takes_the_batch_export_options_it_can(
     rows = _write_scenes(tmp_path, photo("coffee"), count=2)
     rows[1]["options"] = {"export": ["depth_npy", "cameras_json"]}
     text = "".join(json.dumps(r) + "\n" for r in rows)
-    settings = _settings(
-        small_checkpoint, formats=("ply", "depth_npy"), export_options={"seed": 3}
-    )
+    settings = _settings(small_checkpoint, formats=("ply", "depth_npy"), export_options={"seed": 3})
     scenes = read_manifest_text(tmp_path, text)
     results = run_batch(scenes, tmp_path / "out", settings, model=small_model)
     assert [r.status for r in results] == ["done", "done"], [r.error for r in results]
@@ -337,7 +397,10 @@ def test_csv_and_parquet_manifests(tmp_path: Path) -> None:
         "scene,images,video,cameras,options\nk,a.png;b.png,,,\n"
         'w,,walk.mp4,c.json,"{""stride"": 5}"\n'
     )
+    # Saved by Excel as "CSV UTF-8": a byte-order mark first.
+    manifest.write_bytes(b"\xef\xbb\xbf" + manifest.read_bytes())
     first, second = read_manifest(manifest)
+    assert first.id == "k"
     assert first.inputs == (str(tmp_path / "a.png"), str(tmp_path / "b.png"))
     assert first.cameras is None and first.options == {}
     assert second.inputs == (str(tmp_path / "walk.mp4"),)
@@ -355,6 +418,12 @@ def test_csv_and_parquet_manifests(tmp_path: Path) -> None:
     first, second = read_manifest(tmp_path / "m.parquet")
     assert first.inputs == (str(tmp_path / "a.png"), "s3://b/x.png")
     assert second.options == {"process_res": 336}
+    # A trailing comma (an empty column name) is not a column; a misspelt one is refused.
+    (tmp_path / "trailing.csv").write_text("scene,images,\nk,a.png,\n")
+    assert read_manifest(tmp_path / "trailing.csv")[0].id == "k"
+    (tmp_path / "typo.csv").write_text("scene,image\nk,a.png\n")
+    with pytest.raises(ValueError, match=r"typo.csv line 1: unknown column.*image"):
+        read_manifest(tmp_path / "typo.csv")
 
 
 @pytest.mark.parametrize(
@@ -368,6 +437,12 @@ def test_csv_and_parquet_manifests(tmp_path: Path) -> None:
         ('{"scene": "a", "video": "v.mp4", "options": {"mixed_shapes": "x"}}', "mixed_shapes"),
         ('{"scene": "a", "video": "v.mp4", "options": {"export": ["gif"]}}', "format.*gif"),
         ('{"scene": "a", "video": "v.mp4", "options": {"fps": 2, "stride": 3}}', "not both"),
+        ('{"scene": "a", "video": "v.mp4", "options": {"stride": 0}}', "stride must be a whole"),
+        ('{"scene": "a", "video": "v.mp4", "options": {"fps": "1"}}', "fps must be a number"),
+        ('{"scene": "a", "video": "v.mp4", "options": {"stride": 2.5}}', "stride must be a whole"),
+        ('{"scene": "index.jsonl", "video": "v.mp4"}', "names the batch's index"),
+        ('{"scene": "a", "vidoe": "v.mp4", "images": ["x.png"]}', "unknown field.*vidoe"),
+        ('{"scene": "a", "images": ["x.png"], "option": {"fps": 1}}', "unknown field.*option"),
         (
             '{"scene": "a", "video": "v.mp4", "options": {"loop_closure": "no"}}',
             "line 1.*loop_closure must be true or false",

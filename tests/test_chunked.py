@@ -7,6 +7,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.spatial.transform import Rotation
-from test_export_scene import make_prediction, make_view
+from test_export_scene import add_gaussians, make_prediction, make_view
 
 from da3cog.chunked import (
     chunk_ranges,
@@ -55,12 +58,24 @@ def test_chunk_ranges(count: int, size: int, overlap: int, expected: list) -> No
         assert later.start < earlier.stop, "consecutive chunks share views"
 
 
-@pytest.mark.parametrize(("size", "overlap"), [(1, 0), (4, 0), (4, 4), (4, 5)])
+@pytest.mark.parametrize(("size", "overlap"), [(1, 0), (4, 4), (4, 5), (4, -1)])
 def test_bad_chunk_plans_are_refused(size: int, overlap: int) -> None:
     with pytest.raises(ValueError, match="chunk"):
         chunk_ranges(10, size, overlap)
     with pytest.raises(ValueError, match="chunk"):
         InferenceOptions(chunk_size=size, chunk_overlap=overlap)
+
+
+def test_chunks_that_need_no_alignment_share_no_view() -> None:
+    """Single-view models' chunks (each view predicted on its own) share no view: overlap 0
+    tiles the views, each predicted once but for the last chunk's, which ends at the last
+    view. Chunks to be aligned must share one, and users' chunks are always aligned."""
+    assert [(c.start, c.stop) for c in chunk_ranges(10, 4, 0)] == [(0, 4), (4, 8), (6, 10)]
+    assert [(e.start, e.stop) for e in emitted_views(chunk_ranges(8, 4, 0))] == [(0, 4), (4, 8)]
+    with pytest.raises(ValueError, match="between 1 and size - 1"):
+        InferenceOptions(chunk_size=4, chunk_overlap=0)
+    with pytest.raises(ValueError, match="must share one or more"):
+        reconstruct_in_chunks(10, 4, 0, lambda views: make_prediction(views=len(views)))
 
 
 def test_overlap_defaults_to_half_the_chunk() -> None:
@@ -205,6 +220,27 @@ def test_chunks_are_aligned_into_the_first_chunks_world() -> None:
     later = [v.alignment_residual for v in found.views if v.chunk]
     assert all(r is not None and r < 1e-5 for r in later)
     assert any("reconstructed in 6 chunks of 12 views sharing 6" in n for n in found.notes)
+
+
+def test_metric_chunks_say_how_well_their_metric_scales_agree() -> None:
+    """Nested models make every chunk metric on its own: the world is in the first chunk's
+    metres, metric_scale is that chunk's, and a note gives the range of scales the alignment
+    put on the other chunks (here each chunk's unit is off by its random gauge's scale)."""
+    _, predict_chunk, gauges = _scene()
+    scales: list[float] = []
+
+    def metric_chunk(views: range) -> Prediction:
+        scales.append(2.0 + len(scales))
+        prediction = predict_chunk(views)
+        return dataclasses.replace(prediction, is_metric=True, metric_scale=scales[-1])
+
+    found = reconstruct_in_chunks(VIEWS, SIZE, OVERLAP, metric_chunk)
+    assert found.is_metric and found.metric_scale == 2.0
+    fitted = [gauges[0].scale / gauge.scale for gauge in gauges[1:]]
+    expected = f"were scaled by {min(fitted):.3g}-{max(fitted):.3g} to fit it"
+    assert any(expected in note for note in found.notes), (expected, found.notes)
+    relative = reconstruct_in_chunks(VIEWS, SIZE, OVERLAP, _scene()[1])
+    assert not any(note.startswith("metric:") for note in relative.notes)
 
 
 def test_alignment_holds_against_bad_depth_and_a_wrong_alignment_fails_the_check() -> None:
@@ -514,9 +550,9 @@ def test_a_loop_closure_writes_again_only_the_depth_of_a_spilled_view(tmp_path: 
 
     view = spill_view(make_view(0, 12, 16, name="a"), tmp_path)
     assert isinstance(view.image, np.memmap) and isinstance(view.confidence, np.memmap)
-    moved = _moved(view, Similarity(np.eye(3), np.ones(3), 2.0), tmp_path)
+    moved = _moved(view, Similarity(np.eye(3), np.ones(3), 2.0), tmp_path, 0.01)
     assert moved.image is view.image and moved.confidence is view.confidence
-    assert isinstance(moved.depth, np.memmap)
+    assert isinstance(moved.depth, np.memmap) and moved.alignment_residual == 0.01
     np.testing.assert_allclose(moved.depth, 2 * np.asarray(view.depth), rtol=1e-6)
     assert list(tmp_path.iterdir()) == []  # unlinked once mapped
 
@@ -541,6 +577,58 @@ def test_an_explicit_chunk_size_spills_too_when_the_outputs_do_not_fit(
     assert all(isinstance(v.depth, np.memmap) for v in spilled.views)
     for on_disk, in_memory in zip(spilled.views, kept.views, strict=True):
         np.testing.assert_array_equal(on_disk.depth, in_memory.depth)
+    assert list(tmp_path.iterdir()) == []
+    # Outputs that would not fit TMPDIR's free space either: refused before any chunk runs.
+    from da3cog import pipeline
+
+    free = memory.spilled_bytes(memory.request_size([(128, 96)] * 10, 112, "input", False, 0))
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda _: usage._replace(free=free - 1))
+    monkeypatch.setattr(DepthAnything3, "_predict_one_pass", None)  # nothing may run
+    with pytest.raises(ValueError, match=r"of disk in .*\(TMPDIR\), which has 0.0 GiB free"):
+        small_model.predict(frames, options=options)
+
+
+def test_a_full_disk_while_spilling_is_named(tmp_path: Path) -> None:
+    """A disk that fills up under a spilling run (here a 64 KiB file-size limit) raises
+    SpillFailed naming what was being written and where, not a bare OSError."""
+    code = f"""
+import resource, numpy as np
+from pathlib import Path
+from da3cog.chunked import SpillFailed, spill_arrays
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+try:
+    spill_arrays([np.zeros((256, 256), np.float32)], Path({str(tmp_path)!r}), "view a: depth")
+except SpillFailed as error:
+    print("SpillFailed:", error)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"view a: depth: could not be written to a memory-mapped file in {tmp_path}" in (
+        result.stdout
+    ), result.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_spilled_gaussians_are_mapped_and_equal_to_kept_ones(tmp_path: Path) -> None:
+    """A spilled chunked run keeps its Gaussians in memory-mapped files too (before, they
+    stayed on the heap, the largest part of a gaussian-splat run's outputs), with the same
+    values."""
+    _, predict_chunk, _ = _scene()
+
+    def with_gaussians(views: range) -> Prediction:
+        return add_gaussians(predict_chunk(views))
+
+    kept = reconstruct_in_chunks(VIEWS, SIZE, OVERLAP, with_gaussians)
+    _, predict_chunk, _ = _scene()
+    spilled = reconstruct_in_chunks(VIEWS, SIZE, OVERLAP, with_gaussians, spill_to=tmp_path)
+    assert kept.gaussians is not None and spilled.gaussians is not None
+    for name in ("means", "scales", "rotations", "harmonics", "opacities"):
+        assert isinstance(getattr(spilled.gaussians, name), np.memmap), name
+        np.testing.assert_array_equal(
+            getattr(spilled.gaussians, name), getattr(kept.gaussians, name)
+        )
+    assert spilled.gaussians.grid == kept.gaussians.grid
     assert list(tmp_path.iterdir()) == []
 
 
@@ -614,11 +702,14 @@ def test_views_of_several_shapes_run_in_chunks_as_in_one_pass(
     assert chunked.processing_size == single.processing_size
     assert [v.depth.shape for v in chunked.views] == [v.depth.shape for v in single.views]
     assert max(v.chunk or 0 for v in chunked.views) == 3
-    named = " ".join(n for n in chunked.notes if n.startswith("views of another shape"))
-    # Named as in the request: a chunk's own index would be view_0000 to view_0003.
-    assert "view_0009" in named, named
+    named = [n for n in chunked.notes if n.startswith("views of another shape")]
+    # One note for the scene, as the one pass writes it (not one per chunk, naming the views
+    # two chunks share twice), the views named as in the request: a chunk's own index would
+    # be view_0000 to view_0003.
+    assert named == [n for n in single.notes if n.startswith("views of another shape")]
+    assert "view_0009" in named[0], named
     if mixed_shapes == "resize":
-        assert "view_0006" in named and "view_0002" not in named, named
+        assert "view_0006" in named[0] and "view_0002" not in named[0], named
 
 
 def test_a_request_within_one_chunk_is_a_single_pass(

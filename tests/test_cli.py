@@ -194,6 +194,116 @@ def test_out_naming_a_file_says_so_before_any_model_is_loaded(
     assert out.read_text() == "mine" and no_model_load == []
 
 
+def test_out_under_a_file_says_so_before_any_model_is_loaded(
+    images: list[Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    no_model_load: list[str],
+) -> None:
+    """``--out some.png/out`` cannot be created: refused up front (before, the prediction ran
+    and the export failed with a traceback)."""
+    assert main(predict_args(tmp_path / "weights", images[0] / "out", images)) == 2
+    assert f"{images[0]} is a file, not a folder" in capsys.readouterr().err
+    assert no_model_load == []
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--stride", "0"], "--stride must be a whole number of at least 1, got 0"),
+        (["--fps", "0"], "--fps must be a number of frames a second above 0, got 0.0"),
+        (["--fps", "inf"], "--fps must be a number of frames a second above 0, got inf"),
+        (["--fps", "-1"], "--fps must be"),
+        (["--max-frames", "0"], "--max-frames must be a whole number of at least 1"),
+    ],
+)
+def test_bad_frame_sampling_exits_2_naming_the_flag(
+    images: list[Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    no_model_load: list[str],
+    flags: list[str],
+    message: str,
+) -> None:
+    """Before, --stride 0 and --fps 0 fell back to 2 frames a second without a word, and
+    --fps inf divided by zero while decoding."""
+    assert main([*predict_args(tmp_path / "weights", tmp_path / "out", images), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert no_model_load == []
+
+
+def test_local_videos_are_not_held_to_the_hosted_decode_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI and the batch decode the user's own videos for as long as that takes (the
+    hosted model stops after 120 s: an hour of 30 fps video was refused, and --fps could not
+    help since every frame is decoded). A clock that jumps an hour a frame stands in for a
+    long video."""
+    import itertools
+
+    from da3cog.export.video import encode_mp4
+    from da3cog.io import video
+    from da3cog.io.inputs import expand_inputs
+
+    clip = tmp_path / "clip.mp4"
+    base = np.random.default_rng(0).integers(0, 255, (72, 96, 3), dtype=np.uint8)
+    encode_mp4((np.roll(base, 4 * i, axis=1) for i in range(12)), clip, fps=6)
+    hours = itertools.count(step=3600.0)
+    monkeypatch.setattr(video.time, "monotonic", lambda: next(hours))
+    with pytest.raises(video.VideoDecodeError, match="decoding took longer than 120 s"):
+        list(video.sample_frames(clip, "clip", fps=2.0, max_frames=10))
+    assert len(expand_inputs([clip], tmp_path / "frames")) == 4
+
+
+def test_a_folder_of_numbered_frames_comes_in_frame_order(tmp_path: Path) -> None:
+    """ffmpeg's ``%d.png`` frames: 2 before 10 (a plain name sort put 10 and 100 first, and a
+    chunked run then aligned frames that are not neighbours)."""
+    from da3cog.io.inputs import expand_inputs
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    picture = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
+    names = ["1.png", "10.png", "100.png", "11.png", "2.png", "9.png", "x1²3.png"]
+    for name in names:
+        picture.save(folder / name)
+    found = [path.name for path in expand_inputs([folder], tmp_path / "unused")]
+    # Digits other than 0-9 ("²") are text, not numbers.
+    assert found == ["1.png", "2.png", "9.png", "10.png", "11.png", "100.png", "x1²3.png"]
+
+
+@pytest.mark.parametrize(
+    ("model", "flags", "count", "message"),
+    [
+        ("da3mono-large", ["--export", "ply"], 2, "--export ply places the views in one world"),
+        ("da3metric-large", ["--export", "glb"], 1, "--export glb needs the view's focal length"),
+        ("da3-small", ["--gaussians"], 1, "small has no Gaussian head"),
+    ],
+    ids=["mono-ply", "metric-glb-no-exif", "small-gaussians"],
+)
+def test_what_the_model_cannot_do_is_refused_before_it_loads(
+    images: list[Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    no_model_load: list[str],
+    model: str,
+    flags: list[str],
+    count: int,
+    message: str,
+) -> None:
+    """Known from the checkpoint's config before loading it (a preset, an official Hub id or
+    a folder): a single-view model asked for a point format it cannot place, or Gaussians
+    from a model without their head. Before, these were refused after the download and the
+    whole prediction."""
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_name": model}))
+    (folder / "model.safetensors").write_bytes(b"")
+    args = predict_args(folder, tmp_path / "out", images[:count], *flags)
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert no_model_load == []
+
+
 def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
     from da3cog import __version__
 
@@ -630,6 +740,9 @@ def test_a_bad_chunk_plan_exits_2_before_loading(
     args = predict_args(tmp_path / "w", tmp_path / "out", images, "--chunk-size", "4")
     assert main([*args, "--chunk-overlap", "4"]) == 2
     assert "chunk overlap must be between 1 and size - 1 = 3" in capsys.readouterr().err
+    args = predict_args(tmp_path / "w", tmp_path / "out", images, "--chunk-size", "none")
+    assert main([*args, "--chunk-overlap", "2"]) == 2
+    assert "error: --chunk-overlap needs --chunk-size" in capsys.readouterr().err  # the flags
     assert no_model_load == []
 
 
@@ -655,7 +768,6 @@ def test_folders_and_videos_are_expanded_into_views(
     assert main([*predict_args(small_checkpoint, tmp_path / "o2", [clip]), "--fps", "1"]) == 0
     manifest = json.loads((tmp_path / "o2" / "manifest.json").read_text())
     assert len(manifest["views"]) == 2  # 2 s of video at 1 frame a second
-
 
 
 def test_running_out_of_memory_exits_3_with_advice(

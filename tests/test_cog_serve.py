@@ -449,6 +449,41 @@ def test_model_cache_offloads_least_recently_used(small_checkpoint: Path) -> Non
     assert loads == ["a", "b", "c"], "offloaded models come back without reloading"
 
 
+def test_model_cache_says_what_loading_a_model_would_take(small_checkpoint: Path) -> None:
+    """What a request's memory check sets aside for its model before loading it: nothing
+    when the model is resident; on the CPU its weights; on a GPU its weights on the device
+    less the models moved to the host to make room for it, which the host then holds."""
+    from da3cog.pipeline import DepthAnything3
+    from da3cog.serve.models import ModelCache, _weight_bytes
+    from da3cog.weights import load_model
+
+    model = DepthAnything3(load_model(small_checkpoint), torch.device("cpu"))
+    size = _weight_bytes(model)
+    sizes = {"a": size, "b": size, "big": 3 * size}
+    on_cpu = ModelCache(
+        torch.device("cpu"),
+        loader=lambda preset, device: load_model(small_checkpoint, device=device),
+        needed_bytes=sizes.__getitem__,
+    )
+    assert on_cpu.load_cost("a") == (size, 0)
+    on_cpu.get("a")
+    assert on_cpu.load_cost("a") == (0, 0)
+    free = 3.5 * size  # device bytes free with nothing resident
+
+    def free_bytes() -> int:
+        return int(free - sum(sizes[name] for name in on_gpu.resident))
+
+    on_gpu = ModelCache(torch.device("cuda"), free_bytes=free_bytes, needed_bytes=sizes.__getitem__)
+    on_gpu._resident.update(a=model, b=model)  # as if loaded: this machine has no GPU
+    assert on_gpu.load_cost("a") == (0, 0)
+    # 1.5 models' worth free: "big" needs 3, so a (least recently used) then b move out.
+    assert on_gpu.load_cost("big") == (2 * size, size)
+    on_gpu._resident.move_to_end("a")
+    free = 2.5 * size  # half a model's worth free: b alone moves out for a model of one
+    sizes["c"] = size
+    assert on_gpu.load_cost("c") == (size, 0)
+
+
 def test_checkpoint_override_and_offline_message(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_checkpoint: Path
 ) -> None:
@@ -652,6 +687,7 @@ def test_a_monocular_request_counts_the_outputs_of_every_view(
     from da3cog.serve.handler import Server
     from da3cog.serve.media import View
     from da3cog.serve.provenance import RequestFiles
+    from da3cog.serve.request import ModelChoice
 
     preset = PRESETS["da3-small"]
     views = [
@@ -668,11 +704,143 @@ def test_a_monocular_request_counts_the_outputs_of_every_view(
     values = RequestValues(
         image=tmp_path / "v0.png", mode="monocular", export_format="none", process_resolution=504
     )
-    assert server._check_memory(values, preset, views[:4]) is None
+    choice = ModelChoice(preset.name, "test")
+    assert server._check_memory(values, choice, views[:4]) is None
     with pytest.raises(RequestError, match="Send at most 4 of these views") as refused:
-        server._check_memory(values, preset, views)
+        server._check_memory(values, choice, views)
     # The outputs at the input size set the bound: a lower resolution would not help.
     assert "process_resolution=280" not in str(refused.value)
+
+
+def test_the_memory_check_counts_views_upright(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Phone photos stored landscape with an EXIF rotation are processed portrait: the check
+    sizes them so (stored sizes made portrait photos the minority among landscape frames, and
+    the estimate 35% low); a view too elongated for the 280 px advice leaves that advice out
+    instead of failing the refusal."""
+    from da3cog import memory
+    from da3cog.serve.handler import Server
+    from da3cog.serve.media import View
+    from da3cog.serve.provenance import RequestFiles
+    from da3cog.serve.request import ModelChoice
+
+    views = [
+        View(tmp_path / f"p{index}.jpg", f"images[{index}]", (4032, 3024), (4032, 3024), True)
+        for index in range(3)
+    ] + [View(tmp_path / "w.png", "images[3]", (1920, 1080), (1920, 1080))]
+    asked: list[list[tuple[int, int]]] = []
+    original = memory.request_size
+
+    def spy(sizes, *args, **kwargs):
+        asked.append(list(sizes))
+        return original(sizes, *args, **kwargs)
+
+    monkeypatch.setattr(memory, "request_size", spy)
+    server = Server(torch.device("cpu"), tmp_root=tmp_path / "r", files=RequestFiles(tmp_path))
+    values = RequestValues(image=views[0].path, export_format="none", process_resolution=504)
+    server._check_memory(values, ModelChoice("da3-small", "test"), views)
+    assert asked[0] == [(3024, 4032)] * 3 + [(1920, 1080)]
+    # 5000x100 processes at 504 px, not at 280: the refusal still comes, without that advice.
+    thin = [
+        View(tmp_path / f"t{i}.png", f"images[{i}]", (5000, 100), (5000, 100)) for i in range(40)
+    ]
+    monkeypatch.setenv(memory.MEMORY_BUDGET_ENV, "0.001")
+    with pytest.raises(RequestError, match="needs about") as refused:
+        server._check_memory(values, ModelChoice("da3-small", "test"), thin)
+    assert "process_resolution=280" not in str(refused.value)
+
+
+def test_only_formats_with_a_point_cloud_count_its_points() -> None:
+    """NPZ writes no point cloud: its requests are not charged for a million points."""
+    from da3cog.serve.handler import exports_points
+    from da3cog.serve.inputs import EXPORT_FORMATS
+
+    assert [f for f in EXPORT_FORMATS if exports_points(f)] == ["glb", "ply", "colmap", "all"]
+
+
+def test_a_multi_view_refusal_gives_the_chunked_figures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A multi-view request the worker would run in chunks is refused with what it needs in
+    the smallest chunks, and "at most N of these views" is the largest count it accepts
+    (before, both were one-pass figures: "at most 22" where 34 views were accepted)."""
+    import re
+
+    from da3cog import memory
+    from da3cog.model.presets import PRESETS
+    from da3cog.serve.handler import Server
+    from da3cog.serve.media import View
+    from da3cog.serve.provenance import RequestFiles
+    from da3cog.serve.request import ModelChoice
+
+    preset = PRESETS["da3-small"]
+    views = [
+        View(tmp_path / f"v{index}.png", f"images[{index}]", (1600, 1200), (1600, 1200))
+        for index in range(60)
+    ]
+
+    def chunked(count: int) -> memory.MemoryEstimate:
+        size = memory.request_size([(1600, 1200)] * count, 504, "input", False, 0)
+        return memory.estimate(preset, size, on_gpu=False, chunk=memory.MIN_CHUNK)
+
+    budget = (chunked(30).host + chunked(31).host) / 2
+    monkeypatch.setenv(memory.MEMORY_BUDGET_ENV, f"{budget / memory.GIB:.9f}")
+    server = Server(
+        torch.device("cpu"), tmp_root=tmp_path / "requests", files=RequestFiles(tmp_path)
+    )
+    values = RequestValues(image=tmp_path / "v0.png", export_format="none", process_resolution=504)
+    choice = ModelChoice(preset.name, "test")
+    assert server._check_memory(values, choice, views[:30]) is not None  # accepted, in chunks
+    with pytest.raises(RequestError) as refused:
+        server._check_memory(values, choice, views[:31])
+    with pytest.raises(RequestError) as refused:
+        server._check_memory(values, choice, views)
+    message = str(refused.value)
+    assert "Send at most 30 of these views" in message, message
+    assert f"needs about {chunked(60).describe()};" in message, message
+    assert re.search(r"needs about [0-9.]+ GiB of RAM", message)
+
+
+def test_the_memory_check_sets_aside_the_weights_of_a_model_still_to_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check runs before the request's model loads: a model not loaded yet takes its
+    weights out of the memory the request may plan on (before, a request that fitted only
+    with the weights' memory was accepted, and the weights then loaded into it)."""
+    from da3cog import memory
+    from da3cog.model.presets import PRESETS
+    from da3cog.serve.handler import Server
+    from da3cog.serve.media import View
+    from da3cog.serve.models import ModelCache
+    from da3cog.serve.provenance import RequestFiles
+    from da3cog.serve.request import ModelChoice
+
+    preset, weights = PRESETS["da3-small"], memory.GIB
+    views = [
+        View(tmp_path / f"v{index}.png", f"images[{index}]", (1600, 1200), (1600, 1200))
+        for index in range(4)
+    ]
+    size = memory.request_size([(1600, 1200)] * 4, 504, "input", False, 0)
+    needed = memory.estimate(preset, size, on_gpu=False, chunk=1).host
+    monkeypatch.delenv(memory.MEMORY_BUDGET_ENV, raising=False)
+    available = needed / memory.SAFETY_FRACTION + weights / 2
+    monkeypatch.setattr(memory, "available_host_bytes", lambda: int(available))
+    cache = ModelCache(torch.device("cpu"), needed_bytes=lambda preset: weights)
+    server = Server(
+        torch.device("cpu"),
+        tmp_root=tmp_path / "requests",
+        cache=cache,
+        files=RequestFiles(tmp_path),
+    )
+    values = RequestValues(
+        image=tmp_path / "v0.png", mode="monocular", export_format="none", process_resolution=504
+    )
+    choice = ModelChoice(preset.name, "test")
+    with pytest.raises(RequestError, match="needs about"):
+        server._check_memory(values, choice, views)
+    cache._resident[preset.name] = None  # type: ignore[assignment]  # as if loaded
+    assert server._check_memory(values, choice, views) is None
 
 
 def test_a_monocular_request_runs_under_the_time_budget_view_by_view(

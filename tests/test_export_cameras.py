@@ -4,6 +4,7 @@ nerfstudio-style transforms.json with its images."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -41,6 +42,28 @@ def test_cameras_json_matches_its_schema(prediction, tmp_path: Path) -> None:
         product = np.array(entry["camera_to_world"]) @ np.array(entry["world_to_camera"])
         np.testing.assert_allclose(product, np.eye(4), atol=1e-6)
     assert_unchanged(prediction, before)
+
+
+def test_cameras_json_says_which_chunk_made_each_view(prediction, tmp_path: Path) -> None:
+    """A chunked prediction's cameras.json names each view's chunk and its alignment residual
+    (null for the first chunk), and still matches the schema; a single pass has neither key."""
+    jsonschema = require("jsonschema")
+    records = [(0, None), (0, None), (1, 0.0125)]
+    chunked = dataclasses.replace(
+        prediction,
+        views=tuple(
+            dataclasses.replace(view, chunk=chunk, alignment_residual=residual)
+            for view, (chunk, residual) in zip(prediction.views, records, strict=True)
+        ),
+    )
+    document = json.loads(export_cameras_json(chunked, tmp_path).read_text())
+    jsonschema.Draft202012Validator(cameras_schema()).validate(document)
+    assert [(v["chunk"], v["alignment_residual"]) for v in document["views"]] == records
+    single = cameras_document(prediction)["views"]
+    assert not any("chunk" in view or "alignment_residual" in view for view in single)
+    document["views"][2]["alignment_residual"] = -0.1
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(document, cameras_schema(), cls=jsonschema.Draft202012Validator)
 
 
 @pytest.mark.parametrize(

@@ -21,9 +21,12 @@ from test_export_scene import (
 )
 
 from da3cog.chunked import (
+    IDENTITY,
     LOOP_WINDOW,
     chunk_ranges,
     emitted_views,
+    fit_chunk,
+    fit_overlap,
     reconstruct_in_chunks,
     transform_view,
 )
@@ -349,6 +352,61 @@ def test_closing_the_loop_undoes_most_of_the_drift() -> None:
         np.testing.assert_allclose(found.depth, reference.depth, rtol=1e-6)
 
 
+def test_alignment_residuals_are_read_again_after_the_loop_closes() -> None:
+    """The drifting chunks align exactly on their overlaps (each overlap differs from the
+    chunk before by one similarity), so the sequential residuals are nil; closing the loop
+    spreads its error over the chain, so the overlaps no longer agree exactly. Each view's
+    alignment_residual is then its chunk's overlap residual with both chunks where they end
+    up: checked against the chunks' own predictions placed by the similarity that takes each
+    chunk's emitted views onto the returned ones."""
+    truth = _loop_truth()
+    drifting, _ = _drifting_predictor(truth)
+    predictions: list[Prediction] = []
+
+    def predict(views: Sequence[int]) -> Prediction:
+        predictions.append(drifting(views))
+        return predictions[-1]
+
+    notes: list[str] = []
+    closed = reconstruct_in_chunks(
+        FRAMES, SIZE, OVERLAP, predict, loop_closure=True, progress=notes.append
+    )
+    assert any("1 of" in note and "kept" in note for note in closed.notes), closed.notes
+    assert any("overlap residuals now" in note for note in closed.notes), closed.notes
+    chunks = chunk_ranges(FRAMES, SIZE, OVERLAP)
+    placed = []
+    for chunk, emit, prediction in zip(chunks, emitted_views(chunks), predictions, strict=False):
+        own = np.concatenate(
+            [surface_points(prediction.views[v - chunk.start], np.float64) for v in emit]
+        )
+        final = np.concatenate([surface_points(closed.views[v], np.float64) for v in emit])
+        placed.append(umeyama(own, final))
+    assert closed.views[0].alignment_residual is None
+    for index in range(1, len(chunks)):
+        shared = range(chunks[index].start, chunks[index - 1].stop)
+        earlier = [
+            transform_view(
+                predictions[index - 1].views[v - chunks[index - 1].start], placed[index - 1]
+            )
+            for v in shared
+        ]
+        later = [
+            transform_view(predictions[index].views[v - chunks[index].start], placed[index])
+            for v in shared
+        ]
+        _, sequential = fit_chunk(
+            [predictions[index - 1].views[v - chunks[index - 1].start] for v in shared],
+            [predictions[index].views[v - chunks[index].start] for v in shared],
+        )
+        expected = fit_overlap(earlier, later)[2].residual(IDENTITY, IDENTITY)
+        found = {v.alignment_residual for v in closed.views if v.chunk == index}
+        assert len(found) == 1, found
+        (residual,) = found
+        assert sequential < 1e-6, sequential
+        assert expected > 1e-4, expected
+        np.testing.assert_allclose(residual, expected, rtol=0.02)
+
+
 def test_gaussians_move_with_their_chunk_when_loops_close() -> None:
     """With Gaussians on every pixel's surface point, each chunk's correction moves its
     Gaussians with its views: after closing the loop every Gaussian still sits on its pixel's
@@ -363,6 +421,30 @@ def test_gaussians_move_with_their_chunk_when_loops_close() -> None:
         expected = surface_points(view, np.float64)
         scale = float(np.abs(expected).max())
         np.testing.assert_allclose(placed, expected, atol=1e-4 * scale)
+
+
+def test_spilled_gaussians_move_in_place_with_their_chunk(tmp_path) -> None:
+    """A spilled run keeps its Gaussians in one file per array, each chunk's moved there in
+    place when the loop closes: the same values as a run that kept them in memory."""
+    truth = _loop_truth()
+    kept = reconstruct_in_chunks(
+        FRAMES, SIZE, OVERLAP, _drifting_predictor(truth, gaussians=True)[0], loop_closure=True
+    )
+    spilled = reconstruct_in_chunks(
+        FRAMES,
+        SIZE,
+        OVERLAP,
+        _drifting_predictor(truth, gaussians=True)[0],
+        loop_closure=True,
+        spill_to=tmp_path,
+    )
+    assert kept.gaussians is not None and spilled.gaussians is not None
+    assert spilled.gaussians.grid == kept.gaussians.grid
+    for name in ("means", "scales", "rotations", "harmonics", "opacities"):
+        found = getattr(spilled.gaussians, name)
+        assert isinstance(found, np.memmap), name
+        np.testing.assert_allclose(found, getattr(kept.gaussians, name), rtol=1e-6, atol=1e-6)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_look_alikes_in_a_sequence_that_never_comes_back_change_nothing() -> None:

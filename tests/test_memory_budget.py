@@ -265,3 +265,61 @@ def test_gaussian_request_stays_under_the_estimate(small_zoo_checkpoint) -> None
     its own set and the pipeline held it, took 1827 MiB on this request, 1.06 of it."""
     row = _child_row(GAUSSIAN_CHILD, str(small_zoo_checkpoint("small-gs")[0]), "32", "280")
     assert row["without"] < row["added"] <= row["estimate"], row
+
+
+@pytest.mark.parametrize("method", ["upper_bound_resize", "lower_bound_resize", "lower_bound_crop"])
+@pytest.mark.parametrize("mixed_shapes", ["resize", "crop"])
+def test_the_estimate_counts_the_pixels_preprocessing_gives(method: str, mixed_shapes: str) -> None:
+    """Each view's processing pixels as prepare_images makes them, for every resize method
+    and with a panorama among 16:9 frames: before, every view was counted with its longer
+    side at process_res (a lower_bound method puts the shorter side there: 3x the pixels of
+    a 16:9 frame), and a panorama at its own size although it is resized to the others'."""
+    import numpy as np
+
+    from da3cog.io.preprocess import prepare_images
+
+    sizes = [(1920, 1080)] * 3 + [(4000, 1000)]
+    arrays = [np.zeros((height, width, 3), np.uint8) for width, height in sizes]
+    batch = prepare_images(arrays, 504, method, mixed_shapes=mixed_shapes)
+    height, width = batch.processing_size
+    size = memory.request_size(
+        sizes, 504, "processing", False, 0, resize_method=method, mixed_shapes=mixed_shapes
+    )
+    assert size.processing_pixels == (height * width,) * 4
+    assert size.output_pixels == size.processing_pixels
+
+
+def test_a_chunked_gpu_estimate_holds_one_chunks_gaussians() -> None:
+    """A chunked gaussian-splat run builds each chunk's Gaussians on the GPU and copies them
+    to the host: its device estimate is one chunk's whatever the number of views (before,
+    every view's Gaussians were counted on the device: 700 views of 504 px needed 63 GiB
+    there, and chunks that fit were refused); the host holds them all."""
+    preset = PRESETS["da3-giant"]
+
+    def chunked(views: int) -> memory.MemoryEstimate:
+        size = memory.request_size([(504, 378)] * views, 504, "input", True, 0)
+        return memory.estimate(preset, size, on_gpu=True, chunk=4)
+
+    alone = memory.estimate(
+        preset, memory.request_size([(504, 378)] * 4, 504, "input", True, 0), on_gpu=True
+    )
+    assert chunked(700).device == chunked(40).device == alone.device
+    assert chunked(700).host > 10 * chunked(40).host / 2
+
+
+@pytest.mark.parametrize("value", ["8GB", "nan", "inf", "-2", "0"])
+def test_a_bad_memory_budget_is_named(value: str, monkeypatch, tmp_path: Path) -> None:
+    """$DA3COG_MEMORY_BUDGET_GB that is not a positive number of GiB is refused naming the
+    variable (before, '8GB' failed every request with float()'s message and '-2' became a
+    negative budget that refused everything); the cog worker refuses it at boot."""
+    from da3cog.serve.handler import Server
+    from da3cog.serve.provenance import RequestFiles
+
+    monkeypatch.setenv(memory.MEMORY_BUDGET_ENV, value)
+    with pytest.raises(ValueError, match=rf"\$DA3COG_MEMORY_BUDGET_GB .*got '{value}'"):
+        memory.host_budget()
+    server = Server(torch.device("cpu"), tmp_root=tmp_path / "r", files=RequestFiles(tmp_path))
+    with pytest.raises(RuntimeError, match="DA3COG_MEMORY_BUDGET_GB"):
+        server.setup("small", progress=lambda _: None)
+    monkeypatch.setenv(memory.MEMORY_BUDGET_ENV, "0.5")
+    assert memory.host_budget() == memory.GIB // 2

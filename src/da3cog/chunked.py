@@ -17,7 +17,9 @@ user's cameras and is in the user's frame, and in their unit where the poses fix
 they do not (``align_to_input_scale`` off, or a chunk whose cameras all sit in one place),
 each chunk's depth is in its own relative unit and is brought to the previous chunk's by one
 factor fitted on the views they share (:func:`fit_depth_scale`). Single-view models (mono,
-metric) predict every view on its own, so their chunks are simply concatenated. Every chunk
+metric) predict every view on its own, so their chunks share no view and are simply
+concatenated (a view's depth is then that of one pass, but for the sky's, which these models
+fill with a high percentile of the other depth of the batch: of the view's chunk). Every chunk
 fits its views to the processing shape one pass over the whole scene would take, so a shared
 view is the same pixels in both of its chunks. 3D Gaussians follow
 their chunk's similarity (:func:`transform_gaussians`) and are kept for the emitted views.
@@ -30,6 +32,7 @@ its chunk.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -38,6 +41,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -45,6 +49,7 @@ import torch
 from da3cog.geometry import (
     RobustFit,
     Similarity,
+    apply_similarity,
     camera_centres,
     compose_similarities,
     depth_to_world_points,
@@ -73,9 +78,9 @@ def chunk_ranges(count: int, size: int, overlap: int) -> list[range]:
     ``count <= size``."""
     if size < 2:
         raise ValueError(f"chunk size must be at least 2 views, got {size}")
-    if not 1 <= overlap < size:
+    if not 0 <= overlap < size:
         raise ValueError(
-            f"chunk overlap must be between 1 and size - 1 = {size - 1}, got {overlap}"
+            f"chunk overlap must be between 0 and size - 1 = {size - 1}, got {overlap}"
         )
     if count <= size:
         return [range(count)]
@@ -141,12 +146,51 @@ def _usable_pairs(
         yield before, after, usable, weight
 
 
+@dataclass(frozen=True)
+class OverlapPoints:
+    """The pixels two chunks both see on the views they share, as point pairs: ``source``
+    ``(N, 3)`` in the later chunk's world, ``target`` ``(N, 3)`` in the earlier one's, their
+    ``weight`` ``(N,)``, and ``depth``: the median depth of the earlier chunk there (the unit
+    residuals are given in)."""
+
+    source: np.ndarray
+    target: np.ndarray
+    weight: np.ndarray
+    depth: float
+
+    def sample(self, count: int, seed: int = 0) -> OverlapPoints:
+        """At most ``count`` of the pairs (an even, seeded sample)."""
+        if len(self.source) <= count:
+            return self
+        pick = np.random.default_rng(seed).choice(len(self.source), count, False)
+        return OverlapPoints(self.source[pick], self.target[pick], self.weight[pick], self.depth)
+
+    def residual(self, source_to_world: Similarity, target_to_world: Similarity) -> float:
+        """The weighted median distance between the pairs once each chunk is placed in the
+        world by its similarity, relative to ``depth`` as placed (a fit's residual, read
+        again after the placements changed)."""
+        distance = np.linalg.norm(
+            apply_similarity(self.source, source_to_world)
+            - apply_similarity(self.target, target_to_world),
+            axis=1,
+        )
+        return weighted_median(distance, self.weight) / (self.depth * target_to_world.scale)
+
+
 def fit_chunk(
     earlier: Sequence[ViewPrediction], later: Sequence[ViewPrediction], seed: int = 0
 ) -> tuple[RobustFit, float]:
     """The similarity taking the ``later`` chunk's world onto the ``earlier`` one's, fitted on
     the same views as each chunk predicted them (same pixels); and its residual relative to
     the views' median depth."""
+    fit, residual, _ = fit_overlap(earlier, later, seed)
+    return fit, residual
+
+
+def fit_overlap(
+    earlier: Sequence[ViewPrediction], later: Sequence[ViewPrediction], seed: int = 0
+) -> tuple[RobustFit, float, OverlapPoints]:
+    """:func:`fit_chunk`, and the point pairs it was fitted on."""
     sources, targets, weights, depths = [], [], [], []
     for before, after, usable, weight in _usable_pairs(earlier, later):
         target, source = _world_points(before), _world_points(after)
@@ -165,8 +209,9 @@ def fit_chunk(
     if len(source) > MAX_ALIGNMENT_POINTS:
         pick = np.random.default_rng(seed).choice(len(source), MAX_ALIGNMENT_POINTS, False)
         source, target, weight, depth = source[pick], target[pick], weight[pick], depth[pick]
+    points = OverlapPoints(source, target, weight, float(np.median(depth)))
     fit = robust_similarity(source, target, weight)
-    return fit, fit.residual / float(np.median(depth))
+    return fit, fit.residual / points.depth, points
 
 
 def fit_depth_scale(
@@ -243,16 +288,129 @@ def spill_view(
     spilled = {}
     for name in arrays:
         value = getattr(view, name)
-        if value is None:
-            continue
-        handle, path = tempfile.mkstemp(dir=folder, prefix=f".da3cog-{name}-", suffix=".npy")
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                np.save(stream, np.ascontiguousarray(value))
-            spilled[name] = np.load(path, mmap_mode="r")
-        finally:
-            os.unlink(path)
+        if value is not None:
+            spilled[name] = spill_arrays([value], folder, f"view {view.name}: {name}")
     return dataclasses.replace(view, **spilled)
+
+
+class SpillFailed(OSError):
+    """Outputs could not be written to their memory-mapped files (a full disk)."""
+
+
+def spill_arrays(parts: Sequence[np.ndarray], folder: Path, what: str) -> np.ndarray:
+    """``parts`` (arrays of one dtype and trailing shape) joined along their first axis into
+    a read-only array mapped from a file in ``folder`` that has no name: nothing is left on
+    the disk however the process ends, and the space goes back with the last array that uses
+    it. :class:`SpillFailed` naming ``what`` and the folder when the disk is full."""
+    if not parts or any(np.ndim(part) == 0 for part in parts):
+        raise ValueError(f"{what}: nothing to spill, or a scalar")
+    first = np.asarray(parts[0])
+    shape = (sum(len(part) for part in parts), *first.shape[1:])
+    if not all(part.dtype == first.dtype and part.shape[1:] == first.shape[1:] for part in parts):
+        raise ValueError(f"{what}: parts of different dtypes or shapes")
+    if not math.prod(shape) or not first.itemsize:
+        return _frozen(np.zeros(shape, first.dtype))
+    with (
+        _spill_errors(what, folder),
+        tempfile.TemporaryFile(dir=folder, prefix=".da3cog-") as stream,
+    ):
+        for part in parts:
+            _write_rows(stream, part)
+        stream.flush()
+        return np.memmap(stream, dtype=first.dtype, mode="r", shape=shape)
+
+
+def _write_rows(stream: IO[bytes], array: np.ndarray) -> None:
+    """``array``'s rows into ``stream``, in slices of at most 64 MiB (a spilled array is
+    read from its own file, not copied whole)."""
+    rows = max(1, (64 << 20) // max(1, array[:1].nbytes))
+    for start in range(0, len(array), rows):
+        stream.write(np.ascontiguousarray(array[start : start + rows]).data)
+
+
+@contextlib.contextmanager
+def _spill_errors(what: str, folder: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as error:
+        raise SpillFailed(
+            f"{what}: could not be written to a memory-mapped file in {folder} (TMPDIR): "
+            f"{error.strerror or error}. Free space there, or point TMPDIR at a disk with room"
+        ) from error
+
+
+GAUSSIAN_ARRAYS = ("means", "scales", "rotations", "harmonics", "opacities")
+
+
+class SpilledGaussians:
+    """The Gaussians of a spilled run, on the disk once: each chunk's appended to one
+    nameless file per array (as :func:`spill_arrays` makes them), moved there in place by a
+    loop closure, and mapped whole at the end (per-chunk files joined at the end held them
+    twice)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.streams: dict[str, IO[bytes]] = {}
+        # Each array's dtype and shape past the first axis; each chunk's first Gaussian and
+        # count; the grid's height and width.
+        self.layout: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
+        self.parts: list[tuple[int, int]] = []
+        self.view_size: tuple[int, int] | None = None
+
+    def append(self, part: Gaussians) -> None:
+        if self.view_size is None:
+            self.view_size = part.grid[1:]
+            for name in GAUSSIAN_ARRAYS:
+                array = np.asarray(getattr(part, name))
+                self.layout[name] = (array.dtype, array.shape[1:])
+                with _spill_errors(f"Gaussians: {name}", self.folder):
+                    self.streams[name] = tempfile.TemporaryFile(dir=self.folder, prefix=".da3cog-")
+        _check_view_sizes({self.view_size, part.grid[1:]})
+        start = sum(count for _, count in self.parts)
+        for name in GAUSSIAN_ARRAYS:
+            with _spill_errors(f"Gaussians: {name}", self.folder):
+                _write_rows(self.streams[name], np.asarray(getattr(part, name)))
+        self.parts.append((start, len(part)))
+
+    def _gaussians(self, start: int, count: int) -> Gaussians:
+        """Gaussians ``start`` to ``start + count``, mapped from the files."""
+        if self.view_size is None:
+            raise RuntimeError("no Gaussians were appended")
+        arrays = {}
+        for name, (dtype, rest) in self.layout.items():
+            shape = (count, *rest)
+            if not math.prod(shape):
+                arrays[name] = _frozen(np.zeros(shape, dtype))
+                continue
+            stream = self.streams[name]
+            with _spill_errors(f"Gaussians: {name}", self.folder):
+                stream.flush()
+                offset = start * dtype.itemsize * math.prod(rest)
+                arrays[name] = np.memmap(stream, dtype=dtype, mode="r", shape=shape, offset=offset)
+        height, width = self.view_size
+        return Gaussians(**arrays, grid=(count // max(height * width, 1), height, width))
+
+    def move(self, index: int, similarity: Similarity) -> None:
+        """Chunk ``index``'s Gaussians moved by ``similarity`` (:func:`transform_gaussians`),
+        written over themselves."""
+        start, count = self.parts[index]
+        moved = transform_gaussians(self._gaussians(start, count), similarity)
+        for name in GAUSSIAN_ARRAYS:
+            dtype, rest = self.layout[name]
+            stream = self.streams[name]
+            with _spill_errors(f"Gaussians: {name}", self.folder):
+                stream.seek(start * dtype.itemsize * math.prod(rest))
+                _write_rows(stream, np.asarray(getattr(moved, name), dtype=dtype))
+                stream.seek(0, os.SEEK_END)
+
+    def result(self) -> Gaussians | None:
+        """Every chunk's Gaussians, mapped read-only (None when no chunk had any)."""
+        if self.view_size is None:
+            return None
+        gaussians = self._gaussians(0, sum(count for _, count in self.parts))
+        for stream in self.streams.values():
+            stream.close()  # the maps keep the files
+        return gaussians
 
 
 def transform_gaussians(gaussians: Gaussians, similarity: Similarity) -> Gaussians:
@@ -264,8 +422,7 @@ def transform_gaussians(gaussians: Gaussians, similarity: Similarity) -> Gaussia
     rotation = torch.from_numpy(similarity.rotation).float()
     orientations = quaternion_to_matrix(torch.from_numpy(np.array(gaussians.rotations)))
     harmonics = rotate_harmonics(torch.from_numpy(np.array(gaussians.harmonics)), rotation)
-    means = similarity.scale * np.asarray(gaussians.means, dtype=np.float64)
-    means = means @ similarity.rotation.T + similarity.translation
+    means = apply_similarity(np.asarray(gaussians.means, dtype=np.float64), similarity)
     return dataclasses.replace(
         gaussians,
         means=_frozen(means),
@@ -291,26 +448,23 @@ def _gaussians_of(gaussians: Gaussians, views: Sequence[int]) -> Gaussians:
     )
 
 
-def _concatenate(parts: Sequence[Gaussians]) -> Gaussians:
-    sizes = {part.grid[1:] for part in parts}
+def _check_view_sizes(sizes: set[tuple[int, int]]) -> None:
     if len(sizes) > 1:
         raise ValueError(
             f"chunks predicted Gaussians at different processing sizes {sorted(sizes)}: "
             "give views of one shape, or no chunks"
         )
 
-    def joined(name: str) -> np.ndarray:
-        values = np.concatenate([getattr(part, name) for part in parts])
-        values.flags.writeable = False
-        return values
 
+def _concatenate(parts: Sequence[Gaussians]) -> Gaussians:
+    """The chunks' Gaussians as one set."""
+    _check_view_sizes({part.grid[1:] for part in parts})
     height, width = parts[0].grid[1:]
     return Gaussians(
-        means=joined("means"),
-        scales=joined("scales"),
-        rotations=joined("rotations"),
-        harmonics=joined("harmonics"),
-        opacities=joined("opacities"),
+        **{
+            name: _frozen(np.concatenate([getattr(part, name) for part in parts]))
+            for name in GAUSSIAN_ARRAYS
+        },
         grid=(sum(part.grid[0] for part in parts), height, width),
     )
 
@@ -330,6 +484,9 @@ MIN_LOOP_RESIDUAL = 1e-3
 # of the other's surfaces where the other sees them (depth within LOOP_DEPTH_AGREEMENT).
 MIN_LOOP_COVISIBILITY = 0.3
 LOOP_DEPTH_AGREEMENT = 0.1
+# Point pairs kept of each overlap to read its residual again after loop closure moved the
+# chunks (a weighted median: a few thousand pairs give it within a fraction of itself).
+LOOP_RESIDUAL_POINTS = 8192
 
 
 class TimeBudgetExceeded(RuntimeError):
@@ -422,6 +579,8 @@ def reconstruct_in_chunks(
             (:func:`fit_depth_scale`), so that all views share one unit.
     """
     report = progress or (lambda _: None)
+    if overlap < 1 and (align or depth_unit_fixed is not None):
+        raise ValueError("chunks that are aligned on the views they share must share one or more")
     chunks = chunk_ranges(count, size, overlap)
     emitted = emitted_views(chunks)
     views: list[ViewPrediction] = []
@@ -429,11 +588,16 @@ def reconstruct_in_chunks(
     residuals: list[float] = []
     metric: list[bool] = []
     gaussians: list[Gaussians] = []
+    # A spilled run's Gaussians go to files instead, once.
+    spilled = SpilledGaussians(spill_to) if spill_to is not None else None
     # Each chunk's frame -> the world, its scene size in its own unit, and (for loop closure)
     # the emitted views' appearance descriptors.
     placements: list[Similarity] = []
     units: list[float] = []
     descriptors: list[np.ndarray] = []
+    # ... and each chunk's overlap with the one before (a sample of its point pairs), to read
+    # the overlaps' residuals again once loop closure has moved the chunks.
+    overlaps: dict[int, OverlapPoints] = {}
     first: Prediction | None = None
     first_fixed = False
     # The previous chunk's views, already in the world frame: the next chunk is fitted on them.
@@ -468,11 +632,13 @@ def reconstruct_in_chunks(
                 )
         if index > 0 and align and prediction.cameras_estimated:
             try:
-                fit, residual = fit_chunk(placed, again, seed=seed + index)
+                fit, residual, points = fit_overlap(placed, again, seed=seed + index)
             except ValueError as error:
                 raise _unaligned(index, prediction, chunk, shared, error) from error
             to_world = fit.similarity
             residuals.append(residual)
+            if loop_closure:
+                overlaps[index] = points.sample(LOOP_RESIDUAL_POINTS, seed + index)
             report(
                 f"chunk {index + 1}: aligned on {len(shared)} shared views, scale "
                 f"{to_world.scale:.4g}, residual {residual:.2%} of depth"
@@ -490,9 +656,11 @@ def reconstruct_in_chunks(
             views.append(view if spill_to is None else spill_view(view, spill_to))
         if prediction.gaussians is not None:
             local = [v - chunk.start for v in emit]
-            gaussians.append(
-                transform_gaussians(_gaussians_of(prediction.gaussians, local), to_world)
-            )
+            part = transform_gaussians(_gaussians_of(prediction.gaussians, local), to_world)
+            if spilled is not None:
+                spilled.append(part)
+            else:
+                gaussians.append(part)
         notes.extend(note for note in prediction.notes if note not in notes)
         metric.append(prediction.is_metric)
         if first is None:
@@ -533,20 +701,57 @@ def reconstruct_in_chunks(
         pace = (time.perf_counter() - started) / len(chunks)
         loops = _LoopInputs(chunks, emitted, placements, units, residuals, np.stack(descriptors))
         corrections, note = _close_loops(loops, views, predict_chunk, report, deadline, pace, seed)
-        notes.append(note)
         if corrections is not None:
-            views = [_moved(view, corrections[view.chunk or 0], spill_to) for view in views]
+            # Each overlap's residual with both of its chunks where they now are.
+            after = {
+                index: points.residual(
+                    compose_similarities(corrections[index], placements[index]),
+                    corrections[index - 1],
+                )
+                for index, points in overlaps.items()
+            }
+            note += (
+                f"; overlap residuals now {min(after.values()):.2%}-{max(after.values()):.2%} "
+                f"of depth (views[i].alignment_residual: their chunk's, after loop closure)"
+            )
+            views = [
+                _moved(view, corrections[view.chunk or 0], spill_to, after.get(view.chunk or 0))
+                for view in views
+            ]
+            if spilled is not None and spilled.parts:
+                for index, correction in enumerate(corrections):
+                    spilled.move(index, correction)
             if gaussians:
                 gaussians = [
                     transform_gaussians(part, correction)
                     for part, correction in zip(gaussians, corrections, strict=True)
                 ]
+            placements = [
+                compose_similarities(correction, placed)
+                for correction, placed in zip(corrections, placements, strict=True)
+            ]
+        notes.append(note)
+    if align and all(metric) and first.metric_scale is not None and len(placements) > 1:
+        # Each chunk was metric on its own: how far the alignment had to scale them says how
+        # well their metric scales agree.
+        scales = [placed.scale for placed in placements[1:]]
+        notes.append(
+            f"metric: the world is in the first chunk's metres (metric_scale is its own); the "
+            f"other chunks, each metric on its own, were scaled by {min(scales):.3g}-"
+            f"{max(scales):.3g} to fit it"
+        )
     return dataclasses.replace(
         first,
         views=tuple(views),
         notes=tuple(notes),
         is_metric=all(metric),
-        gaussians=_concatenate(gaussians) if gaussians else None,
+        gaussians=(
+            spilled.result()
+            if spilled is not None
+            else _concatenate(gaussians)
+            if gaussians
+            else None
+        ),
     )
 
 
@@ -570,11 +775,15 @@ def _scene_size(views: Sequence[ViewPrediction]) -> float:
     return float(np.median(surface)) if len(surface) else 1.0
 
 
-def _moved(view: ViewPrediction, correction: Similarity, spill_to: Path | None) -> ViewPrediction:
-    """The view moved by a loop closure's ``correction``; of a spilled view only the depth,
-    which the move changes, is written again (the other arrays keep their files)."""
-    moved = transform_view(view, correction)
-    if spill_to is None or moved is view:
+def _moved(
+    view: ViewPrediction, correction: Similarity, spill_to: Path | None, residual: float | None
+) -> ViewPrediction:
+    """The view moved by a loop closure's ``correction``, with its chunk's overlap
+    ``residual`` after the move; of a spilled view only the depth, which the move changes, is
+    written again (the other arrays keep their files)."""
+    transformed = transform_view(view, correction)
+    moved = dataclasses.replace(transformed, alignment_residual=residual)
+    if spill_to is None or transformed is view:
         return moved
     return spill_view(moved, spill_to, arrays=("depth",))
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -12,6 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from da3cog.batch import BatchProgress, SceneResult
     from da3cog.io.cameras import UserCameras
+    from da3cog.io.inputs import FrameSampling
     from da3cog.pipeline import InferenceOptions
 
 DEFAULT_EXPORTS = ("depth_npy", "depth_vis", "cameras_json")
@@ -325,11 +328,56 @@ def _exports(args: argparse.Namespace) -> list[str]:
     return exports
 
 
+# InferenceOptions fields set by a flag of another name.
+_FLAGS = {
+    "reference_strategy": "--reference-view",
+    "pose_from_rays": "--ray-pose",
+    "infer_gaussians": "--gaussians",
+}
+
+
+def _inference_options(**values: object) -> InferenceOptions:
+    """The options the flags set; a refusal names the flags, not the fields behind them."""
+    from da3cog.pipeline import InferenceOptions
+
+    try:
+        return InferenceOptions(**values)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as error:
+        message = str(error)
+        for name in sorted(values, key=len, reverse=True):
+            flag = _FLAGS.get(name, f"--{name.replace('_', '-')}")
+            message = re.sub(rf"\b{name}\b", flag, message)
+        raise ValueError(message) from None
+
+
+def _sampling(args: argparse.Namespace) -> FrameSampling:
+    """``--fps`` / ``--stride`` / ``--max-frames``, checked (errors name the flags)."""
+    from da3cog.io.inputs import FrameSampling, check_sampling
+
+    check_sampling(
+        args.fps, args.stride, args.max_frames, name=lambda option: f"--{option.replace('_', '-')}"
+    )
+    return FrameSampling(args.fps, args.stride, args.max_frames)
+
+
 def _fresh_output(folder: Path) -> None:
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"--out {folder} is a file, not a folder: choose a new folder")
     if folder.is_dir() and any(folder.iterdir()):
         raise ValueError(f"output folder {folder} exists and is not empty: choose a new one")
+    writable_folder(folder, "--out")
+
+
+def writable_folder(folder: Path, option: str) -> None:
+    """ValueError, before any work, unless ``folder`` is or can be made a folder we can
+    write in: its nearest existing ancestor is a writable folder (not a file)."""
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{option} {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {folder}: {existing} is not writable")
 
 
 def predict(args: argparse.Namespace) -> list[Path]:
@@ -340,12 +388,11 @@ def predict(args: argparse.Namespace) -> list[Path]:
     if not args.images:
         raise ValueError("no images: name image files, or pass --sample for the bundled photos")
     _fresh_output(args.out)
-    from da3cog.io.inputs import FrameSampling, expand_inputs
-    from da3cog.pipeline import InferenceOptions
+    from da3cog.io.inputs import expand_inputs
 
     # Options first: a bad one is reported before any video is decoded.
     exports = _exports(args)
-    options = InferenceOptions(
+    options = _inference_options(
         process_res=args.process_res,
         resize_method=args.resize_method,
         reference_strategy=args.reference_view,
@@ -358,7 +405,7 @@ def predict(args: argparse.Namespace) -> list[Path]:
         chunk_overlap=args.chunk_overlap,
         loop_closure=args.loop_closure,
     )
-    sampling = FrameSampling(args.fps, args.stride, args.max_frames)
+    sampling = _sampling(args)
     with tempfile.TemporaryDirectory(prefix="da3cog-frames-") as frames_folder:
         args.images = expand_inputs(args.images, Path(frames_folder), sampling, _say)
         return _predict_views(args, exports, options)
@@ -375,6 +422,46 @@ def _say(message: str) -> None:
     print(f"[da3cog] {message}", file=sys.stderr)
 
 
+def _check_model_can(
+    args: argparse.Namespace,
+    exports: list[str],
+    options: InferenceOptions,
+    cameras: UserCameras | None,
+) -> None:
+    """What the model cannot do with these inputs and exports, refused before it is loaded
+    or downloaded (where the preset is known beforehand: a preset, an official Hub id or a
+    local folder): options it does not take, and a single-view model asked to place views in
+    space without the cameras that needs."""
+    from da3cog.export.manifest import CAMERA_FORMATS
+    from da3cog.io.exif import exif_focal
+    from da3cog.model.presets import short_name
+    from da3cog.pipeline import check_request
+    from da3cog.weights import preset_of
+
+    preset = preset_of(args.model)
+    if preset is None:
+        return
+    given_poses = cameras is not None and cameras.extrinsics is not None
+    given_focals = cameras is not None and cameras.intrinsics is not None
+    check_request(preset, given_poses, given_focals, options)
+    needing = [name for name in exports if name in CAMERA_FORMATS]
+    if preset.cameras or not needing:
+        return
+    what = f"--export {', '.join(needing)}"
+    model = f"{short_name(preset.name)} (a single-view model) estimates no cameras"
+    if len(args.images) > 1:
+        raise ValueError(
+            f"{what} places the views in one world, which needs camera poses, and {model}: "
+            "export the views one at a time, or use an any-view model"
+        )
+    focal = None if given_focals else exif_focal(args.images[0])
+    if isinstance(focal, str):
+        raise ValueError(
+            f"{what} needs the view's focal length, and {model}: {args.images[0]} has no "
+            f"usable EXIF focal length ({focal}); give intrinsics with --cameras"
+        )
+
+
 def _predict_views(
     args: argparse.Namespace, exports: list[str], options: InferenceOptions
 ) -> list[Path]:
@@ -384,6 +471,7 @@ def _predict_views(
 
     check_images(args.images)
     cameras = _read_user_cameras(args)
+    _check_model_can(args, exports, options, cameras)
     model = DepthAnything3.from_pretrained(
         args.model, device=args.device, cache_dir=args.cache_dir, precision=args.precision
     )
@@ -407,6 +495,7 @@ def _predict_views(
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="[da3cog] %(levelname)s %(message)s")
     args = _parser().parse_args(argv)
+    from da3cog.chunked import SpillFailed
     from da3cog.weights import CheckpointError
 
     try:
@@ -416,6 +505,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, CheckpointError) as error:
         print(f"da3cog: error: {error}", file=sys.stderr)
         return 2
+    except SpillFailed as error:
+        print(f"da3cog: error: {error}", file=sys.stderr)
+        return 3
     except (RuntimeError, MemoryError) as error:
         from da3cog.memory import out_of_memory
 
@@ -437,8 +529,10 @@ def run_batch_command(args: argparse.Namespace) -> int:
     """``da3cog batch``: 0 when every scene is done, 1 when some failed (their errors are in
     the index and the summary table)."""
     from da3cog.batch import BatchSettings, RayOptions, read_manifest, run_batch
-    from da3cog.io.inputs import FrameSampling
-    from da3cog.pipeline import InferenceOptions
+    from da3cog.batch.storage import is_uri
+
+    if not is_uri(str(args.out)):
+        writable_folder(Path(args.out), "--out")
 
     ray_only = {"--actors": args.actors, "--gpus-per-actor": args.gpus_per_actor}
     for flag, value in ray_only.items():
@@ -459,7 +553,7 @@ def run_batch_command(args: argparse.Namespace) -> int:
         device=args.device,
         precision=args.precision,
         cache_dir=args.cache_dir,
-        options=InferenceOptions(
+        options=_inference_options(
             process_res=args.process_res,
             seed=args.seed,
             chunk_size=args.chunk_size,
@@ -468,7 +562,7 @@ def run_batch_command(args: argparse.Namespace) -> int:
         ),
         formats=tuple(args.export),
         export_options=_seeded(args.export, args.seed),
-        sampling=FrameSampling(args.fps, args.stride, args.max_frames),
+        sampling=_sampling(args),
     )
     scenes = read_manifest(args.manifest)
     view = _BatchView(len(scenes))

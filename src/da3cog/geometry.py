@@ -547,7 +547,8 @@ def invert_similarity(similarity: Similarity) -> Similarity:
     )
 
 
-def _apply_similarity(points: np.ndarray, similarity: Similarity) -> np.ndarray:
+def apply_similarity(points: np.ndarray, similarity: Similarity) -> np.ndarray:
+    """``points (N, 3)`` mapped by ``similarity``: ``scale * R @ p + t``."""
     return similarity.scale * points @ similarity.rotation.T + similarity.translation
 
 
@@ -593,7 +594,7 @@ def robust_similarity(
     rounds = 0
     for _ in range(max_iterations):
         rounds += 1
-        distance = np.linalg.norm(_apply_similarity(source, fit) - target, axis=1)
+        distance = np.linalg.norm(apply_similarity(source, fit) - target, axis=1)
         threshold = max(huber_k * 1.4826 * float(np.median(distance)), 1e-12 * size)
         robust = base * np.minimum(1.0, threshold / np.maximum(distance, 1e-300))
         refit = umeyama(source, target, robust)
@@ -605,7 +606,7 @@ def robust_similarity(
         fit = refit
         if change < tolerance:
             break
-    distance = np.linalg.norm(_apply_similarity(source, fit) - target, axis=1)
+    distance = np.linalg.norm(apply_similarity(source, fit) - target, axis=1)
     threshold = huber_k * 1.4826 * float(np.median(distance))
     return RobustFit(
         similarity=fit,
@@ -642,7 +643,7 @@ def _ransac_umeyama(
     count = len(source)
     subset_size = max(3, (count + 1) // 2)
     initial = umeyama(source, target)
-    aligned = _apply_similarity(source, initial)
+    aligned = apply_similarity(source, initial)
     nearest = np.linalg.norm(target[None, :, :] - aligned[:, None, :], axis=-1).min(axis=1)
     threshold = float(np.median(nearest))
 
@@ -653,7 +654,7 @@ def _ransac_umeyama(
             model = umeyama(source[sample], target[sample])
         except (ValueError, np.linalg.LinAlgError):
             continue
-        errors = np.linalg.norm(_apply_similarity(source, model) - target, axis=1)
+        errors = np.linalg.norm(apply_similarity(source, model) - target, axis=1)
         inliers = errors <= threshold
         inlier_count = int(inliers.sum())
         mean_error = float(errors[inliers].mean()) if inlier_count else np.inf

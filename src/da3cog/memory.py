@@ -39,7 +39,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from da3cog.io.preprocess import PATCH_SIZE
+from da3cog.io.preprocess import (
+    DEFAULT_RESIZE_METHOD,
+    PATCH_SIZE,
+    processing_size,
+    scene_processing_shape,
+)
 from da3cog.model.gaussian_adapter import ADAPTER_PIXELS
 from da3cog.model.network import HEAD_CHUNK_VIEWS
 from da3cog.model.presets import ModelPreset
@@ -81,6 +86,11 @@ DECODED_BYTES_PER_PIXEL = 3
 # library with a ViT-S stand-in (16 and 32 views at 280 px, bench/README.md): 405 bytes a
 # pixel of growth and about 150 MiB of temporaries; with a fifth more for the spread.
 GAUSSIAN_BYTES = 488
+# What a chunked run that spills its outputs (da3cog.chunked.spill_view) writes to disk: each
+# output pixel's depth and confidence (float32), colour (3 bytes) and sky flag; each
+# Gaussian's float32 centre, scales, rotation, 27 harmonics and opacity.
+SPILLED_BYTES_PER_OUTPUT_PIXEL = 4 + 4 + 3 + 1
+SPILLED_BYTES_PER_GAUSSIAN = 4 * (3 + 3 + 4 + 27 + 1)
 GAUSSIAN_ADAPTER_BYTES = 360
 # Share of the available memory a request may plan to use.
 SAFETY_FRACTION = 0.8
@@ -94,8 +104,8 @@ class RequestSize:
 
     Attributes:
         view_pixels: each view's pixels as handed to the model (width x height).
-        processing_pixels: each view's pixels at the processing size (the longest side at
-            ``process_res``; an upper bound for every resize method).
+        processing_pixels: each view's pixels at the processing size: the shape the scene's
+            views are all fitted to (:func:`~da3cog.io.preprocess.scene_processing_shape`).
         output_pixels: each view's pixels at the output resolution.
         gaussians: whether Gaussians are predicted.
         points: points the point-cloud exports may keep (0: no point cloud).
@@ -110,15 +120,6 @@ class RequestSize:
     tracked: bool = False
 
 
-def processing_pixels(size: tuple[int, int], process_res: int) -> int:
-    """Pixels of a ``(width, height)`` view with its longer side at ``process_res`` (rounded
-    up to the patch size: an upper bound for every resize method)."""
-    width, height = size
-    scale = process_res / max(width, height)
-    sides = [math.ceil(side * scale / PATCH_SIZE) * PATCH_SIZE for side in (width, height)]
-    return sides[0] * sides[1]
-
-
 def request_size(
     sizes: Sequence[tuple[int, int]],
     process_res: int,
@@ -126,9 +127,20 @@ def request_size(
     gaussians: bool,
     points: int,
     tracked: bool = False,
+    *,
+    resize_method: str = DEFAULT_RESIZE_METHOD,
+    mixed_shapes: str = "resize",
 ) -> RequestSize:
-    """The :class:`RequestSize` of views of these ``(width, height)`` sizes."""
-    processing = tuple(processing_pixels(size, process_res) for size in sizes)
+    """The :class:`RequestSize` of views of these ``(width, height)`` sizes, processed at
+    ``process_res`` by ``resize_method`` and fitted to one shape by ``mixed_shapes`` (as
+    :func:`~da3cog.io.preprocess.prepare_images` will: a ``lower_bound`` method puts the
+    shorter side at ``process_res``, and a panorama among photos is resized to theirs)."""
+    shapes = [
+        processing_size((height, width), process_res, resize_method, index)
+        for index, (width, height) in enumerate(sizes)
+    ]
+    height, width = scene_processing_shape(shapes, mixed_shapes) if shapes else (0, 0)
+    processing = tuple(height * width for _ in sizes)
     views = tuple(width * height for width, height in sizes)
     outputs = views if output == "input" else processing
     return RequestSize(views, processing, outputs, gaussians, min(points, sum(outputs)), tracked)
@@ -215,20 +227,31 @@ def estimate(
     outputs = OUTPUT_BYTES_PER_PIXEL * sum(size.output_pixels) + point_bytes * size.points
     writers = min(EXPORT_WRITERS, len(size.output_pixels))
     outputs += EXPORT_IMAGE_BYTES_PER_PIXEL * writers * max(size.output_pixels, default=0)
-    gaussians = 0
-    if size.gaussians:
-        at_once = max(ADAPTER_PIXELS, max(size.processing_pixels, default=0))
-        gaussians = GAUSSIAN_BYTES * sum(size.processing_pixels)
-        gaussians += GAUSSIAN_ADAPTER_BYTES * min(at_once, sum(size.processing_pixels))
     network_size = size
     if chunk is not None and chunk < len(size.processing_pixels):
         largest = tuple(sorted(size.processing_pixels, reverse=True)[:chunk])
         network_size = RequestSize(largest, largest, largest)
     network = network_bytes(preset, network_size)
+    gaussians = _gaussian_bytes(size.processing_pixels) if size.gaussians else 0
     if on_gpu:
-        # The Gaussians are built on the device, then copied to the host for the exports.
-        return MemoryEstimate(host=views + outputs + gaussians, device=network + gaussians)
+        # The Gaussians are built on the device a chunk at a time, then copied to the host
+        # for the exports: the device holds one chunk's.
+        held = _gaussian_bytes(network_size.processing_pixels) if size.gaussians else 0
+        return MemoryEstimate(host=views + outputs + gaussians, device=network + held)
     return MemoryEstimate(host=views + outputs + gaussians + network, device=0)
+
+
+def _gaussian_bytes(processing_pixels: Sequence[int]) -> int:
+    """The Gaussians of views of these processing pixels, and the adapter's temporaries."""
+    at_once = max(ADAPTER_PIXELS, max(processing_pixels, default=0))
+    total = sum(processing_pixels)
+    return GAUSSIAN_BYTES * total + GAUSSIAN_ADAPTER_BYTES * min(at_once, total)
+
+
+def spilled_bytes(size: RequestSize) -> int:
+    """Disk a chunked run of ``size`` takes when its outputs are spilled to files."""
+    gaussians = SPILLED_BYTES_PER_GAUSSIAN * sum(size.processing_pixels) if size.gaussians else 0
+    return SPILLED_BYTES_PER_OUTPUT_PIXEL * sum(size.output_pixels) + gaussians
 
 
 def _read_int(path: Path) -> int | None:
@@ -281,21 +304,32 @@ def available_device_bytes(device: torch.device | None = None) -> int | None:
 MEMORY_BUDGET_ENV = "DA3COG_MEMORY_BUDGET_GB"
 
 
-def host_budget() -> int | None:
+def host_budget(reserved: int = 0) -> int | None:
     """Bytes a request may plan to use: ``$DA3COG_MEMORY_BUDGET_GB`` when set (tests, or a
-    host shared with other work), else a share of the available memory."""
+    host shared with other work: the request's own), else a share of the available memory
+    less ``reserved`` bytes that are about to be taken before it runs (a model to load)."""
     override = os.environ.get(MEMORY_BUDGET_ENV)
     if override:
-        return int(float(override) * GIB)
+        try:
+            gib = float(override)
+        except ValueError:
+            gib = math.nan
+        if not (math.isfinite(gib) and gib > 0):
+            raise ValueError(
+                f"${MEMORY_BUDGET_ENV} must be a number of GiB above 0 (say 8 or 0.5), got "
+                f"{override!r}"
+            )
+        return int(gib * GIB)
     available = available_host_bytes()
-    return None if available is None else int(available * SAFETY_FRACTION)
+    return None if available is None else int(max(available - reserved, 0) * SAFETY_FRACTION)
 
 
-def device_budget(device: torch.device | None = None) -> int | None:
+def device_budget(device: torch.device | None = None, reserved: int = 0) -> int | None:
     """Bytes a request may plan to use on ``device`` (default: the current CUDA device; None
-    without CUDA): a share of what it can still allocate."""
+    without CUDA): a share of what it can still allocate, less ``reserved`` bytes about to be
+    taken before it runs."""
     available = available_device_bytes(device)
-    return None if available is None else int(available * SAFETY_FRACTION)
+    return None if available is None else int(max(available - reserved, 0) * SAFETY_FRACTION)
 
 
 # Chunks of views a request that does not fit one pass may run as: at least 4 (two shared

@@ -11,6 +11,7 @@ import logging
 import math
 import numbers
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -42,11 +43,15 @@ from da3cog.io import (
     prepare_images,
     source_size,
 )
-from da3cog.io.preprocess import processing_size, scene_processing_shape
+from da3cog.io.preprocess import (
+    DEFAULT_RESIZE_METHOD,
+    processing_size,
+    scene_processing_shape,
+)
 from da3cog.model.gaussian_adapter import build_gaussians
 from da3cog.model.metric import SKY_THRESHOLD, canonical_to_metric
 from da3cog.model.network import NetworkOutput, gaussian_models
-from da3cog.model.presets import short_name
+from da3cog.model.presets import ModelPreset, short_name
 from da3cog.model.reference_view import ReferenceStrategy, check_strategy
 from da3cog.weights import LoadedModel, load_model
 
@@ -93,7 +98,9 @@ class ViewPrediction:
         chunk: the chunk that predicted this view when the request ran in chunks
             (:mod:`da3cog.chunked`), else None.
         alignment_residual: that chunk's alignment residual onto the world, relative to the
-            depth of the views it was fitted on (None for the first chunk and single passes).
+            depth of the views it was fitted on (None for the first chunk and single passes);
+            after a loop closure moved the chunks, the same residual with both chunks of the
+            overlap where they ended up.
     """
 
     name: str
@@ -167,7 +174,8 @@ class Prediction:
         cameras_estimated: the model predicted cameras (any-view and nested models).
         intrinsics_source: where the views' intrinsics come from: ``"predicted"``, ``"user
             intrinsics"``, ``"exif"`` or None (no intrinsics).
-        metric_scale: nested models: the factor that took the any-view depth to metres.
+        metric_scale: nested models: the factor that took the any-view depth to metres (of
+            a chunked reconstruction: the first chunk's, whose metres the world is in).
         gaussians: the per-pixel 3D Gaussians when requested (giant and nested models).
         model_id, model_revision: the checkpoint that made the prediction: its Hub id (or
             folder) and, when it was read from a Hub snapshot, the commit.
@@ -276,7 +284,7 @@ class InferenceOptions:
     """
 
     process_res: int = 504
-    resize_method: str = "upper_bound_resize"
+    resize_method: str = DEFAULT_RESIZE_METHOD
     reference_strategy: ReferenceStrategy = "saddle_balanced"
     pose_from_rays: bool = False
     output_resolution: OutputResolution = "input"
@@ -322,14 +330,20 @@ class InferenceOptions:
         for name in ("seed", "chunk_size", "chunk_overlap"):
             if _is_int(getattr(self, name)):
                 object.__setattr__(self, name, int(getattr(self, name)))
+        # Chunks are aligned on the views they share: at least one.
         if self.chunk_size == "auto":
             if self.chunk_overlap is not None and self.chunk_overlap < 1:
                 raise ValueError(f"chunk overlap must be at least 1, got {self.chunk_overlap}")
         elif self.chunk_size is not None:
             from da3cog.chunked import chunk_ranges
 
-            # Validates both (size >= 2, 1 <= overlap < size).
-            chunk_ranges(0, self.chunk_size, self.overlap_for(self.chunk_size))
+            chunk_ranges(0, self.chunk_size, 0)  # size >= 2
+            overlap = self.overlap_for(self.chunk_size)
+            if not 1 <= overlap < self.chunk_size:
+                raise ValueError(
+                    f"chunk overlap must be between 1 and size - 1 = {self.chunk_size - 1}, "
+                    f"got {overlap}"
+                )
 
     def overlap_for(self, size: int) -> int:
         """The overlap of chunks of ``size`` views: ``chunk_overlap`` (at most ``size - 1``
@@ -352,6 +366,32 @@ UNDETERMINED_SCALE_NOTE = (
 )
 
 
+def check_request(
+    preset: ModelPreset, extrinsics: bool, intrinsics: bool, options: InferenceOptions
+) -> None:
+    """Reject what ``preset`` cannot do (given ``extrinsics`` / ``intrinsics`` or not) before
+    any image is decoded, or any model loaded (the CLI checks it first)."""
+    if not preset.cameras:
+        if extrinsics:
+            raise ValueError(
+                f"{preset.name} is a single-view model: it takes no camera poses (give "
+                "intrinsics alone to set focal lengths)"
+            )
+        if options.pose_from_rays:
+            raise ValueError(f"{preset.name} is a single-view model: it estimates no poses")
+    elif extrinsics and not intrinsics:
+        raise ValueError("pose conditioning needs intrinsics as well as extrinsics")
+    elif intrinsics and not extrinsics:
+        raise ValueError(
+            "intrinsics alone are not used by any-view models: give extrinsics too, or neither"
+        )
+    if options.infer_gaussians and not preset.has_gaussian_head:
+        raise ValueError(
+            f"{short_name(preset.name)} has no Gaussian head; models with one: "
+            f"{', '.join(gaussian_models())}"
+        )
+
+
 def _is_int(value: object) -> bool:
     """Whether ``value`` is a whole number (Python's or NumPy's), not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -364,11 +404,16 @@ class _Scene:
     scene is fitted to (None: the chunk's own, where a view's size cannot be read before
     decoding) and, for single-view models, why EXIF focal lengths are not used (a view of
     the scene has none: no chunk uses them, as one pass would not; None: each chunk reads
-    its views')."""
+    its views').
+
+    ``fitted`` collects, across the chunks, the views fitted to ``shape`` (described as the
+    note of one pass lists them; a view two chunks share once), for one note on the scene
+    instead of one per chunk."""
 
     names: tuple[str, ...]
     shape: tuple[int, int] | None
     exif_missing: str | None = None
+    fitted: dict[str, None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -492,7 +537,7 @@ class DepthAnything3:
         if isinstance(images, (str, os.PathLike, np.ndarray)) or not len(images):
             raise ValueError("images must be a non-empty list of paths, PIL images or arrays")
         count = len(images)
-        self._check_request(extrinsics, intrinsics, options)
+        check_request(self.loaded.preset, extrinsics is not None, intrinsics is not None, options)
         user_extrinsics = check_extrinsics(extrinsics, count) if extrinsics is not None else None
         user_intrinsics = check_intrinsics(intrinsics, count) if intrinsics is not None else None
         sizes = [source_size(source) for source in images]
@@ -533,9 +578,7 @@ class DepthAnything3:
         processing shape are the scene's)."""
         started = time.perf_counter()
         decoded = self._decode(images, user_intrinsics, report, scene)
-        batch, notes = self._preprocess(
-            decoded, options, report, None if scene is None else scene.shape
-        )
+        batch, notes = self._preprocess(decoded, options, report, scene)
         # Poses condition the network only with intrinsics beside them.
         poses = user_extrinsics if batch.intrinsics is not None else None
         output = self._forward(batch, poses, options, report)
@@ -594,11 +637,13 @@ class DepthAnything3:
         decoded: _Decoded,
         options: InferenceOptions,
         report: ProgressCallback,
-        scene_shape: tuple[int, int] | None = None,
+        scene: _Scene | None = None,
     ) -> tuple[PreparedBatch, tuple[str, ...]]:
         """The network's input batch (and a note when views of other shapes were fitted;
-        ``scene_shape``: the shape to fit them to, default the batch's own)."""
+        ``scene``: the chunk's views are fitted to the scene's shape and listed in its
+        ``fitted`` instead)."""
         report("preprocessing")
+        scene_shape = None if scene is None else scene.shape
         batch = prepare_images(
             decoded.arrays,
             options.process_res,
@@ -609,7 +654,11 @@ class DepthAnything3:
         )
         if not batch.reshaped:
             return batch, ()
-        note = _mixed_shapes_note(batch, decoded.names, options.mixed_shapes)
+        fitted = _fitted_views(batch, decoded.names, options.mixed_shapes)
+        if scene is not None and scene_shape is not None:
+            scene.fitted.update(dict.fromkeys(fitted))
+            return batch, ()
+        note = _mixed_shapes_note(batch.processing_size, fitted, options.mixed_shapes)
         logger.info("%s", note)
         return batch, (note,)
 
@@ -808,6 +857,8 @@ class DepthAnything3:
             options.output_resolution,
             gaussians=options.infer_gaussians,
             points=0,
+            resize_method=options.resize_method,
+            mixed_shapes=options.mixed_shapes,
         )
         on_gpu = self.device.type == "cuda"
         host = memory.host_budget()
@@ -828,9 +879,20 @@ class DepthAnything3:
                 if options.output_resolution == "input":
                     smaller = replace(size, output_pixels=size.processing_pixels)
                     lighter = memory.estimate(preset, smaller, on_gpu, chunk=chunk)
-                    advice = (
-                        f"; with output_resolution='processing' it would need about "
-                        f"{lighter.describe()}"
+                    if lighter.host < needed.host:
+                        advice = (
+                            f"; with output_resolution='processing' it would need about "
+                            f"{lighter.describe()}"
+                        )
+                folder = tempfile.gettempdir()
+                disk, free = memory.spilled_bytes(size), shutil.disk_usage(folder).free
+                if disk > free:
+                    raise ValueError(
+                        f"{len(images)} views need about {needed.describe()} even in chunks "
+                        f"of {chunk}, more than this process can take, and their outputs "
+                        f"about {disk / memory.GIB:.1f} GiB of disk in {folder} (TMPDIR), "
+                        f"which has {free / memory.GIB:.1f} GiB free: give fewer or smaller "
+                        f"views, or point TMPDIR at a disk with room{advice}"
                     )
                 budget = " and ".join(
                     f"{value / memory.GIB:.1f} GiB of {what}"
@@ -845,7 +907,7 @@ class DepthAnything3:
                     needed.describe(),
                     chunk,
                     budget,
-                    tempfile.gettempdir(),
+                    folder,
                     advice,
                 )
                 return chunk, True
@@ -887,6 +949,8 @@ class DepthAnything3:
             )
             if not self.loaded.preset.cameras and intrinsics is None:
                 exif_missing = _exif_intrinsics(images, heights_widths, names)[1] or None
+        # The views fitted to ``shape``, collected across the chunks for one note.
+        fitted: dict[str, None] = {}
 
         def predict_chunk(views: Sequence[int]) -> Prediction:
             part = list(views)
@@ -896,19 +960,23 @@ class DepthAnything3:
                 None if intrinsics is None else intrinsics[part],
                 single_pass,
                 report,
-                _Scene(tuple(names[index] for index in part), shape, exif_missing),
+                _Scene(
+                    tuple(names[index] for index in part), shape, exif_missing, fitted
+                ),
             )
 
         def in_pose_unit(prediction: Prediction) -> bool:
             return options.align_to_input_scale and UNDETERMINED_SCALE_NOTE not in prediction.notes
 
-        return reconstruct_in_chunks(
+        # Single-view models predict each view on its own: their chunks need no shared views.
+        cameras = self.loaded.preset.cameras
+        prediction = reconstruct_in_chunks(
             len(images),
             chunk,
-            options.overlap_for(chunk),
+            options.overlap_for(chunk) if cameras else 0,
             predict_chunk,
             # The user's poses put every chunk in their frame (and, where they fix it, unit).
-            align=extrinsics is None,
+            align=extrinsics is None and cameras,
             depth_unit_fixed=None if extrinsics is None else in_pose_unit,
             loop_closure=options.loop_closure,
             progress=report,
@@ -916,34 +984,11 @@ class DepthAnything3:
             time_budget=options.time_budget,
             spill_to=Path(tempfile.gettempdir()) if spill else None,
         )
-
-    def _check_request(
-        self,
-        extrinsics: np.ndarray | None,
-        intrinsics: np.ndarray | None,
-        options: InferenceOptions,
-    ) -> None:
-        """Reject what the model cannot do before any image is decoded."""
-        preset = self.loaded.preset
-        if not preset.cameras:
-            if extrinsics is not None:
-                raise ValueError(
-                    f"{preset.name} is a single-view model: it takes no camera poses (give "
-                    "intrinsics alone to set focal lengths)"
-                )
-            if options.pose_from_rays:
-                raise ValueError(f"{preset.name} is a single-view model: it estimates no poses")
-        elif extrinsics is not None and intrinsics is None:
-            raise ValueError("pose conditioning needs intrinsics as well as extrinsics")
-        elif intrinsics is not None and extrinsics is None:
-            raise ValueError(
-                "intrinsics alone are not used by any-view models: give extrinsics too, or neither"
-            )
-        if options.infer_gaussians and not preset.has_gaussian_head:
-            raise ValueError(
-                f"{short_name(preset.name)} has no Gaussian head; models with one: "
-                f"{', '.join(gaussian_models())}"
-            )
+        if shape is None or not fitted:
+            return prediction
+        note = _mixed_shapes_note(shape, list(fitted), options.mixed_shapes)
+        logger.info("%s", note)
+        return replace(prediction, notes=(note, *prediction.notes))
 
     def _view(
         self,
@@ -998,9 +1043,9 @@ class DepthAnything3:
         )
 
 
-def _mixed_shapes_note(batch: PreparedBatch, names: Sequence[str], mixed_shapes: str) -> str:
-    """What happened to the views whose shape differed from the batch's."""
-    height, width = batch.processing_size
+def _fitted_views(batch: PreparedBatch, names: Sequence[str], mixed_shapes: str) -> list[str]:
+    """The views whose shape differed from the batch's, each named with its input size and
+    what fitting it changed."""
     described = []
     for index in batch.reshaped:
         view = batch.views[index]
@@ -1011,6 +1056,15 @@ def _mixed_shapes_note(batch: PreparedBatch, names: Sequence[str], mixed_shapes:
             x0, y0, x1, y1 = view.input_crop_box
             change = f"kept x {x0:.0f}..{x1:.0f}, y {y0:.0f}..{y1:.0f}"
         described.append(f"{names[index]} ({input_width}x{input_height}: {change})")
+    return described
+
+
+def _mixed_shapes_note(
+    processing: tuple[int, int], described: Sequence[str], mixed_shapes: str
+) -> str:
+    """What happened to the views whose shape differed from the batch's ``processing``
+    ``(height, width)`` (``described`` by :func:`_fitted_views`)."""
+    height, width = processing
     how = (
         "resized whole (pixels no longer square; depth and intrinsics are mapped back to "
         "each whole input image)"

@@ -178,6 +178,22 @@ def resolve_checkpoint(source: str | os.PathLike[str], cache_dir: Path | None = 
     return _download(repo_id, cache_dir if cache_dir is not None else default_cache_dir())
 
 
+def preset_of(source: str | os.PathLike[str]) -> ModelPreset | None:
+    """The preset ``source`` loads, known without loading or downloading anything: a
+    checkpoint folder's config, a preset or alias, an official Hub id; None for another Hub
+    id (its config is read when it is downloaded). CheckpointError as :func:`resolve_checkpoint`
+    for a source that names nothing."""
+    repo_id = _hub_id(source)
+    if repo_id is None:
+        path = Path(source).expanduser()
+        _check_folder(path)
+        return read_preset(path)
+    for preset in PRESETS.values():
+        if repo_id in preset.hub_repos:
+            return preset
+    return None
+
+
 def check_source(source: str | os.PathLike[str]) -> None:
     """CheckpointError now when ``source`` names no checkpoint folder (with its files), preset
     or Hub id; nothing is downloaded (a batch checks its model before starting workers)."""

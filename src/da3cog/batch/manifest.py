@@ -36,6 +36,7 @@ from da3cog.pipeline import InferenceOptions
 
 _SCENE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SAMPLING_OPTIONS = ("fps", "stride", "max_frames")
+SCENE_FIELDS = ("scene", "images", "video", "cameras", "options")
 INFERENCE_OPTIONS = tuple(f.name for f in dataclasses.fields(InferenceOptions))
 SCENE_OPTIONS = (*INFERENCE_OPTIONS, "export", *SAMPLING_OPTIONS)
 
@@ -95,12 +96,19 @@ def read_manifest(location: str | Path) -> list[Scene]:
 
 
 def _scene(row: dict[str, Any], base: str, where: str) -> Scene:
+    unknown = sorted(str(key) for key in set(row) - set(SCENE_FIELDS))
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown field(s) {', '.join(unknown)}; a scene has {', '.join(SCENE_FIELDS)}"
+        )
     scene_id = row.get("scene")
     if not isinstance(scene_id, str) or not _SCENE_ID.match(scene_id):
         raise ValueError(
             f"{where}: 'scene' must be an id of letters, digits, '.', '_' and '-' "
             f"(it names the output folder), got {scene_id!r}"
         )
+    if scene_id in storage.RESERVED_NAMES:
+        raise ValueError(f"{where}: {scene_id!r} names the batch's index, not a scene")
     images = row.get("images") or []
     if isinstance(images, str):
         images = [images]
@@ -192,7 +200,15 @@ def _jsonl_rows(name: str, text: str) -> list[tuple[int, dict]]:
 
 def _csv_rows(name: str, text: str) -> list[tuple[int, dict]]:
     rows = []
-    for number, row in enumerate(csv.DictReader(io.StringIO(text)), start=2):
+    reader = csv.DictReader(io.StringIO(text))
+    # An empty column name is a trailing comma (spreadsheets write them): not a column.
+    unknown = sorted({name for name in reader.fieldnames or () if name} - set(SCENE_FIELDS))
+    if unknown:
+        raise ValueError(
+            f"{name} line 1: unknown column(s) {', '.join(unknown)}; a scene has "
+            f"{', '.join(SCENE_FIELDS)}"
+        )
+    for number, row in enumerate(reader, start=2):
         images = [item.strip() for item in (row.get("images") or "").split(";")]
         rows.append(
             (

@@ -102,7 +102,7 @@ def run_batch(
         except (TypeError, ValueError) as error:
             raise ValueError(f"scene {scene.id}: options: {error}") from None
     root = OutputRoot(out)
-    root.prepare()
+    root.prepare([scene.id for scene in scenes])
     results: dict[str, SceneResult] = {}
     pending: list[Scene] = []
     for scene in scenes:

@@ -9,10 +9,12 @@ have the marker.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Sequence
@@ -22,11 +24,19 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from da3cog.processes import process_alive
+
 RESULT_NAME = "result.json"
 COMPLETE_NAME = ".complete"
+# In every scene folder a batch writes, uploaded first: a folder with it (and without the
+# completion marker) is a batch's half-written scene, which a rerun may replace; any other
+# folder under the scene's name is the user's own, which a batch never touches.
+SCENE_MARKER = ".da3cog-scene"
 PARTIAL_FOLDER = ".partial"
 INDEX_NAME = "index.jsonl"
 INDEX_PARQUET_NAME = "index.parquet"
+# Names in the output folder that are not scenes.
+RESERVED_NAMES = (INDEX_NAME, INDEX_PARQUET_NAME, PARTIAL_FOLDER)
 
 # One remote input file larger than this is refused before it is fetched: a batch reads the
 # user's own collection, but one mistyped URI must not fill the worker's disk.
@@ -56,7 +66,9 @@ def parent(location: str) -> str:
 
 
 def read_text(location: str) -> str:
-    with fsspec.open(location, "r", encoding="utf-8") as stream:
+    """The UTF-8 text at ``location``, without the byte-order mark some editors (Excel's
+    "CSV UTF-8") put first."""
+    with fsspec.open(location, "r", encoding="utf-8-sig") as stream:
         return stream.read()
 
 
@@ -119,15 +131,67 @@ class OutputRoot:
         """The scene's folder as the user names it (path or URI)."""
         return join(self.location, scene)
 
-    def prepare(self) -> None:
-        """Create the folder and drop what a killed run left in its staging area."""
+    def prepare(self, scenes: Sequence[str] = ()) -> None:
+        """Create the folder and drop what killed runs on this machine left in the staging
+        area (a run still going, here or elsewhere, keeps its own). ValueError, before any
+        scene runs, naming the ``scenes`` whose folder exists and is not one a batch wrote."""
+        if self.local and Path(self.root).exists() and not Path(self.root).is_dir():
+            raise ValueError(f"{self.location} is a file, not a folder")
         self.fs.makedirs(self.root, exist_ok=True)
-        if self.local:
-            shutil.rmtree(Path(self.root) / PARTIAL_FOLDER, ignore_errors=True)
+        self._drop_dead_staging()
+        foreign = self.foreign(scenes)
+        if foreign:
+            shown = ", ".join(self.scene_location(scene) for scene in foreign[:5])
+            more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+            raise ValueError(
+                f"{shown}{more}: already there and not written by a da3cog batch; a batch does "
+                "not replace folders it did not write: move them, or choose another --out"
+            )
+
+    def foreign(self, scenes: Sequence[str]) -> list[str]:
+        """The ``scenes`` whose folder exists without the markers a batch writes."""
+        if not scenes:
+            return []
+        try:
+            listed = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:  # an object store's "folder" before its first file
+            listed = []
+        present = {posixpath.basename(p.rstrip("/")) for p in listed}
+        return [scene for scene in scenes if scene in present and not self._ours(scene)]
+
+    def _ours(self, scene: str) -> bool:
+        folder = self.scene(scene)
+        return self.fs.isdir(folder) and any(
+            self.fs.exists(posixpath.join(folder, name)) for name in (SCENE_MARKER, COMPLETE_NAME)
+        )
 
     def finish(self) -> None:
+        """Drop this process's staging folder, those of processes on this machine that died
+        (a killed Ray worker's half-written scene), and the staging area once it is empty."""
         if self.local:
-            shutil.rmtree(Path(self.root) / PARTIAL_FOLDER, ignore_errors=True)
+            partial = Path(self.root) / PARTIAL_FOLDER
+            shutil.rmtree(partial / _own_staging(), ignore_errors=True)
+            self._drop_dead_staging()
+            with contextlib.suppress(OSError):
+                partial.rmdir()
+
+    def _drop_dead_staging(self) -> None:
+        """Remove the staging folders of processes on this machine that are gone."""
+        partial = Path(self.root) / PARTIAL_FOLDER
+        if not self.local or not partial.is_dir():
+            return
+        for folder in partial.glob(f"{_host()}-*"):
+            pid = folder.name.rpartition("-")[2]
+            if pid.isdigit() and not process_alive(int(pid)):
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def release(self, staging: Path) -> None:
+        """Remove a scene's staging folder (and this process's part of the staging area when
+        that leaves it empty: an idle worker leaves nothing there)."""
+        shutil.rmtree(staging, ignore_errors=True)
+        if self.local:
+            with contextlib.suppress(OSError):
+                staging.parent.rmdir()
 
     def completed(self, scene: str) -> dict[str, Any] | None:
         """The stored result of ``scene`` when its folder is complete, else None."""
@@ -144,7 +208,7 @@ class OutputRoot:
         over an attempt still running elsewhere."""
         name = f"{scene}.{uuid.uuid4().hex[:12]}"
         if self.local:
-            folder = Path(self.root) / PARTIAL_FOLDER / name
+            folder = Path(self.root) / PARTIAL_FOLDER / _own_staging() / name
             folder.mkdir(parents=True)
             return folder
         return Path(tempfile.mkdtemp(prefix=f"da3cog-{name}-"))
@@ -157,6 +221,11 @@ class OutputRoot:
             return False
         final = self.scene(scene)
         if self.fs.exists(final):
+            if not self._ours(scene):
+                raise ValueError(
+                    f"{self.scene_location(scene)}: already there and not written by a da3cog "
+                    "batch: left as it is (move it, or choose another --out)"
+                )
             self.fs.rm(final, recursive=True)
         if self.local:
             try:
@@ -168,6 +237,8 @@ class OutputRoot:
                 raise
             return True
         files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE_NAME)
+        # The scene marker first: a folder the upload leaves half-written is known as ours.
+        files.sort(key=lambda path: path != folder / SCENE_MARKER)
         for path in files:
             self.fs.put_file(str(path), posixpath.join(final, path.relative_to(folder).as_posix()))
         self.fs.pipe_file(posixpath.join(final, COMPLETE_NAME), b"")
@@ -199,6 +270,16 @@ class OutputRoot:
         else:
             self.fs.pipe_file(target, data)
         return join(self.location, name)
+
+
+def _host() -> str:
+    return socket.gethostname().replace("-", "_") or "host"
+
+
+def _own_staging() -> str:
+    """This process's part of the staging area: another run on the same output folder (a
+    retry, a second user) neither writes into it nor removes it."""
+    return f"{_host()}-{os.getpid()}"
 
 
 def _flat(row: dict[str, Any]) -> dict[str, Any]:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,13 @@ from typing import Any
 import numpy as np
 
 from da3cog.batch.manifest import Scene, scene_settings
-from da3cog.batch.storage import COMPLETE_NAME, RESULT_NAME, OutputRoot, fetch_inputs
+from da3cog.batch.storage import (
+    COMPLETE_NAME,
+    RESULT_NAME,
+    SCENE_MARKER,
+    OutputRoot,
+    fetch_inputs,
+)
 from da3cog.geometry import camera_centres
 from da3cog.io.inputs import DEFAULT_SAMPLING, FrameSampling, check_images, expand_inputs
 from da3cog.pipeline import DepthAnything3, InferenceOptions, Precision, Prediction
@@ -105,6 +111,23 @@ class SceneResult:
         return cls(**{**values, "files": tuple(values.get("files", ()))})
 
 
+def _in_user_terms(error: ValueError, local: Sequence[Path], given: Sequence[str]) -> ValueError:
+    """``error`` with the local copies of fetched inputs named by the locations the manifest
+    gave (a temporary copy, gone by the time the user reads the index, means nothing)."""
+    message = str(error)
+    for path, location in sorted(
+        zip(local, given, strict=True), key=lambda pair: -len(str(pair[0]))
+    ):
+        if str(path) != location:
+            message = message.replace(str(path), location)
+    if message == str(error):
+        return error
+    try:
+        return type(error)(message)
+    except TypeError:
+        return ValueError(message)
+
+
 class SceneRunner:
     """Runs scenes with one loaded model into one output root."""
 
@@ -126,6 +149,7 @@ class SceneRunner:
             outputs = staging / "outputs"
             result = self._run(scene, staging, outputs, started)
             (outputs / RESULT_NAME).write_text(json.dumps(result.document(), indent=2))
+            (outputs / SCENE_MARKER).write_text("")
             (outputs / COMPLETE_NAME).write_text("")
             if not self.root.publish(scene.id, outputs):
                 landed = self.root.completed(scene.id)
@@ -142,7 +166,7 @@ class SceneRunner:
                 error=f"{type(error).__name__}: {error}",
             )
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            self.root.release(staging)
 
     def _run(self, scene: Scene, staging: Path, outputs: Path, started: float) -> SceneResult:
         from da3cog.export.manifest import export_all, options_taken
@@ -153,19 +177,25 @@ class SceneRunner:
         )
         marks = [time.perf_counter()]
         local_inputs = fetch_inputs(scene.inputs, staging / "inputs")
-        views = expand_inputs(local_inputs, staging / "frames", sampling)
-        check_images(views)
+        try:
+            views = expand_inputs(local_inputs, staging / "frames", sampling)
+            check_images(views)
+        except ValueError as error:
+            raise _in_user_terms(error, local_inputs, scene.inputs) from None
         cameras = None
         if scene.cameras is not None:
             (camera_file,) = fetch_inputs([scene.cameras], staging / "cameras")
             cameras = read_camera_file(camera_file, len(views), label=scene.cameras)
         marks.append(time.perf_counter())
-        prediction = self.model.predict(
-            [str(view) for view in views],
-            extrinsics=None if cameras is None else cameras.extrinsics,
-            intrinsics=None if cameras is None else cameras.intrinsics,
-            options=options,
-        )
+        try:
+            prediction = self.model.predict(
+                [str(view) for view in views],
+                extrinsics=None if cameras is None else cameras.extrinsics,
+                intrinsics=None if cameras is None else cameras.intrinsics,
+                options=options,
+            )
+        except ValueError as error:  # an image that fails to decode past its header
+            raise _in_user_terms(error, local_inputs, scene.inputs) from None
         marks.append(time.perf_counter())
         # The batch's export options, as far as this scene's formats take them.
         export_options = options_taken(formats, self.settings.export_options)

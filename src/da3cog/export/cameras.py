@@ -14,7 +14,11 @@ import numpy as np
 from da3cog.export.files import ManifestEntry, all_or_nothing, returning_paths, view_file_name
 from da3cog.export.points import require_cameras, world_to_camera
 from da3cog.geometry import invert_rigid_np
-from da3cog.pipeline import Prediction
+from da3cog.pipeline import Prediction, ViewPrediction
+
+# How the prediction's cameras and unit were made (Prediction attributes), in cameras.json,
+# manifest.json and the NPZ bundle alike.
+PREDICTION_FLAGS = ("cameras_estimated", "intrinsics_source", "focal_source", "metric_scale")
 
 CONVENTIONS = {
     "axes": "OpenCV: x right, y down, z forward",
@@ -31,6 +35,23 @@ def _matrix(array: np.ndarray | None) -> list | None:
     return None if array is None else np.asarray(array, dtype=float).tolist()
 
 
+def prediction_flags(prediction: Prediction) -> dict[str, Any]:
+    """The prediction's :data:`PREDICTION_FLAGS` by name."""
+    return {key: getattr(prediction, key) for key in PREDICTION_FLAGS if hasattr(prediction, key)}
+
+
+def chunk_record(view: ViewPrediction) -> dict[str, Any]:
+    """Which chunk predicted the view and how well that chunk aligned, for chunked
+    predictions (empty for a single pass)."""
+    if view.chunk is None:
+        return {}
+    residual = view.alignment_residual
+    return {
+        "chunk": int(view.chunk),
+        "alignment_residual": None if residual is None else round(float(residual), 6),
+    }
+
+
 def cameras_document(prediction: Prediction) -> dict:
     """The cameras JSON document as a dict. ``K`` / ``world_to_camera`` / ``camera_to_world``
     are null for views without intrinsics / poses (single-view models estimate none)."""
@@ -40,11 +61,7 @@ def cameras_document(prediction: Prediction) -> dict:
         world = "none: no camera poses were estimated (each view is in its own camera frame)"
     else:
         world = "camera of the first view"
-    optional = {
-        key: getattr(prediction, key)
-        for key in ("cameras_estimated", "intrinsics_source", "focal_source", "metric_scale")
-        if hasattr(prediction, key)
-    }
+    optional = prediction_flags(prediction)
     return {
         "model": {"id": prediction.model_id, "preset": prediction.model_preset},
         "conventions": {
@@ -75,6 +92,7 @@ def cameras_document(prediction: Prediction) -> dict:
                     if view.extrinsics is None
                     else invert_rigid_np(np.asarray(view.extrinsics, dtype=float)).tolist()
                 ),
+                **chunk_record(view),
             }
             for index, view in enumerate(prediction.views)
         ],

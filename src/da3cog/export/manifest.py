@@ -14,7 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from da3cog import __version__
-from da3cog.export.cameras import cameras_json_files, transforms_json_files
+from da3cog.export.cameras import (
+    cameras_json_files,
+    chunk_record,
+    prediction_flags,
+    transforms_json_files,
+)
 from da3cog.export.colmap import colmap_files
 from da3cog.export.depth import (
     confidence_png_files,
@@ -29,7 +34,7 @@ from da3cog.export.npz import npz_files, npz_upstream_files, upstream_layout_pro
 from da3cog.export.ply import PLY_NAME, point_cloud_files
 from da3cog.export.points import camera_problem, fuse_points
 from da3cog.export.video import gaussians_video_files
-from da3cog.pipeline import Prediction, ViewPrediction
+from da3cog.pipeline import Prediction
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA_FILE = "manifest.schema.json"
@@ -62,7 +67,7 @@ _COLMAP_FORMATS = {
 FORMATS: tuple[str, ...] = tuple(_EXPORTERS)
 _FUSION_OPTIONS = ("confidence_percentile", "max_points", "seed", "drop_sky")
 # Formats that need every view in one world frame (see points.camera_problem).
-_CAMERA_FORMATS = ("ply", "glb", "transforms_json", "colmap", "colmap_text", "colmap_binary")
+CAMERA_FORMATS = ("ply", "glb", "transforms_json", "colmap", "colmap_text", "colmap_binary")
 _POINT_FORMATS = ("ply", "glb", "colmap")
 # Left out of "all", asked for by name only: parts of colmap; a second copy of npz's arrays
 # for upstream's scripts; slow without gsplat on CUDA (minutes on a CPU).
@@ -113,7 +118,7 @@ def _exporter_options(exporter: _Writer) -> set[str]:
 
 def inapplicable(prediction: Prediction, name: str) -> str | None:
     """Why format ``name`` cannot be made from ``prediction``, or None."""
-    if name in _CAMERA_FORMATS:
+    if name in CAMERA_FORMATS:
         return camera_problem(prediction)
     if name == "confidence_png" and all(v.confidence is None for v in prediction.views):
         return "the model predicts no confidence"
@@ -193,17 +198,6 @@ def _entry_document(entry: ManifestEntry, root: Path) -> dict[str, Any]:
     return document
 
 
-def _chunk_record(view: ViewPrediction) -> dict[str, Any]:
-    """Which chunk predicted the view and how well it aligned, for chunked predictions."""
-    if view.chunk is None:
-        return {}
-    residual = view.alignment_residual
-    return {
-        "chunk": int(view.chunk),
-        "alignment_residual": None if residual is None else round(float(residual), 6),
-    }
-
-
 def manifest_document(
     prediction: Prediction,
     entries: Sequence[ManifestEntry],
@@ -234,11 +228,7 @@ def manifest_document(
             "width": prediction.processing_size[1],
         },
         "pose_conditioned": prediction.pose_conditioned,
-        **{
-            key: getattr(prediction, key)
-            for key in ("cameras_estimated", "intrinsics_source", "focal_source", "metric_scale")
-            if hasattr(prediction, key)
-        },
+        **prediction_flags(prediction),
         "views": [
             {
                 "index": index,
@@ -248,7 +238,7 @@ def manifest_document(
                 "input_size": {"height": view.input_size[0], "width": view.input_size[1]},
                 "crop_box": [round(float(value), 3) for value in view.crop_box],
                 "pixel_aspect": round(float(view.pixel_aspect), 6),
-                **_chunk_record(view),
+                **chunk_record(view),
             }
             for index, view in enumerate(prediction.views)
         ],

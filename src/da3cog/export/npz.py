@@ -30,6 +30,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from da3cog.export.cameras import PREDICTION_FLAGS
 from da3cog.export.files import ManifestEntry, all_or_nothing, returning_paths
 from da3cog.pipeline import Prediction, ViewPrediction
 
@@ -37,7 +38,6 @@ NPZ_NAME = "prediction.npz"
 NPZ_FORMAT_VERSION = 1
 _MAPS = (("depth", "depth", np.float32), ("confidence", "confidence", np.float32))
 _MAPS += (("image", "images", np.uint8), ("sky", "sky", np.bool_))
-_CAMERA_FLAGS = ("cameras_estimated", "intrinsics_source", "focal_source", "metric_scale")
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def prediction_arrays(prediction: Prediction) -> dict[str, np.ndarray | ViewStac
         ),
         "notes": np.array(list(prediction.notes), dtype=str).reshape(-1),
     }
-    for flag in _CAMERA_FLAGS:
+    for flag in PREDICTION_FLAGS:
         if hasattr(prediction, flag):
             value = getattr(prediction, flag)
             if flag == "metric_scale":
@@ -304,7 +304,7 @@ def load_npz(path: Path) -> Prediction:
         )
     prediction_fields = {f.name for f in dataclasses.fields(Prediction)}
     flags: dict[str, Any] = {}
-    for flag in _CAMERA_FLAGS:
+    for flag in PREDICTION_FLAGS:
         if flag in bundle and flag in prediction_fields:
             value = bundle[flag].item()
             if flag == "metric_scale":

@@ -3,12 +3,15 @@ files, videos as sampled frames. Shared by the CLI and the batch runner."""
 
 from __future__ import annotations
 
+import math
+import numbers
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from da3cog.io.images import HEADER_BYTES, read_image_header, sniff_image_format
-from da3cog.io.video import sample_frames, sniff_video_format
+from da3cog.io.video import LOCAL_VIDEO_BOUNDS, sample_frames, sniff_video_format
 
 
 @dataclass(frozen=True)
@@ -21,10 +24,29 @@ class FrameSampling:
     max_frames: int = 1000
 
     def __post_init__(self) -> None:
-        if self.fps is not None and self.stride is not None:
-            raise ValueError("give a frame rate or a stride, not both")
-        if self.max_frames < 1:
-            raise ValueError(f"max_frames must be at least 1, got {self.max_frames}")
+        check_sampling(self.fps, self.stride, self.max_frames)
+
+
+def check_sampling(
+    fps: object, stride: object, max_frames: object, name: Callable[[str], str] = str
+) -> None:
+    """ValueError unless ``fps`` (None or a finite number above 0), ``stride`` (None or a
+    whole number of at least 1) and ``max_frames`` (a whole number of at least 1) can sample
+    a video; ``name`` gives each option's name as the user wrote it (a CLI flag)."""
+    if fps is not None and stride is not None:
+        raise ValueError(f"give {name('fps')} or {name('stride')}, not both")
+    if fps is not None and not (
+        isinstance(fps, numbers.Real)
+        and not isinstance(fps, bool)
+        and math.isfinite(fps)
+        and fps > 0
+    ):
+        raise ValueError(f"{name('fps')} must be a number of frames a second above 0, got {fps!r}")
+    for option, value in (("stride", stride), ("max_frames", max_frames)):
+        if value is None and option == "stride":
+            continue
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name(option)} must be a whole number of at least 1, got {value!r}")
 
 
 DEFAULT_SAMPLING = FrameSampling()
@@ -42,25 +64,39 @@ def expand_inputs(
     report: Callable[[str], None] | None = None,
 ) -> list[Path]:
     """The views ``paths`` name, in order: a folder gives its image files (by content, in
-    name order), a video its sampled frames (written as ``<video>_frame_0000.png`` into
-    ``frames_folder``); anything else stays as given (see :func:`check_images`)."""
+    name order with numbers compared as numbers: :func:`natural_order`), a video its sampled
+    frames (written as ``<video>_frame_0000.png`` into ``frames_folder``); anything else
+    stays as given (see :func:`check_images`)."""
     from PIL import Image
 
     views: list[Path] = []
     for number, path in enumerate(paths):
         if path.is_dir():
-            members = sorted(p for p in path.iterdir() if p.is_file())
+            members = sorted(
+                (p for p in path.iterdir() if p.is_file()), key=lambda p: natural_order(p.name)
+            )
             images = [p for p in members if sniff_image_format(_head(p)) is not None]
             if not images:
                 raise ValueError(f"{path}: a folder with no image files")
             views.extend(images)
         elif path.is_file() and sniff_video_format(_head(path)) is not None:
-            rate = {"stride": sampling.stride} if sampling.stride else {"fps": sampling.fps or 2.0}
+            rate = (
+                {"stride": sampling.stride}
+                if sampling.stride is not None
+                else {"fps": 2.0 if sampling.fps is None else sampling.fps}
+            )
             folder = frames_folder / f"{number:03d}"
             folder.mkdir(parents=True)
             count = 0
             for count, frame in enumerate(
-                sample_frames(path, str(path), max_frames=sampling.max_frames, **rate), start=1
+                sample_frames(
+                    path,
+                    str(path),
+                    max_frames=sampling.max_frames,
+                    bounds=LOCAL_VIDEO_BOUNDS,
+                    **rate,
+                ),
+                start=1,
             ):
                 target = folder / f"{path.stem}_frame_{count - 1:04d}.png"
                 Image.fromarray(frame.picture).save(target, compress_level=1)
@@ -70,6 +106,19 @@ def expand_inputs(
         else:
             views.append(path)
     return views
+
+
+def natural_order(name: str) -> tuple:
+    """Sort key of a file name with its runs of digits compared as numbers: ``2.png`` before
+    ``10.png`` (the frames ffmpeg writes as ``%d.png``), ties broken by the name itself."""
+    parts = re.split(r"([0-9]+)", name)
+    return (
+        tuple(
+            (0, int(part), "") if part.isascii() and part.isdigit() else (1, 0, part)
+            for part in parts
+        ),
+        name,
+    )
 
 
 def check_images(paths: Sequence[Path]) -> None:

@@ -52,6 +52,7 @@ PROCESS_METHODS: tuple[str, ...] = (
     "lower_bound_crop",
 )
 """Accepted values of ``method`` in :func:`prepare_images`."""
+DEFAULT_RESIZE_METHOD = "upper_bound_resize"
 
 MIN_PROCESS_RES = PATCH_SIZE
 MAX_PROCESS_RES = 4096
@@ -178,7 +179,7 @@ class PreparedBatch:
 def prepare_images(
     images: Sequence[ImageSource],
     process_res: int = 504,
-    method: str = "upper_bound_resize",
+    method: str = DEFAULT_RESIZE_METHOD,
     intrinsics: np.ndarray | None = None,
     mixed_shapes: str = "resize",
     scene_shape: tuple[int, int] | None = None,

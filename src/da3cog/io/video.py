@@ -51,6 +51,11 @@ class VideoBounds:
     max_decoded_frames: int = 100_000
 
 
+# The user's own videos on their own machine (the CLI, the batch runner): decoding streams one
+# frame at a time, so only the frame size is bounded; a long video takes as long as it takes.
+LOCAL_VIDEO_BOUNDS = VideoBounds(decode_seconds=math.inf, max_decoded_frames=1 << 62)
+
+
 @dataclass(frozen=True)
 class SampledFrame:
     """One kept frame, upright as players show it (its stream's display rotation applied):

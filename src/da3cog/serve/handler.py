@@ -11,6 +11,7 @@ checked for provenance (:mod:`da3cog.serve.provenance`), its views bounded
 
 from __future__ import annotations
 
+import bisect
 import gc
 import logging
 import os
@@ -25,12 +26,13 @@ import numpy as np
 import torch
 
 from da3cog import memory
-from da3cog.chunked import TimeBudgetExceeded, check_pace, time_left
+from da3cog.chunked import SpillFailed, TimeBudgetExceeded, check_pace, time_left
 from da3cog.geometry import check_intrinsics_for_images
 from da3cog.io import PATCH_SIZE, exif_focal
 from da3cog.io.preprocess import processing_size
-from da3cog.model.presets import ModelPreset, get_preset
+from da3cog.model.presets import get_preset
 from da3cog.pipeline import DepthAnything3, InferenceOptions, Prediction, default_device
+from da3cog.processes import process_alive
 from da3cog.serve.limits import DEFAULT_LIMITS, Limits, predict_seconds
 from da3cog.serve.media import View, gather_views, input_label
 from da3cog.serve.models import ModelCache, warm_up
@@ -43,6 +45,8 @@ from da3cog.serve.outputs import (
 )
 from da3cog.serve.provenance import RequestFiles
 from da3cog.serve.request import (
+    EXPORT_FORMATS_MAP,
+    POINT_FORMATS,
     ModelChoice,
     RequestError,
     RequestValues,
@@ -122,8 +126,15 @@ class Server:
         """Load the default model (``$DA3COG_SETUP_MODEL``, else giant) and warm it up;
         other models load on first use. Raises RuntimeError naming what failed."""
         name = model or os.environ.get(SETUP_MODEL_ENV) or DEFAULT_SETUP_MODEL
-        # A bad $DA3COG_TIME_BUDGET_S fails the boot, not every request.
+        # A bad $DA3COG_TIME_BUDGET_S or $DA3COG_MEMORY_BUDGET_GB fails the boot, not every
+        # request.
         progress(f"time budget of a chunked prediction: {predict_seconds(self.limits):.0f}s")
+        try:
+            budget = memory.host_budget()
+        except ValueError as error:
+            raise RuntimeError(str(error)) from error
+        if budget is not None:
+            progress(f"memory a request may plan on now: {budget / memory.GIB:.1f} GiB of RAM")
         try:
             preset = get_preset(name).name
         except ValueError as error:
@@ -183,33 +194,39 @@ class Server:
         return files
 
     def _check_memory(
-        self, values: RequestValues, preset: ModelPreset, views: list[View]
+        self, values: RequestValues, choice: ModelChoice, views: list[View]
     ) -> int | None:
         """How the request fits the memory the worker has: None in one pass, else the
         largest chunk of views (multi-view and gaussian-splat requests run as aligned chunks:
         only one chunk's activations are held). A request that fits neither way is refused,
         naming the largest one of the same views that would fit."""
-        host, device = memory.host_budget(), None
+        # The model is loaded after this check: what loading it takes is not the request's.
+        preset = choice.spec
+        load_host, load_device = self.cache.load_cost(choice.key)
+        host, device = memory.host_budget(load_host), None
         on_gpu = self.device.type == "cuda"
         if on_gpu:
-            device = memory.device_budget(self.device)
-        points = values.max_points if values.export_format != "none" else 0
+            device = memory.device_budget(self.device, load_device)
+        points = values.max_points if exports_points(values.export_format) else 0
         tracked = exports_tracks(values.export_format)
         gaussians = values.mode == "gaussian-splat"
+        monocular = values.mode == "monocular"
 
         def size_of(
             chosen: list[View], output: str, resolution: int = values.process_resolution
         ) -> memory.RequestSize:
+            # Upright, as the pipeline fits them (EXIF orientation, display rotation).
             return memory.request_size(
-                [v.size for v in chosen], resolution, output, gaussians, points, tracked
+                [v.display_size for v in chosen], resolution, output, gaussians, points, tracked
             )
 
         def needed(
             count: int, output: str, resolution: int = values.process_resolution
         ) -> memory.MemoryEstimate:
-            # Monocular requests run one view at a time and keep every view's outputs: as
-            # chunks of one view.
-            chunk = 1 if values.mode == "monocular" else None
+            """The least ``count`` of the views can run with: monocular requests one view at
+            a time (keeping every view's outputs: as chunks of one view), others in the
+            smallest chunks when there are more views than one."""
+            chunk = 1 if monocular else memory.MIN_CHUNK if count > memory.MIN_CHUNK else None
             return memory.estimate(
                 preset, size_of(views[:count], output, resolution), on_gpu, chunk=chunk
             )
@@ -217,28 +234,28 @@ class Server:
         def fits(estimate: memory.MemoryEstimate) -> bool:
             return memory.fits(estimate, host, device)
 
-        estimate = needed(len(views), values.output_resolution)
-        if fits(estimate):
+        size = size_of(views, values.output_resolution)
+        if fits(memory.estimate(preset, size, on_gpu, chunk=1 if monocular else None)):
             return None
-        if values.mode != "monocular":
-            size = size_of(views, values.output_resolution)
+        if not monocular:
             chunk = memory.plan_chunk(preset, size, on_gpu, host, device)
             if chunk is not None and fits(memory.estimate(preset, size, on_gpu, chunk=chunk)):
                 return chunk
+        estimate = needed(len(views), values.output_resolution)
         have = [f"{host / memory.GIB:.1f} GiB of RAM" if host is not None else ""]
         if device is not None:
             have.append(f"{device / memory.GIB:.1f} GiB of GPU memory")
         advice = []
-        largest = max(
-            (n for n in range(1, len(views)) if fits(needed(n, values.output_resolution))),
-            default=0,
+        # More views need more memory: the first count that does not fit, by bisection.
+        largest = bisect.bisect_left(
+            range(1, len(views)), True, key=lambda n: not fits(needed(n, values.output_resolution))
         )
         if largest:
             advice.append(f"at most {largest} of these views")
         if values.output_resolution == "input" and fits(needed(len(views), "processing")):
             advice.append("output_resolution=processing")
-        if values.process_resolution > 280 and fits(
-            needed(len(views), values.output_resolution, 280)
+        if values.process_resolution > 280 and _fits_at(
+            lambda: fits(needed(len(views), values.output_resolution, 280))
         ):
             advice.append("process_resolution=280")
         what = " or ".join(advice) if advice else "fewer or smaller views"
@@ -279,7 +296,7 @@ class Server:
             missing_focal = [v.name for v in views if isinstance(exif_focal(v.path), str)]
         check_formats(values, choice.spec, cameras, missing_focal)
         check_view_shapes(views, values.process_resolution)
-        chunk = self._check_memory(values, choice.spec, views)
+        chunk = self._check_memory(values, choice, views)
         if chunk is not None:
             progress(f"{len(views)} views do not fit in one pass: chunks of {chunk} views")
 
@@ -303,6 +320,8 @@ class Server:
             # The views were checked when read; what the pipeline still refuses names our
             # copies of them, which mean nothing to the user.
             refusal = in_user_terms(str(error), views)
+        except SpillFailed as error:
+            refusal = f"this worker ran out of disk for the request's outputs ({error})"
         except (RuntimeError, MemoryError) as error:
             ran_out = memory.out_of_memory(error)
             if ran_out is None:
@@ -438,6 +457,20 @@ def fit_cameras(cameras: UserCameras, views: list[View], label: str) -> UserCame
     return UserCameras(np.ascontiguousarray(intrinsics), cameras.extrinsics)
 
 
+def _fits_at(check: Callable[[], bool]) -> bool:
+    """``check()``, False where a view is too elongated for the resolution it tries."""
+    try:
+        return check()
+    except ValueError:
+        return False
+
+
+def exports_points(export_format: str) -> bool:
+    """Whether ``export_format`` writes a point cloud (:data:`da3cog.memory.POINT_BYTES` a
+    point kept)."""
+    return export_format == "all" or bool(set(EXPORT_FORMATS_MAP[export_format]) & POINT_FORMATS)
+
+
 def exports_tracks(export_format: str) -> bool:
     """Whether ``export_format`` writes a COLMAP model, whose points carry multi-view tracks
     (:data:`da3cog.memory.TRACKED_POINT_BYTES`)."""
@@ -493,7 +526,7 @@ def remove_orphaned_folders(root: Path) -> int:
     for folder in root.glob(f"{REQUEST_PREFIX}*"):
         match = _REQUEST_FOLDER.match(folder.name)
         owner = int(match.group(1)) if match else None
-        if owner is not None and owner != os.getpid() and _process_alive(owner):
+        if owner is not None and owner != os.getpid() and process_alive(owner):
             continue
         if owner == os.getpid():
             continue
@@ -502,11 +535,3 @@ def remove_orphaned_folders(root: Path) -> int:
     return removed
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

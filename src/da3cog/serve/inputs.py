@@ -132,8 +132,9 @@ INPUTS: tuple[InputSpec, ...] = (
         "str",
         "Extra files: glb (points + cameras scene), ply (point cloud), npz (all arrays), "
         "colmap (zip of a COLMAP sparse model + images), all (every format the prediction "
-        "allows) or none. Depth maps (.npy + visualisation), cameras.json and manifest.json "
-        "are always returned; gaussian-splat also returns gaussians.ply.",
+        "allows) or none. Depth maps (.npy + visualisation) and manifest.json are always "
+        "returned, cameras.json whenever the views have cameras; gaussian-splat also returns "
+        "gaussians.ply.",
         default="glb",
         choices=EXPORT_FORMATS,
     ),

@@ -3,7 +3,7 @@
 Every bound here is checked on what a request's files *claim* (file sizes, zip directories,
 image headers, video stream headers) before the bytes are expanded or the pixels decoded, and
 the memory estimate (:mod:`da3cog.memory`) before any model runs. A request past a bound
-is refused with the bound it hit. The README's "Limits" section states these numbers.
+is refused with the bound it hit. docs/replicate.md ("Limits") states these numbers.
 """
 
 from __future__ import annotations

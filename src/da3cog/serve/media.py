@@ -37,6 +37,7 @@ from da3cog.io.images import (
     read_image_header,
     sniff_image_format,
 )
+from da3cog.io.inputs import natural_order
 from da3cog.serve.limits import Limits
 from da3cog.serve.request import RequestError
 
@@ -247,7 +248,8 @@ def _zip_members(
                 f"{info.file_size}; at most {limits.zip_max_ratio}x is accepted"
             )
         members.append(info)
-    members.sort(key=lambda info: info.filename)
+    # Numbers in names compare as numbers: frame 2 before frame 10.
+    members.sort(key=lambda info: natural_order(info.filename))
     if not members:
         raise RequestError(
             f"{label}: the zip holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"

@@ -171,6 +171,37 @@ class ModelCache:
             self._resident[preset] = model
             return model
 
+    def load_cost(self, preset: str) -> tuple[int, int]:
+        """Bytes ``get(preset)`` would newly take, ``(host, device)``: none when the model is
+        on the device already; on the CPU its weights; on a GPU its weights on the device
+        less the models :meth:`_make_room` would move to the host for them (which the host
+        then holds). Read before a request loads its model, so that its memory check counts
+        the weights it does not own."""
+        with self._lock:
+            if preset in self._resident:
+                return 0, 0
+            if preset in self._offloaded:
+                needed = _weight_bytes(self._offloaded[preset])
+            else:
+                needed = self.needed_bytes(preset)
+            if self.device.type != "cuda":
+                return (0 if preset in self._offloaded else needed), 0
+            moved = sum(_weight_bytes(self._resident[victim]) for victim in self._victims(needed))
+            return moved, max(needed - moved, 0)
+
+    def _victims(self, needed: int) -> list[str]:
+        """The resident models, least recently used first, to offload until ``needed`` +
+        reserve bytes are free."""
+        if self.free_bytes is None:
+            return []
+        free, victims = self.free_bytes(), []
+        for name, model in self._resident.items():
+            if free >= needed + self.reserve_bytes:
+                break
+            victims.append(name)
+            free += _weight_bytes(model)
+        return victims
+
     def _make_room(self, needed: int, keep: str, report: Callable[[str], None]) -> None:
         """Offload least recently used models until ``needed`` + reserve bytes are free."""
         if self.free_bytes is None:

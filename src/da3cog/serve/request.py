@@ -143,7 +143,7 @@ def choose_model(
     """The checkpoint for ``mode`` / ``model_size`` / ``metric`` / ``checkpoint_version``
     (``latest`` or a release, see :func:`da3cog.weights.hub_versions`), or RequestError.
 
-    Decisions (documented in the README): metric depth comes from DA3NESTED-GIANT-LARGE for
+    Decisions (documented in docs/replicate.md): metric depth comes from DA3NESTED-GIANT-LARGE for
     model_size=giant in any mode, and from DA3METRIC-LARGE for model_size=large in monocular
     mode (a single-view model); nothing is switched silently, because a switch changes the
     licence, the cost and what the result means. gaussian-splat needs a Gaussian head, which

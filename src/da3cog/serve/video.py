@@ -59,7 +59,9 @@ def sample_video_frames(
             max_frames=max_frames,
             bounds=bounds,
             fit=lambda size: _fit(size, limits.max_view_pixels),
-            advice="lower video_fps or max_frames, or trim the video",
+            # Every frame up to the last one sampled is decoded: fewer frames a second reach
+            # further into the video, and cost more decoding.
+            advice="lower max_frames, or trim the video",
         ):
             index = len(frames)
             target = _view_path(folder, index, f"frame_{index:04d}", ".png")
