@@ -27,8 +27,17 @@ from small_zoo import SMALL_ZOO  # noqa: E402
 
 from da3cog.model.presets import PRESETS  # noqa: E402
 from da3cog.pipeline import DepthAnything3  # noqa: E402
+from da3cog.serve.models import STAND_INS  # noqa: E402
 
 PRESETS.update(SMALL_ZOO)
+# Each stands in for the official checkpoint whose override folder the tests put it in.
+STAND_INS.update(
+    {
+        "small-gs": "da3-giant",
+        "nested-small": "da3nested-giant-large",
+        "metric-small": "da3metric-large",
+    }
+)
 
 HOLD_ENV = "DA3COG_TEST_HOLD_FILE"
 _predict = DepthAnything3.predict

@@ -356,6 +356,37 @@ def gaussian_prediction(small_zoo_checkpoint: Callable, photo: Callable):
     return model.predict(views, options=InferenceOptions(process_res=140, infer_gaussians=True))
 
 
+def test_the_served_video_renders_the_gaussians_the_ply_keeps(
+    gaussian_prediction, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The served fly-through renders what gaussians.ply keeps (no border band, no far
+    background, no invalid Gaussians), as the library's gaussians_video does; it rendered
+    every Gaussian."""
+    from da3cog.export import video
+    from da3cog.export.gaussians import gaussian_keep_mask
+    from da3cog.serve.handler import Server
+    from da3cog.serve.outputs import OutputFolder
+    from da3cog.serve.provenance import RequestFiles
+
+    rendered: list[np.ndarray | None] = []
+
+    def spy(prediction, path, *, keep=None, **kwargs) -> int:
+        rendered.append(keep)
+        return 1
+
+    monkeypatch.setattr(video, "render_flythrough", spy)
+    server = Server(torch.device("cpu"), tmp_root=tmp_path / "r", files=RequestFiles(tmp_path))
+    values = RequestValues(
+        image=tmp_path / "a.png", mode="gaussian-splat", render_video=True, export_format="none"
+    )
+    outputs = OutputFolder(tmp_path / "outputs")
+    server._extra_files(gaussian_prediction, values, outputs, lambda _: None)
+    (keep,) = rendered
+    expected, removed = gaussian_keep_mask(gaussian_prediction)
+    assert keep is not None and np.array_equal(keep, expected)
+    assert sum(removed.values()) > 0, "the case leaves some out"
+
+
 def test_flythrough_passes_through_every_camera() -> None:
     from da3cog.export.video import flythrough_cameras
 
@@ -503,7 +534,12 @@ def test_checkpoint_override_and_offline_message(
         checkpoint_folder("da3-base")
     message = str(error.value)
     assert "depth-anything/DA3-BASE" in message and str(tmp_path / "da3-base") in message
-    # An older release has its own folder; the bare preset name is the newest release.
+    # An older release has its own folder; the bare preset name is the newest release. The
+    # folder must hold the model it stands in for: here a small stand-in registered for giant
+    # (tests only), then the same folder without that registration.
+    from da3cog.serve import models
+
+    monkeypatch.setitem(models.STAND_INS, "da3-small", "da3-giant")
     (tmp_path / "da3-giant@1.0").symlink_to(small_checkpoint)
     assert checkpoint_folder("da3-giant@1.0") == tmp_path / "da3-giant@1.0"
     assert load_preset("da3-giant@1.0", torch.device("cpu")).model_id == (
@@ -513,6 +549,11 @@ def test_checkpoint_override_and_offline_message(
         checkpoint_folder("da3-giant")
     message = str(error.value)
     assert "depth-anything/DA3-GIANT-1.1" in message and str(tmp_path / "da3-giant") in message
+    monkeypatch.delitem(models.STAND_INS, "da3-small")
+    # Weights of another model under a preset's name (mono in the metric folder would load
+    # strictly, and be served as metric): refused, naming both.
+    with pytest.raises(CheckpointError, match=r"holds a da3-small checkpoint .*not da3-giant"):
+        checkpoint_folder("da3-giant@1.0")
 
 
 def test_request_folders_are_removed(

@@ -87,6 +87,26 @@ def test_schema_rejects_broken_documents(prediction, break_it) -> None:
         jsonschema.validate(document, cameras_schema(), cls=jsonschema.Draft202012Validator)
 
 
+def test_formats_without_skew_say_they_dropped_it(prediction, tmp_path: Path) -> None:
+    """A user's intrinsics with a skew: transforms.json (nerfstudio's cameras have none) says
+    it was dropped, naming the view, as the COLMAP export does; predicted intrinsics have no
+    skew and no note."""
+    from da3cog.export.cameras import transforms_json_files
+
+    skewed = []
+    for view in prediction.views:
+        intrinsics = np.array(view.intrinsics)
+        intrinsics[0, 1] = 8.0 if view.name == "two" else 0.0
+        skewed.append(dataclasses.replace(view, intrinsics=intrinsics))
+    entries = transforms_json_files(
+        dataclasses.replace(prediction, views=tuple(skewed)), tmp_path / "skewed"
+    )
+    (notes,) = [e.details["notes"] for e in entries if e.role == "transforms_json"]
+    assert len(notes) == 1 and "skew is dropped for two:" in notes[0], notes
+    plain = transforms_json_files(prediction, tmp_path / "plain")
+    assert not any("notes" in e.details for e in plain)
+
+
 def test_transforms_json(prediction, tmp_path: Path) -> None:
     before = snapshot(prediction)
     paths = export_transforms_json(prediction, tmp_path)

@@ -253,6 +253,29 @@ def test_a_view_without_finite_gaussians_is_left_out_quietly(prediction: Predict
     np.testing.assert_array_equal(keep[others], expected.reshape(views, -1)[others])
 
 
+def test_no_gaussian_left_writes_an_empty_ply(prediction: Prediction, tmp_path: Path) -> None:
+    """Every Gaussian invalid (an overflow's NaN): a PLY of no vertices, not numpy's "cannot
+    reshape array of size 0"."""
+    gaussians = prediction.gaussians
+    means = np.full_like(np.asarray(gaussians.means), np.nan)
+    broken = dataclasses.replace(prediction, gaussians=dataclasses.replace(gaussians, means=means))
+    (entry,) = gaussians_ply_files(broken, tmp_path)
+    assert entry.details["gaussians"] == 0
+    assert len(read_vertices(entry.path)) == 0
+
+
+def test_a_model_id_in_another_script_is_escaped_in_the_header(
+    prediction: Prediction, tmp_path: Path
+) -> None:
+    """A checkpoint folder's name is the model id, written in the PLY header's comments: a
+    folder called "modèle" failed every PLY export (the header is ASCII)."""
+    named = dataclasses.replace(prediction, model_id="/home/zoë/modèle-gs")
+    (entry,) = gaussians_ply_files(named, tmp_path)
+    header = entry.path.read_bytes().split(b"end_header")[0]
+    assert b"/home/zo\\xeb/mod\\xe8le-gs" in header
+    assert len(read_vertices(entry.path)) == entry.details["gaussians"]
+
+
 def test_depths_are_each_views_camera_z(prediction: Prediction) -> None:
     depths = gaussian_view_depths(prediction.gaussians, prediction)
     for view, depth in zip(prediction.views, depths, strict=True):

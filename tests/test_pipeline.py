@@ -588,3 +588,30 @@ def test_crop_methods_map_back_to_the_input_pixels_exactly(
         + source[r0 + 1, c0 + 1] * fu * fv
     )
     assert view.depth[row, col] == pytest.approx(bilinear, rel=1e-5)
+
+
+def test_an_input_resolution_view_covers_the_whole_pixels_its_crop_box_names(
+    small_model: DepthAnything3,
+) -> None:
+    """A crop whose edges fall between input pixels: the view's image and maps are the
+    whole pixels inside, and crop_box names exactly those (it gave the fractional edges, so
+    view pixel u was input pixel x0 + u off by up to a pixel)."""
+    rng = np.random.default_rng(4)
+    images = [rng.integers(0, 255, size, dtype=np.uint8) for size in ((91, 137, 3), (150, 101, 3))]
+    options = InferenceOptions(
+        process_res=70, resize_method="lower_bound_crop", mixed_shapes="crop"
+    )
+    prediction = small_model.predict([images[0], images[1], images[0]], options=options)
+    for view, given in zip(prediction.views, [images[0], images[1], images[0]], strict=True):
+        x0, y0, x1, y1 = view.crop_box
+        assert all(float(edge).is_integer() for edge in view.crop_box), view.crop_box
+        assert view.depth.shape == (y1 - y0, x1 - x0)
+        assert np.array_equal(view.image, given[int(y0) : int(y1), int(x0) : int(x1)])
+    processing = small_model.predict(
+        [images[0], images[1], images[0]],
+        options=dataclasses.replace(options, output_resolution="processing"),
+    )
+    fractional = sum(
+        not float(edge).is_integer() for view in processing.views for edge in view.crop_box
+    )
+    assert fractional, "the case has a crop edge between pixels"

@@ -236,7 +236,7 @@ def test_a_checkpoint_of_another_preset_is_rejected(tmp_path: Path, small_checkp
     ("model_name", "names"),
     [
         ("da3nested-giant-large", ["missing keys", "da3.backbone.", "da3_metric.head.scratch."]),
-        ("da3metric-large", ["unexpected keys", "head.scratch.output_conv1_aux."]),
+        ("da3metric-large", ["unexpected keys", "head.scratch.output_conv1_aux"]),
     ],
 )
 def test_a_small_checkpoint_named_as_another_family_is_rejected(
@@ -291,13 +291,19 @@ def test_nested_checkpoint_loads_both_sub_networks_strictly(nested_folder: Path)
 @pytest.mark.parametrize(
     ("corrupt", "names"),
     [
-        (removed("da3_metric.head.scratch.sky_output_conv2.2.bias"),
-         ["missing keys", "da3_metric.head.scratch.sky_output_conv2.2.bias"]),
+        (
+            removed("da3_metric.head.scratch.sky_output_conv2.2.bias"),
+            ["missing keys", "da3_metric.head.scratch.sky_output_conv2.2.bias"],
+        ),
         (removed("da3." + TIED_ORIGIN), ["missing keys", "da3." + TIED_ORIGIN]),
-        (lambda t: {**t, "model.da3_metric.cam_dec.fc_t.weight": torch.zeros(3, 3)},
-         ["unexpected keys", "da3_metric.cam_dec.fc_t.weight"]),
-        (lambda t: {k.replace("model.da3_metric.", "model.metric."): v for k, v in t.items()},
-         ["missing keys", "da3_metric.backbone.", "unexpected keys", "metric.backbone."]),
+        (
+            lambda t: {**t, "model.da3_metric.cam_dec.fc_t.weight": torch.zeros(3, 3)},
+            ["unexpected keys", "da3_metric.cam_dec.fc_t.weight"],
+        ),
+        (
+            lambda t: {k.replace("model.da3_metric.", "model.metric."): v for k, v in t.items()},
+            ["missing keys", "da3_metric.backbone.", "unexpected keys", "metric.backbone."],
+        ),
     ],
     ids=["metric-key-removed", "tied-origin-removed", "extra", "renamed-branch"],
 )
@@ -508,9 +514,7 @@ def test_a_hub_snapshot_folder_reports_its_commit(
     snapshot.mkdir(parents=True)
     for name in ("config.json", "model.safetensors"):
         (snapshot / name).symlink_to(small_checkpoint / name)
-    monkeypatch.setattr(
-        "huggingface_hub.snapshot_download", lambda repo_id, **_: str(snapshot)
-    )
+    monkeypatch.setattr("huggingface_hub.snapshot_download", lambda repo_id, **_: str(snapshot))
     loaded = load_model("small", cache_dir=tmp_path)
     assert (loaded.model_id, loaded.revision) == ("depth-anything/DA3-SMALL", commit)
     assert load_model(small_checkpoint).revision is None
@@ -603,3 +607,118 @@ def test_parameter_counts_of_the_new_families_equal_upstream(name: str, count: i
 
 def test_parameter_count_of_giant_rounds_to_1_36_billion() -> None:
     assert round(meta_parameter_count("da3-giant") / 1e7) / 100 == 1.36
+
+
+# --------------------------------------------------------------------------------------------
+# What a broken or misnamed checkpoint says
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_folder_named_like_a_preset_without_a_checkpoint_is_not_taken_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline_hub: Path
+) -> None:
+    """An unrelated folder ``small/`` in the working directory does not hide the preset
+    (before, ``--model small`` failed with "checkpoint folder small lacks config.json")."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "small").mkdir()
+    with pytest.raises(CheckpointError, match="could not fetch depth-anything/DA3-SMALL"):
+        resolve_checkpoint("small", cache_dir=offline_hub)
+
+
+@pytest.mark.parametrize(
+    ("weights", "config", "message"),
+    [
+        (b"\x10\x00\x00\x00\x00\x00\x00\x00{}", None, "is not a readable safetensors file"),
+        (b"not safetensors at all", None, "is not a readable safetensors file"),
+        (None, b'{"model_name": "da3-small\xff"}', "unreadable"),
+    ],
+    ids=["truncated", "not-safetensors", "config-not-utf8"],
+)
+def test_unreadable_files_are_checkpoint_errors_naming_them(
+    tmp_path: Path,
+    small_checkpoint: Path,
+    weights: bytes | None,
+    config: bytes | None,
+    message: str,
+) -> None:
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    (folder / WEIGHTS_NAME).write_bytes(
+        weights if weights is not None else (small_checkpoint / WEIGHTS_NAME).read_bytes()
+    )
+    (folder / CONFIG_NAME).write_bytes(config or b'{"model_name": "da3-small"}')
+    with pytest.raises(CheckpointError, match=message) as raised:
+        load_model(folder)
+    assert str(folder) in str(raised.value)
+
+
+def test_a_mismatched_checkpoint_is_named_and_its_keys_counted(
+    tmp_path: Path, small_checkpoint: Path
+) -> None:
+    """Small weights under a base config: the message names the file and the architecture the
+    config asks for, and lists a few keys of each kind with how many (it was 31 KB)."""
+    folder = write_config(tmp_path / "checkpoint", small_checkpoint, {"model_name": "da3-base"})
+    with pytest.raises(CheckpointError) as raised:
+        load_model(folder)
+    message = str(raised.value)
+    assert str(folder / WEIGHTS_NAME) in message and "a da3-base by its config.json" in message
+    assert "shape mismatches (" in message and "; ..." in message
+    assert len(message) < 3000, len(message)
+
+
+def test_a_weight_stored_as_integers_is_refused_by_name(
+    rewrite_checkpoint: Callable[[dict[str, torch.Tensor]], Path],
+    checkpoint_tensors: dict[str, torch.Tensor],
+) -> None:
+    tensors = dict(checkpoint_tensors)
+    tensors["model." + SOME_KEY] = tensors["model." + SOME_KEY].to(torch.int32)
+    with pytest.raises(CheckpointError, match=f"not floating point \\(1\\): {SOME_KEY}"):
+        load_model(rewrite_checkpoint(tensors))
+
+
+@pytest.mark.parametrize("source", ["ckpts/", "foo/bar baz"])
+def test_strings_that_are_no_hub_id_are_refused_without_asking_the_hub(
+    offline_hub: Path, source: str
+) -> None:
+    from da3cog.weights import check_source
+
+    with pytest.raises(CheckpointError, match="neither a checkpoint folder"):
+        check_source(source)
+
+
+def test_a_missing_folder_shaped_like_a_hub_id_says_there_is_no_such_folder(
+    offline_hub: Path,
+) -> None:
+    with pytest.raises(CheckpointError, match="no checkpoint folder checkpoints/da3-small here"):
+        resolve_checkpoint("checkpoints/da3-small", cache_dir=offline_hub)
+
+
+def test_the_model_refuses_weights_it_cannot_run_and_devices_there_are_not(
+    small_checkpoint: Path,
+) -> None:
+    """bf16 weights (load_model's dtype=) failed inside the heads; precision= is the way.
+    A CUDA device on a machine without one failed inside the load."""
+    from da3cog.pipeline import DepthAnything3
+
+    with pytest.raises(ValueError, match=r"weights are torch.bfloat16.*precision="):
+        DepthAnything3(load_model(small_checkpoint, dtype=torch.bfloat16), torch.device("cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device is visible"):
+            DepthAnything3.from_pretrained(small_checkpoint, device="cuda")
+
+
+def test_the_served_weight_estimate_counts_float32_of_half_stored_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checkpoint_tensors: dict[str, torch.Tensor]
+) -> None:
+    """Weights stored in bf16 load as float32: twice the file's size."""
+    from da3cog.serve.models import _checkpoint_bytes
+
+    folder = tmp_path / "da3-small"
+    folder.mkdir()
+    save_file(
+        {k: v.to(torch.bfloat16) for k, v in checkpoint_tensors.items()}, folder / WEIGHTS_NAME
+    )
+    monkeypatch.setenv("DA3COG_WEIGHTS_DIR", str(tmp_path))
+    elements = sum(t.numel() for t in checkpoint_tensors.values())
+    assert _checkpoint_bytes("da3-small") == 4 * elements
+    assert (folder / WEIGHTS_NAME).stat().st_size < 2.1 * elements

@@ -88,7 +88,10 @@ class ViewPrediction:
             :attr:`Prediction.intrinsics_source`).
         input_size: ``(height, width)`` of the image as given.
         crop_box: ``(x0, y0, x1, y1)``: the part of the input image this view covers, in input
-            pixels (the whole image unless a crop resize method or mixed sizes cropped it).
+            pixels (the whole image unless a crop resize method or mixed sizes cropped it); at
+            the input resolution whole pixels, those of ``image`` and the maps (the region the
+            network saw, snapped inwards), so view pixel ``(u, v)`` is input pixel
+            ``(x0 + u, y0 + v)``.
         sky: ``(H, W)`` bool, True on sky: the pixels whose depth holds the far value (sky
             score >= 0.3, the threshold the depth post-processing uses; upstream's own
             Prediction.sky thresholds at 0.5 instead). None for models without a sky head.
@@ -455,6 +458,19 @@ PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 _AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def check_device(device: torch.device) -> None:
+    """ValueError unless ``device`` is one this process can run on (a CUDA device without
+    CUDA failed deep inside the load, or in an assertion)."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {device}: no CUDA device is visible to this torch "
+                f"({torch.__version__}); use cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device}: {torch.cuda.device_count()} CUDA device(s)")
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """The backbone's precision on ``device``: ``auto`` is bf16 on GPUs that support it and
     fp32 elsewhere (the official code's own float32 arithmetic, to the last digit)."""
@@ -484,6 +500,14 @@ class DepthAnything3:
         states both); ``Prediction.precision`` records which ran."""
         self.loaded = loaded
         self.device = device or next(loaded.network.parameters()).device
+        check_device(self.device)
+        stored = {p.dtype for p in loaded.network.parameters()} - {torch.float32}
+        if stored:
+            raise ValueError(
+                f"the network's weights are {', '.join(sorted(map(str, stored)))}: it runs "
+                "float32 weights (load_model's default dtype); precision= sets the backbone's "
+                "autocast instead"
+            )
         self.network = loaded.network.to(self.device)
         self.precision = resolve_precision(precision, self.device)
         self.autocast_dtype = _AUTOCAST_DTYPES[self.precision]
@@ -500,7 +524,9 @@ class DepthAnything3:
         """Load a preset name / alias, a Hub id or a local checkpoint folder (``precision``:
         see the class)."""
         device = torch.device(device) if device is not None else default_device()
-        resolve_precision(precision, device)  # a bad choice fails before the (slow) load
+        # A bad choice fails before the (slow) load.
+        check_device(device)
+        resolve_precision(precision, device)
         return cls(load_model(source, device=device, cache_dir=cache_dir), device, precision)
 
     @torch.inference_mode()
@@ -1008,6 +1034,7 @@ class DepthAnything3:
             homogeneous = np.eye(4, dtype=np.float32)
             homogeneous[:3, :] = extrinsics[:3, :]
         maps = [m for m in (depth, confidence, sky) if m is not None]
+        crop_box = geometry.input_crop_box
         if resolution == "processing":
             image = processed_rgb
         else:
@@ -1016,6 +1043,7 @@ class DepthAnything3:
             left, top = math.ceil(x0 - 1e-6), math.ceil(y0 - 1e-6)
             right, bottom = math.floor(x1 + 1e-6), math.floor(y1 + 1e-6)
             image = input_rgb[top:bottom, left:right]
+            crop_box = (float(left), float(top), float(right), float(bottom))
             if intrinsics is not None:
                 intrinsics = np.asarray(geometry.intrinsics_to_input(intrinsics.astype(np.float64)))
                 intrinsics[0, 2] -= left
@@ -1037,7 +1065,7 @@ class DepthAnything3:
             extrinsics=None if homogeneous is None else _frozen(homogeneous),
             intrinsics=None if intrinsics is None else _frozen(intrinsics.astype(np.float32)),
             input_size=geometry.input_size,
-            crop_box=geometry.input_crop_box,
+            crop_box=crop_box,
             sky=None if sky_mask is None else _frozen(sky_mask),
             pixel_aspect=geometry.pixel_aspect,
         )

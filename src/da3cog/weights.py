@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from da3cog.model.dual_dpt import DualDPTHead
@@ -144,24 +145,35 @@ def default_cache_dir() -> Path | None:
 
 def _hub_id(source: str | os.PathLike[str]) -> str | None:
     """The Hub id ``source`` names (a preset or alias: its default repo), None for an existing
-    folder; CheckpointError when it is neither."""
-    if Path(source).expanduser().is_dir():
-        return None
+    folder; CheckpointError when it is neither. A folder that happens to be named like a
+    preset (``small/`` in the working directory) is the folder only when it holds a
+    checkpoint's config."""
     name, version = split_model_spec(str(source))
     key = ALIASES.get(name.lower(), name.lower())
+    folder = Path(source).expanduser()
+    if folder.is_dir() and (
+        (folder / CONFIG_NAME).is_file() or key not in PRESETS or not PRESETS[key].hub_repos
+    ):
+        return None
     if key in PRESETS and PRESETS[key].hub_repos:
         try:
             return hub_repo(key, version)
         except ValueError as error:
             raise CheckpointError(f"{source!r}: {error}") from error
-    if version is not None or name.count("/") != 1 or name.startswith((".", "/", "~")):
-        raise CheckpointError(
-            f"{source!r} is neither a checkpoint folder, a preset "
-            f"({', '.join(short_name(name) for name in PRESETS)}, optionally with a version: "
-            "giant@1.0) nor a Hub "
-            "id like 'depth-anything/DA3-BASE'"
-        )
-    return name
+    if version is None and name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(name)
+        except HFValidationError:
+            pass
+        else:
+            return name
+    raise CheckpointError(
+        f"{source!r} is neither a checkpoint folder, a preset "
+        f"({', '.join(short_name(name) for name in PRESETS)}, optionally with a version: "
+        "giant@1.0) nor a Hub id like 'depth-anything/DA3-BASE'"
+    )
 
 
 def resolve_checkpoint(source: str | os.PathLike[str], cache_dir: Path | None = None) -> Path:
@@ -175,7 +187,13 @@ def resolve_checkpoint(source: str | os.PathLike[str], cache_dir: Path | None = 
         path = Path(source).expanduser()
         _check_folder(path)
         return path
-    return _download(repo_id, cache_dir if cache_dir is not None else default_cache_dir())
+    try:
+        return _download(repo_id, cache_dir if cache_dir is not None else default_cache_dir())
+    except CheckpointError as error:
+        if repo_id != str(source):
+            raise
+        # "checkpoints/da3-small" is a Hub id by its form, and may have meant a folder.
+        raise CheckpointError(f"no checkpoint folder {source} here, and {error}") from error
 
 
 def preset_of(source: str | os.PathLike[str]) -> ModelPreset | None:
@@ -233,8 +251,8 @@ def _download(repo_id: str, cache_dir: Path | None) -> Path:
 def read_preset(folder: Path) -> ModelPreset:
     """The preset named by a checkpoint's config.json."""
     try:
-        config = json.loads((folder / CONFIG_NAME).read_text())
-    except (OSError, json.JSONDecodeError) as error:
+        config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"unreadable {folder / CONFIG_NAME}: {error}") from error
     name = config.get("model_name") if isinstance(config, dict) else None
     if not isinstance(name, str):
@@ -245,23 +263,72 @@ def read_preset(folder: Path) -> ModelPreset:
         raise CheckpointError(f"{folder / CONFIG_NAME}: {error}") from error
 
 
+# A safetensors header longer than this is not one of ours (DA3-GIANT's is about 150 KiB).
+MAX_HEADER_BYTES = 64 << 20
+
+
+def safetensors_elements(path: Path) -> int:
+    """The number of tensor elements a safetensors file holds, from its header alone.
+    ValueError when the header cannot be read."""
+    with path.open("rb") as stream:
+        length = int.from_bytes(stream.read(8), "little")
+        if not 0 < length <= MAX_HEADER_BYTES:
+            raise ValueError(f"{path}: a header of {length} bytes")
+        header = json.loads(stream.read(length))
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the header is not an object")
+    return sum(
+        math.prod(entry["shape"])
+        for name, entry in header.items()
+        if name != "__metadata__" and isinstance(entry, dict)
+    )
+
+
 def _read_state_dict(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
-    with safe_open(str(path), framework="pt", device=str(device)) as handle:
-        for key in handle.keys():
-            if not key.startswith(KEY_PREFIX):
-                raise CheckpointError(f"{path}: unexpected key {key!r} (keys start with 'model.')")
-            state[key[len(KEY_PREFIX) :]] = handle.get_tensor(key)
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as handle:
+            for key in handle.keys():
+                if not key.startswith(KEY_PREFIX):
+                    raise CheckpointError(
+                        f"{path}: unexpected key {key!r} (keys start with 'model.')"
+                    )
+                state[key[len(KEY_PREFIX) :]] = handle.get_tensor(key)
+    except SafetensorError as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from error
     return state
+
+
+# What a mismatch names of each kind (the rest is elided): a checkpoint of another size or
+# family mismatches hundreds of keys. Missing and unexpected keys are named by module.
+SHOWN_KEYS = 8
+SHOWN_MODULES = 32
+
+
+def _modules(keys: list[str]) -> list[str]:
+    """``keys`` by the module they are in: ``module.* (n)`` for several, the key itself for
+    one; modules of their first three names, or fewer when that makes too many to show."""
+    for depth in (3, 2, 1):
+        groups: dict[str, list[str]] = {}
+        for key in keys:
+            groups.setdefault(".".join(key.split(".")[:depth]), []).append(key)
+        if len(groups) <= SHOWN_MODULES:
+            break
+    return [
+        members[0] if len(members) == 1 else f"{module}.* ({len(members)})"
+        for module, members in groups.items()
+    ]
 
 
 def check_keys(
     expected: dict[str, torch.Tensor],
     provided: dict[str, torch.Tensor],
     tied: dict[str, str] = TIED_KEYS,
+    what: str = "checkpoint",
 ) -> None:
-    """Raise CheckpointError naming every missing, unexpected or mis-shaped key; keys in
-    ``tied`` may be missing."""
+    """Raise CheckpointError naming the missing, unexpected, mis-shaped or mistyped keys (the
+    first :data:`SHOWN_KEYS` of each kind, and how many); keys in ``tied`` may be missing.
+    ``what`` names the checkpoint (its file and the architecture its config asks for)."""
     missing = sorted(k for k in expected if k not in provided and k not in tied)
     unexpected = sorted(k for k in provided if k not in expected)
     wrong_shape = sorted(
@@ -269,26 +336,37 @@ def check_keys(
         for k in expected
         if k in provided and provided[k].shape != expected[k].shape
     )
+    wrong_type = sorted(
+        f"{k}: {provided[k].dtype}"
+        for k in expected
+        if k in provided and expected[k].is_floating_point() and not provided[k].is_floating_point()
+    )
     problems = []
-    if missing:
-        problems.append(f"missing keys: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected)}")
-    if wrong_shape:
-        problems.append(f"shape mismatches: {'; '.join(wrong_shape)}")
+    for kind, keys, shown, limit, separator in (
+        ("missing keys", missing, _modules(missing), SHOWN_MODULES, ", "),
+        ("unexpected keys", unexpected, _modules(unexpected), SHOWN_MODULES, ", "),
+        ("shape mismatches", wrong_shape, wrong_shape, SHOWN_KEYS, "; "),
+        ("not floating point", wrong_type, wrong_type, SHOWN_KEYS, "; "),
+    ):
+        if keys:
+            more = f"{separator}..." if len(shown) > limit else ""
+            problems.append(f"{kind} ({len(keys)}): {separator.join(shown[:limit])}{more}")
     if problems:
-        raise CheckpointError("checkpoint does not match the architecture: " + " | ".join(problems))
+        raise CheckpointError(f"{what} does not match the architecture: " + " | ".join(problems))
 
 
 def assign_weights(
-    network: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32
+    network: nn.Module,
+    state: dict[str, torch.Tensor],
+    dtype: torch.dtype = torch.float32,
+    what: str = "checkpoint",
 ) -> None:
     """Strictly load ``state`` (keys without the ``model.`` prefix) into ``network`` (built on
     the meta device or not) by assignment, tying the allowlisted keys, cast to ``dtype``; the
-    network ends in eval mode without gradients."""
+    network ends in eval mode without gradients. ``what`` names the checkpoint in errors."""
     expected = network.state_dict()
     tied = tied_keys(network)
-    check_keys(expected, state, tied)
+    check_keys(expected, state, tied, what)
     state = dict(state)
     for key, origin in tied.items():
         if key in expected and key not in state:
@@ -326,7 +404,12 @@ def load_model(
     preset = read_preset(folder)
     with torch.device("meta"):
         network = build_network(preset)
-    assign_weights(network, _read_state_dict(folder / WEIGHTS_NAME, device), dtype)
+    assign_weights(
+        network,
+        _read_state_dict(folder / WEIGHTS_NAME, device),
+        dtype,
+        f"{folder / WEIGHTS_NAME} (a {preset.name} by its {CONFIG_NAME})",
+    )
     logger.info(
         "loaded %s (%s) from %s in %.2fs",
         preset.name,

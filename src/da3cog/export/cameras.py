@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from da3cog.export.files import ManifestEntry, all_or_nothing, returning_paths, view_file_name
-from da3cog.export.points import require_cameras, world_to_camera
+from da3cog.export.points import require_cameras, skew_note, world_to_camera
 from da3cog.geometry import invert_rigid_np
 from da3cog.pipeline import Prediction, ViewPrediction
 
@@ -195,11 +195,13 @@ def transforms_json_files(
                 )
 
             batch.write(folder / image_file_name(index, view.name), save, "image", index)
+        skew = skew_note(prediction, "nerfstudio's cameras")
         batch.write(
             folder / "transforms.json",
             lambda target: target.write_text(text, encoding="utf-8"),
             "transforms_json",
             convention="nerfstudio: camera_to_world, OpenGL camera axes",
+            **({"notes": [skew]} if skew else {}),
         )
     return batch.entries
 

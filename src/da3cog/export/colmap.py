@@ -40,6 +40,7 @@ from da3cog.export.points import (
     PointCloud,
     fuse_points,
     require_cameras,
+    skew_note,
     surface_depth_at,
     world_to_camera,
 )
@@ -416,8 +417,9 @@ def colmap_files(
             "the prediction is at processing resolution: cameras and 2D points are scaled to "
             "the input pixels of each view's crop box"
         )
-    if any(abs(float(view.intrinsics[0, 1])) > 1e-6 for view in prediction.views):
-        notes.append("intrinsics skew is dropped: COLMAP PINHOLE cameras have none")
+    skew = skew_note(prediction, "COLMAP PINHOLE cameras")
+    if skew is not None:
+        notes.append(skew)
     left_out = len(points) - len(tracks.points)
     if left_out:
         notes.append(

@@ -165,7 +165,8 @@ def gaussian_ply_records(gaussians: Gaussians, keep: np.ndarray) -> np.ndarray:
     # nx, ny, nz stay zero, as the 3DGS code writes them.
     for channel in range(3):
         records[f"f_dc_{channel}"] = harmonics[:, channel, 0]
-    rest = harmonics[:, :, 1:].reshape(count, -1)  # channel-major: all red, green, blue
+    # Channel-major: all red, then green, then blue (shaped by name: none may be kept).
+    rest = harmonics[:, :, 1:].reshape(count, 3 * (harmonics.shape[2] - 1))
     for index in range(rest.shape[1]):
         records[f"f_rest_{index}"] = rest[:, index]
     opacities = np.clip(

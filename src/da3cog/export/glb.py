@@ -43,6 +43,7 @@ from da3cog.export.points import (
     PointCloud,
     fuse_points,
     require_cameras,
+    skew_note,
     surface_mask,
     world_to_camera,
 )
@@ -365,6 +366,9 @@ def glb_files(
             "off-centre principal point, so their view is shifted (the frustums and points are "
             "exact; cameras.json has the full intrinsics)"
         )
+    skew = skew_note(prediction, "glTF cameras") if gltf_cameras else None
+    if skew is not None:
+        notes.append(skew)
     with all_or_nothing() as batch:
         batch.write(
             folder / GLB_NAME,

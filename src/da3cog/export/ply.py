@@ -34,7 +34,9 @@ def ply_header(
         *(f"property {kind} {name}" for kind, name in properties),
         "end_header",
     ]
-    return ("\n".join(lines) + "\n").encode("ascii")
+    # The header is ASCII: a comment's other characters (a checkpoint folder's name is the
+    # model id) are escaped, not an error.
+    return ("\n".join(lines) + "\n").encode("ascii", errors="backslashreplace")
 
 
 def ply_bytes(

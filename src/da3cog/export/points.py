@@ -42,6 +42,22 @@ def camera_problem(prediction: Prediction) -> str | None:
     return None
 
 
+def skew_note(prediction: Prediction, cameras: str) -> str | None:
+    """A note when some view's intrinsics have a skew that ``cameras`` (a format's camera
+    model) cannot carry, else None (predicted intrinsics have none; a user's may)."""
+    skewed = [
+        view.name
+        for view in prediction.views
+        if view.intrinsics is not None and abs(float(view.intrinsics[0, 1])) > 1e-6
+    ]
+    if not skewed:
+        return None
+    return (
+        f"intrinsics skew is dropped for {', '.join(skewed)}: {cameras} have none (their points "
+        "reproject a little off; cameras.json has the full intrinsics)"
+    )
+
+
 def require_cameras(prediction: Prediction, what: str) -> None:
     """Raise ValueError when :func:`camera_problem` finds one; ``what`` names the export."""
     problem = camera_problem(prediction)

@@ -407,6 +407,7 @@ class Server:
     ) -> list[str]:
         """The Gaussian fly-through or the depth video; returns notes for the manifest. (The
         Gaussians' PLY is one of the export formats, see ``outputs.base_formats``.)"""
+        from da3cog.export.gaussians import gaussian_keep_mask
         from da3cog.export.video import render_flythrough
 
         notes: list[str] = []
@@ -418,8 +419,11 @@ class Server:
                 if entry.role == "gaussian_splats":
                     progress(f"wrote {entry.details['gaussians']} of {len(gaussians)} Gaussians")
             if values.render_video:
+                # The Gaussians gaussians.ply has (the border band, the far background and the
+                # invalid ones left out), as the library's gaussians_video renders.
+                keep, _ = gaussian_keep_mask(prediction)
                 path = outputs.new_path(GAUSSIAN_VIDEO_NAME)
-                frames = render_flythrough(prediction, path)
+                frames = render_flythrough(prediction, path, keep=keep)
                 outputs.record(path, "gaussian_video", prediction=0, details={"frames": frames})
         elif values.render_video:
             depth_video(outputs, values.video_fps)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from da3cog import memory
+from da3cog.model.presets import get_preset
 from da3cog.pipeline import DepthAnything3, InferenceOptions
 from da3cog.weights import (
     CONFIG_NAME,
@@ -34,7 +35,9 @@ from da3cog.weights import (
     default_cache_dir,
     hub_repo,
     load_model,
+    read_preset,
     resolve_checkpoint,
+    safetensors_elements,
     split_model_spec,
 )
 
@@ -51,6 +54,12 @@ def weights_dir() -> Path | None:
     return Path(value).expanduser() if value else None
 
 
+# Presets an override folder may hold in another's place (stand-in -> the preset it stands in
+# for). Empty in production: each folder must hold its own model. The cog server's tests
+# register their small random-weight stand-ins here (tests/cog_standin.py).
+STAND_INS: dict[str, str] = {}
+
+
 def checkpoint_folder(spec: str) -> Path:
     """A local checkpoint folder for a model spec (``da3-giant``: the newest release,
     ``da3-giant@1.0``: that one): the override folder of that name if it exists, else a Hub
@@ -63,6 +72,13 @@ def checkpoint_folder(spec: str) -> Path:
             missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / n).is_file()]
             if missing:
                 raise CheckpointError(f"{folder} lacks {', '.join(missing)}")
+            # The folder stands in for the Hub repo under that repo's name: it must hold that
+            # model (mono weights in the metric folder would load, strictly, and be wrong).
+            expected, found = get_preset(split_model_spec(spec)[0]).name, read_preset(folder).name
+            if expected not in (found, STAND_INS.get(found)):
+                raise CheckpointError(
+                    f"{folder} holds a {found} checkpoint (by its {CONFIG_NAME}), not {expected}"
+                )
             return folder
     try:
         return resolve_checkpoint(repo, default_cache_dir())
@@ -219,13 +235,17 @@ def _weight_bytes(model: DepthAnything3) -> int:
 
 
 def _checkpoint_bytes(preset: str) -> int:
-    """Size of the weights before loading them: the safetensors file when it is local
-    already, else an estimate from the preset's float32 parameter count."""
+    """Size of the weights once loaded (float32) before loading them: counted from the
+    safetensors header when the file is local already (its own dtype may be smaller), else
+    from the preset's parameter count."""
     override_root = weights_dir()
     if override_root is not None:
         weights = override_root / preset / WEIGHTS_NAME
         if weights.is_file():
-            return weights.stat().st_size
+            try:
+                return 4 * safetensors_elements(weights)
+            except (OSError, ValueError):
+                return 4 * weights.stat().st_size  # unreadable header: the load will say why
     return _ESTIMATED_PARAMETERS.get(split_model_spec(preset)[0], 2_000_000_000) * 4
 
 
