@@ -369,7 +369,7 @@ def test_unalignable_chunks_name_their_shared_views() -> None:
         reconstruct_in_chunks(VIEWS, SIZE, OVERLAP, sky_over)
     assert str(refused.value).startswith(
         f"chunk 2 cannot be aligned with chunk 1 on the views they share (f{SIZE - OVERLAP:03d} "
-        f"to f{SIZE - 1:03d}): they have fewer than 3 usable pixels"
+        f"to f{SIZE - 1:03d}): they have 0 usable pixel(s), fewer than the 64"
     )
     for unit_fixed in (None, lambda _: False):
         with pytest.raises(ValueError, match="chunk 2 cannot be aligned with chunk 1"):
@@ -394,6 +394,39 @@ def test_unalignable_chunks_name_their_shared_views() -> None:
     found = reconstruct_in_chunks(VIEWS, SIZE, OVERLAP, infinite_confidence)
     depth_error, centre_error = _errors(found, _world_of_first_chunk(truth, gauges[0]))
     assert depth_error < 1e-4 and centre_error < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("rows", "columns", "message"),
+    [(5, 5, "25 usable pixel\\(s\\), fewer than the 64"), (2, 40, "bunched together")],
+    ids=["patch", "strip"],
+)
+def test_a_few_bunched_pixels_do_not_align_chunks(rows: int, columns: int, message: str) -> None:
+    """A shared view that is sky but for a small patch or a thin strip: a similarity fitted
+    on its pixels fits their noise and can place the chunk far off with a small residual
+    (17 degrees at 9 pixels), so the run stops naming the chunks: too few pixels, or too
+    bunched to fix a rotation. The depth-scale fit of posed chunks needs as many pixels."""
+    _, predict_chunk, _ = _scene()
+    size, overlap = 6, 1
+
+    def sky_but_a_patch(views: range) -> Prediction:
+        prediction = predict_chunk(views)
+        changed = []
+        for i, view in enumerate(prediction.views):
+            if views[i] == size - 1:  # the view chunks 1 and 2 share
+                sky = np.ones(view.depth.shape, bool)
+                sky[10 : 10 + rows, 4 : 4 + columns] = False
+                view = dataclasses.replace(view, sky=sky)
+            changed.append(view)
+        return dataclasses.replace(prediction, views=tuple(changed))
+
+    with pytest.raises(ValueError, match=f"chunk 2 cannot be aligned with chunk 1.*{message}"):
+        reconstruct_in_chunks(12, size, overlap, sky_but_a_patch)
+    if rows == 5:
+        with pytest.raises(ValueError, match=message):
+            reconstruct_in_chunks(
+                12, size, overlap, sky_but_a_patch, align=False, depth_unit_fixed=lambda _: False
+            )
 
 
 class _Clock:

@@ -423,6 +423,29 @@ def test_gaussians_move_with_their_chunk_when_loops_close() -> None:
         np.testing.assert_allclose(placed, expected, atol=1e-4 * scale)
 
 
+@pytest.mark.parametrize(("drift", "reads"), [(60.0, 60.0), (190.0, 170.0)])
+def test_the_drift_around_a_loop_is_read_before_closing_it(drift: float, reads: float) -> None:
+    """A ring of 100 chunks whose chain turns a little too much at every overlap: the
+    rotation the loop measures (the truth) and the one the chain put there disagree by the
+    drift, read up to 180 degrees. Loop closure keeps only loops under MAX_LOOP_DRIFT_DEGREES:
+    past 180 the pose graph, which starts from the chain, closed them the wrong way round (a
+    ring drifting 190 degrees ended with chunks on its far side)."""
+    from da3cog.chunked import MAX_LOOP_DRIFT_DEGREES
+    from da3cog.loops import rotation_disagreement
+
+    count = 100
+    step = _similarity(360.0 / count, (0, 1, 0), (0.3, 0.0, 0.0), 1.0)
+    drifted_step = _similarity(360.0 / count + drift / (count - 1), (0, 1, 0), (0.3, 0, 0), 1.0)
+    truth = [_power(step, k) for k in range(count)]
+    chain = [_power(drifted_step, k) for k in range(count)]
+    loop = Constraint(
+        0, count - 1, compose_similarities(invert_similarity(truth[0]), truth[count - 1])
+    )
+    assert rotation_disagreement(chain, loop) == pytest.approx(reads, abs=1e-6)
+    assert rotation_disagreement(truth, loop) == pytest.approx(0.0, abs=1e-6)
+    assert (rotation_disagreement(chain, loop) > MAX_LOOP_DRIFT_DEGREES) == (drift > 90)
+
+
 def test_spilled_gaussians_move_in_place_with_their_chunk(tmp_path) -> None:
     """A spilled run keeps its Gaussians in one file per array, each chunk's moved there in
     place when the loop closes: the same values as a run that kept them in memory."""

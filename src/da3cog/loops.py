@@ -26,6 +26,7 @@ the solver is a Levenberg-Marquardt of its own on scipy's sparse linear algebra.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,6 +35,8 @@ import numpy as np
 
 from da3cog.geometry import (
     Similarity,
+    compose_similarities,
+    invert_similarity,
     matrices_to_rotation_vectors,
     rotation_vectors_to_matrices,
 )
@@ -136,6 +139,17 @@ class Constraint:
     earlier: int
     later: int
     relative: Similarity
+
+
+def rotation_disagreement(placements: Sequence[Similarity], constraint: Constraint) -> float:
+    """Degrees between the rotation ``constraint`` measures from its earlier chunk to its
+    later one and the rotation ``placements`` (the chunks' current placements) put there:
+    how far the chain has drifted around a loop."""
+    chained = compose_similarities(
+        invert_similarity(placements[constraint.earlier]), placements[constraint.later]
+    )
+    difference = (constraint.relative.rotation @ chained.rotation.T)[None]
+    return math.degrees(float(np.linalg.norm(matrices_to_rotation_vectors(difference))))
 
 
 def _stack(similarities: Sequence[Similarity]) -> _Placed:
