@@ -714,6 +714,17 @@ def test_a_request_too_big_for_one_pass_runs_in_chunks(
     looped = replace(request(), loop_closure=True)
     manifest = json.loads(server.handle(looped, progress=lambda _: None)[0].read_text())
     assert any("loop closure: not run, fewer than 3 chunks" in n for n in manifest["notes"])
+    # Chunks that cannot be aligned (here: an alignment asking for more pixels than there
+    # are): refused with what the user can change, not the library's chunk_overlap.
+    from da3cog import chunked
+
+    monkeypatch.setattr(chunked, "MIN_ALIGNMENT_PIXELS", 10**9)
+    with pytest.raises(RequestError) as refused:
+        server.handle(request(), progress=lambda _: None)
+    message = str(refused.value)
+    assert "chunk 2 cannot be aligned with chunk 1" in message, message
+    assert "send fewer views or a lower process_resolution" in message
+    assert "chunk_overlap" not in message
 
 
 def test_a_monocular_request_counts_the_outputs_of_every_view(
@@ -841,6 +852,37 @@ def test_a_multi_view_refusal_gives_the_chunked_figures(
     assert "Send at most 30 of these views" in message, message
     assert f"needs about {chunked(60).describe()};" in message, message
     assert re.search(r"needs about [0-9.]+ GiB of RAM", message)
+
+
+def test_a_monocular_request_counts_each_view_at_its_own_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Monocular views run one at a time, each at its own shape: three panoramas do not make
+    a square photo count as a panorama (it did once views were counted at the scene's common
+    shape, and a request the square alone did not fit was accepted with them)."""
+    from da3cog import memory
+    from da3cog.model.presets import PRESETS
+    from da3cog.serve.handler import Server
+    from da3cog.serve.media import View
+    from da3cog.serve.provenance import RequestFiles
+    from da3cog.serve.request import ModelChoice
+
+    preset = PRESETS["da3-small"]
+    square = View(tmp_path / "s.png", "image", (1000, 1000), (1000, 1000))
+    panoramas = [
+        View(tmp_path / f"p{i}.png", f"images[{i}]", (2000, 500), (2000, 500)) for i in range(3)
+    ]
+    alone = memory.request_size([(1000, 1000)], 504, "input", False, 0)
+    needed = memory.estimate(preset, alone, on_gpu=False, chunk=1).host
+    monkeypatch.setenv(memory.MEMORY_BUDGET_ENV, f"{needed * 0.9 / memory.GIB:.9f}")
+    server = Server(torch.device("cpu"), tmp_root=tmp_path / "r", files=RequestFiles(tmp_path))
+    values = RequestValues(
+        image=square.path, mode="monocular", export_format="none", process_resolution=504
+    )
+    choice = ModelChoice(preset.name, "test")
+    for views in ([square], [*panoramas, square]):
+        with pytest.raises(RequestError, match="needs about"):
+            server._check_memory(values, choice, views)
 
 
 def test_the_memory_check_sets_aside_the_weights_of_a_model_still_to_load(

@@ -102,6 +102,7 @@ def test_upstream_layout_reads_like_upstreams_own_file(tmp_path: Path) -> None:
         np.testing.assert_allclose(ours["depth"], theirs["depth"], atol=1e-6)
         np.testing.assert_allclose(ours["conf"], theirs["conf"], atol=0.005)
         np.testing.assert_array_equal(ours["extrinsics"], theirs["extrinsics"])
+        np.testing.assert_array_equal(ours["intrinsics"], theirs["intrinsics"])
     assert "npz_upstream" not in export_all(prediction, tmp_path / "all", ["all"]).document[
         "formats"
     ]

@@ -19,14 +19,7 @@ from da3cog.export.depth import colorize_depth, export_confidence_png
 from da3cog.export.npz import export_npz, load_npz
 from da3cog.export.ply import export_ply
 from da3cog.export.points import fuse_points
-from da3cog.pipeline import Prediction, ViewPrediction
-
-VIEW_FIELDS = {field.name for field in dataclasses.fields(ViewPrediction)}
-PREDICTION_FIELDS = {field.name for field in dataclasses.fields(Prediction)}
-needs_sky = pytest.mark.skipif("sky" not in VIEW_FIELDS, reason="the pipeline has no sky masks")
-needs_optional_cameras = pytest.mark.skipif(
-    "cameras_estimated" not in PREDICTION_FIELDS, reason="the pipeline always has cameras"
-)
+from da3cog.pipeline import Prediction
 
 
 def _strip(
@@ -63,7 +56,6 @@ def _with_sky(prediction: Prediction) -> Prediction:
     return dataclasses.replace(prediction, views=tuple(views))
 
 
-@needs_optional_cameras
 def test_single_view_without_pose_or_confidence(tmp_path: Path) -> None:
     jsonschema = require("jsonschema")
     mono = _strip(
@@ -99,7 +91,6 @@ def test_single_view_without_pose_or_confidence(tmp_path: Path) -> None:
     assert_unchanged(mono, before)
 
 
-@needs_optional_cameras
 def test_views_without_poses_are_not_fused(tmp_path: Path) -> None:
     unposed = _strip(make_prediction(views=2), cameras_estimated=False)
     manifest = export_all(unposed, tmp_path / "all", ["all"])
@@ -116,7 +107,6 @@ def test_views_without_poses_are_not_fused(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["all"]
 
 
-@needs_optional_cameras
 def test_views_without_intrinsics(tmp_path: Path) -> None:
     bare = _strip(make_prediction(views=1), drop_intrinsics=True, intrinsics_source=None)
     path = export_cameras_json(bare, tmp_path)
@@ -130,7 +120,6 @@ def test_views_without_intrinsics(tmp_path: Path) -> None:
         export_confidence_png(_strip(bare, drop_confidence=True), tmp_path / "c")
 
 
-@needs_sky
 def test_sky_is_left_out_of_points_and_ranges(tmp_path: Path) -> None:
     prediction = _with_sky(make_prediction(views=2))
     cloud = fuse_points(prediction, confidence_percentile=0.0, max_points=None)
@@ -152,7 +141,6 @@ def test_sky_is_left_out_of_points_and_ranges(tmp_path: Path) -> None:
     assert "sky" in manifest.by_role("depth_png16")[0].details
 
 
-@needs_optional_cameras
 def test_all_accepts_options_of_skipped_formats(tmp_path: Path) -> None:
     unposed = _strip(make_prediction(views=2), cameras_estimated=False)
     manifest = export_all(unposed, tmp_path / "out", ["all"], frustums=False, max_points=10)

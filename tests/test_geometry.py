@@ -551,7 +551,9 @@ def test_trajectory_scale_is_none_for_coincident_centres() -> None:
 
 @pytest.mark.parametrize(("count", "ransac"), [(4, False), (12, True)])
 def test_trajectory_scale_matches_upstream_align_poses_umeyama(count: int, ransac: bool) -> None:
-    pose_align = pytest.importorskip("depth_anything_3.utils.pose_align")
+    # The oracle is a test dependency: its absence is a failure, not a skip.
+    from depth_anything_3.utils import pose_align
+
     estimated, reference = noisy_pair(count, seed=40 + count)
     # Upstream's order is (ext_ref, ext_est); its scale maps the estimate onto the reference.
     _, _, upstream = pose_align.align_poses_umeyama(
@@ -886,3 +888,33 @@ def test_cameras_from_rays_is_reproducible_with_the_same_generator_seed() -> Non
     kept = confidence.clone()
     cameras_from_rays(rays, confidence, torch.Generator().manual_seed(11))
     assert torch.equal(confidence, kept)
+
+
+@pytest.mark.parametrize("origin", [(0.0, 0.0, 0.0), (1e6, 2e6, 0.0), (4e5, 5.4e6, 30.0)])
+def test_a_tripod_far_from_the_origin_fixes_no_scale(origin: tuple[float, float, float]) -> None:
+    """Cameras turning about one point at geo-referenced coordinates: their centres, read
+    back from world-to-camera matrices, differ by float rounding (1e-10), which an absolute
+    threshold took for a baseline, scaling depth by 1e-9."""
+    from scipy.spatial.transform import Rotation
+
+    centre = np.array(origin)
+    extrinsics = np.tile(np.eye(4), (3, 1, 1))
+    for index, degrees in enumerate((0.0, 20.0, 40.0)):
+        rotation = Rotation.from_euler("y", degrees, degrees=True).as_matrix()
+        extrinsics[index, :3, :3] = rotation
+        extrinsics[index, :3, 3] = -rotation @ centre
+    predicted = extrinsics.copy()
+    predicted[:, :3, 3] = 0.0
+    predicted[1:, 0, 3] = [0.1, 0.2]  # the network's own (small) baseline
+    assert trajectory_scale(extrinsics, predicted) is None
+
+
+def test_seeds_numpy_and_torch_cannot_take_are_refused() -> None:
+    """A negative seed made the pose alignment's RANSAC fail and fall back to another fit
+    without a word; one of 2**63 or more failed inside torch."""
+    from da3cog.pipeline import InferenceOptions
+
+    for seed in (-1, 2**63):
+        with pytest.raises(ValueError, match="seed must be between 0 and 2\\*\\*63 - 1"):
+            InferenceOptions(seed=seed)
+    assert InferenceOptions(seed=2**63 - 1).seed == 2**63 - 1

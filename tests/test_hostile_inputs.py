@@ -286,6 +286,13 @@ CASES = [
         'member "big.png": 12000x12000',
     ),
     Case(
+        # Past Pillow's own bomb limit (179 MP): refused as a single image is, not Pillow's
+        # DecompressionBombError escaping.
+        "zip-member-bomb-header",
+        up("a.zip", hostile.zip_of({"big.png": hostile.png_claiming(20000, 20000)})),
+        'member "big.png": larger than the 179 MP any image may have',
+    ),
+    Case(
         "zip-member-empty",
         up("a.zip", hostile.zip_of({"a.png": b""})),
         'member "a.png": the member is empty',
@@ -568,6 +575,8 @@ def test_fuzz_any_bytes_as_the_image_input(tmp_path: Path, prefix: bytes, body: 
         _gather(target / "input", target / "views")
     except RequestError:
         pass
+    # Whatever happened, nothing was written outside the request's folder.
+    assert {p.name for p in target.iterdir()} <= {"input", "views"}
 
 
 @FUZZ

@@ -792,3 +792,87 @@ def test_part_of_a_scene_is_fitted_to_the_scenes_shape() -> None:
 def test_unknown_mixed_shapes_is_refused() -> None:
     with pytest.raises(ValueError, match="mixed_shapes must be one of resize, crop"):
         prepare_images([photo("coffee")], mixed_shapes="pad")
+
+
+# --------------------------------------------------------------------------------------------
+# Headers and EXIF that disagree with the pixels (read-only review, 2026-12-07)
+# --------------------------------------------------------------------------------------------
+
+
+# 4 mm on a sensor of 100 px a mm: 400 px on both axes, for a captured frame of 400 x 300.
+SENSOR_TAGS = {
+    "FocalLength": 4.0,
+    "FocalPlaneXResolution": 100.0,
+    "FocalPlaneYResolution": 100.0,
+    "FocalPlaneResolutionUnit": 4,
+    "PixelXDimension": 400,
+    "PixelYDimension": 300,
+}
+
+
+def test_a_rotated_tiff_has_its_upright_size_and_focal(tmp_path: Path) -> None:
+    """Pillow reports a TIFF with orientation 5-8 at its upright size already (and turns it
+    as it loads): the header's size was swapped a second time (a chunked run then squashed
+    every view to the other shape) and the sensor-route focal length read 533 x 300 for 400."""
+    from test_metric import exif_block
+
+    from da3cog.io.exif import exif_focal
+    from da3cog.io.images import load_image, source_size
+
+    stored = np.zeros((300, 400, 3), np.uint8)  # landscape as stored, portrait as shown
+    tags = exif_block(6, **SENSOR_TAGS)
+    for suffix in (".tif", ".jpg"):
+        path = tmp_path / f"rotated{suffix}"
+        Image.fromarray(stored).save(path, exif=tags.tobytes())
+        height, width = load_image(path).shape[:2]
+        assert source_size(path) == (width, height) == (300, 400), suffix
+        focal = exif_focal(path)
+        assert not isinstance(focal, str), focal
+        assert (focal.fx, focal.fy) == pytest.approx((400.0, 400.0)), suffix
+
+
+def test_a_sensor_size_stored_turned_against_the_image_is_read_turned() -> None:
+    """HEIC writers store the image upright and drop the orientation tag, but PixelX/Y
+    Dimension still describe the sensor's landscape frame: the focal length read 300 x 533
+    for 400 x 400 on a portrait photo."""
+    from test_metric import exif_block
+
+    from da3cog.io.exif import focal_from_exif
+
+    focal = focal_from_exif(exif_block(**SENSOR_TAGS), (300, 400))
+    assert not isinstance(focal, str)
+    assert (focal.fx, focal.fy) == pytest.approx((400.0, 400.0))
+
+
+@pytest.mark.parametrize("focal_35mm", [65535, 0.01])
+def test_an_implausible_exif_focal_length_is_not_used(focal_35mm: float) -> None:
+    """A placeholder FocalLengthIn35mmFilm=65535 made metric depth off by orders of
+    magnitude: EXIF focal lengths are held to the range a user's may have."""
+    from test_metric import exif_block
+
+    from da3cog.io.exif import focal_from_exif
+
+    found = focal_from_exif(exif_block(FocalLengthIn35mmFilm=focal_35mm), (400, 300))
+    assert isinstance(found, str) and "is outside [4, 40000] px" in found, found
+    assert not isinstance(focal_from_exif(exif_block(FocalLengthIn35mmFilm=28), (400, 300)), str)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "F"])
+def test_a_served_downscaled_copy_of_a_wide_grey_image_keeps_its_values(
+    tmp_path: Path, mode: str
+) -> None:
+    """Views over the served pixel limit are downscaled: a 16-bit grey came out almost all
+    white and a float one all black (Pillow's convert clips); they now convert as
+    load_image does."""
+    from da3cog.io.images import load_image
+    from da3cog.serve.media import _downscaled_copy
+
+    ramp = np.linspace(0.0, 1.0, 200)[None, :].repeat(100, axis=0)
+    if mode == "I;16":
+        source, path = Image.fromarray((ramp * 65535).astype(np.uint16)), tmp_path / "g.png"
+    else:
+        source, path = Image.fromarray(ramp.astype(np.float32), mode="F"), tmp_path / "g.tif"
+    source.save(path)
+    _downscaled_copy(path, tmp_path / "small.png", "image", (100, 50))
+    small = load_image(tmp_path / "small.png").astype(float)
+    assert abs(small.mean() - load_image(path).astype(float).mean()) < 3.0

@@ -38,6 +38,8 @@ OPTIONS = InferenceOptions(
 def _scale_notes(prediction) -> list[str]:
     """The prediction's notes but the one saying how views of other shapes were handled."""
     return [note for note in prediction.notes if "views of another shape" not in note]
+
+
 Photo = Callable[[str], np.ndarray]
 Zoo = Callable[[str], tuple[Path, nn.Module]]
 
@@ -48,6 +50,12 @@ def write_jpeg(
     path: Path, image: np.ndarray, orientation: int | None = None, **tags: object
 ) -> Path:
     """A real JPEG with EXIF: ``tags`` by name (``FocalLength=4.2``...) go to the Exif IFD."""
+    Image.fromarray(image).save(path, exif=exif_block(orientation, **tags), quality=95)
+    return path
+
+
+def exif_block(orientation: int | None = None, **tags: object) -> Image.Exif:
+    """EXIF with an orientation and ``tags`` by name (``FocalLength=4.2``...) in its IFD."""
     numbers = {
         "FocalLength": 0x920A,
         "FocalLengthIn35mmFilm": 0xA405,
@@ -65,8 +73,7 @@ def write_jpeg(
         details[numbers[name]] = (
             TiffImagePlugin.IFDRational(value) if isinstance(value, float) else value
         )
-    Image.fromarray(image).save(path, exif=exif, quality=95)
-    return path
+    return exif
 
 
 @pytest.fixture(scope="module")
@@ -159,8 +166,12 @@ def test_exif_focal_follows_the_orientation(tmp_path: Path) -> None:
         ({"FocalLength": 4.2}, "without a usable sensor size"),
         ({"FocalLengthIn35mmFilm": 0}, "no usable"),
         (
-            {"FocalLength": 4.2, "FocalPlaneXResolution": 10.0, "FocalPlaneYResolution": 10.0,
-             "FocalPlaneResolutionUnit": 9},
+            {
+                "FocalLength": 4.2,
+                "FocalPlaneXResolution": 10.0,
+                "FocalPlaneYResolution": 10.0,
+                "FocalPlaneResolutionUnit": 9,
+            },
             "without a usable sensor size",
         ),
     ],

@@ -482,6 +482,9 @@ def test_pose_conditioned_depth_is_in_the_unit_of_the_input_cameras(
     ratio = posed_prediction.depth / raw.depth
     np.testing.assert_allclose(ratio, ratio.flat[0], rtol=1e-4)
     assert abs(ratio.flat[0] - 1.0) > 1e-2
+    # The poses come back as given, in another unit than depth: the note says so.
+    np.testing.assert_allclose(raw.extrinsics, ring_cameras(4), atol=1e-6)
+    assert any("not the unit of the given extrinsics" in note for note in raw.notes), raw.notes
 
 
 def test_a_single_posed_view_notes_that_the_scale_is_undetermined(
@@ -496,6 +499,7 @@ def test_a_single_posed_view_notes_that_the_scale_is_undetermined(
     assert prediction.pose_conditioned
     assert len(prediction.notes) == 1
     assert "do not determine a scale" in prediction.notes[0]
+    assert prediction.notes[0].endswith("depth keeps the network's relative unit")
     assert np.isfinite(prediction.depth).all() and (prediction.depth > 0).all()
     assert np.array_equal(prediction.extrinsics, ring_cameras(1).astype(np.float32))
 

@@ -220,7 +220,7 @@ def fit_overlap(
         raise ValueError(
             f"their {len(source)} usable pixels are bunched together (spread over "
             f"{spread:.1%} of their depth, at least {MIN_ALIGNMENT_SPREAD:.0%} needed to fix "
-            "a rotation): share more views (a larger chunk_overlap)"
+            "a rotation)"
         )
     if len(source) > MAX_ALIGNMENT_POINTS:
         pick = np.random.default_rng(seed).choice(len(source), MAX_ALIGNMENT_POINTS, False)
@@ -256,7 +256,7 @@ def _check_enough_pixels(count: int) -> None:
         raise ValueError(
             f"they have {count} usable pixel(s), fewer than the {MIN_ALIGNMENT_PIXELS} an "
             "alignment needs (the rest sky, without depth or confidence, or where a camera or "
-            "depth is not finite): share more views (a larger chunk_overlap)"
+            "depth is not finite)"
         )
 
 
@@ -798,13 +798,23 @@ def reconstruct_in_chunks(
     )
 
 
+class UnalignableChunks(ValueError):
+    """Two chunks cannot be aligned on the views they share. ``reason`` says why, naming the
+    chunks and views; the message adds the library's way round it (a caller that chose the
+    chunks, like the served model, gives its own)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"{reason}; share more views: a larger chunk_overlap")
+        self.reason = reason
+
+
 def _unaligned(
     index: int, prediction: Prediction, chunk: range, shared: range, error: ValueError
-) -> ValueError:
+) -> UnalignableChunks:
     """Why chunk ``index`` (0-based) cannot be fitted onto the one before, naming the views."""
     names = [prediction.views[v - chunk.start].name for v in shared]
     which = names[0] if len(names) == 1 else f"{names[0]} to {names[-1]}"
-    return ValueError(
+    return UnalignableChunks(
         f"chunk {index + 1} cannot be aligned with chunk {index} on the views they share "
         f"({which}): {error}"
     )

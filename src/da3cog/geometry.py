@@ -689,8 +689,12 @@ def trajectory_scale(
         return None
     spread_estimated = np.linalg.norm(estimated_centres - estimated_centres.mean(axis=0))
     spread_reference = np.linalg.norm(reference_centres - reference_centres.mean(axis=0))
-    tiny = 1e-9 * max(1.0, float(np.abs(reference_centres).max()))
-    if spread_estimated <= 1e-12 or spread_reference <= tiny:
+    # Relative to how far from the origin the centres are: the centres of a tripod at
+    # geo-referenced coordinates (1e6) differ by float rounding, not by a baseline.
+    def tiny(centres: np.ndarray) -> float:
+        return 1e-9 * max(1.0, float(np.abs(centres).max()))
+
+    if spread_estimated <= tiny(estimated_centres) or spread_reference <= tiny(reference_centres):
         return None
     try:
         if len(estimated_centres) >= ransac_min_views:

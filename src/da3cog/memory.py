@@ -129,18 +129,20 @@ def request_size(
     tracked: bool = False,
     *,
     resize_method: str = DEFAULT_RESIZE_METHOD,
-    mixed_shapes: str = "resize",
+    mixed_shapes: str | None = "resize",
 ) -> RequestSize:
     """The :class:`RequestSize` of views of these ``(width, height)`` sizes, processed at
     ``process_res`` by ``resize_method`` and fitted to one shape by ``mixed_shapes`` (as
     :func:`~da3cog.io.preprocess.prepare_images` will: a ``lower_bound`` method puts the
-    shorter side at ``process_res``, and a panorama among photos is resized to theirs)."""
+    shorter side at ``process_res``, and a panorama among photos is resized to theirs);
+    ``mixed_shapes=None``: each view at its own shape (views run one at a time)."""
     shapes = [
         processing_size((height, width), process_res, resize_method, index)
         for index, (width, height) in enumerate(sizes)
     ]
-    height, width = scene_processing_shape(shapes, mixed_shapes) if shapes else (0, 0)
-    processing = tuple(height * width for _ in sizes)
+    if mixed_shapes is not None and shapes:
+        shapes = [scene_processing_shape(shapes, mixed_shapes)] * len(shapes)
+    processing = tuple(height * width for height, width in shapes)
     views = tuple(width * height for width, height in sizes)
     outputs = views if output == "input" else processing
     return RequestSize(views, processing, outputs, gaussians, min(points, sum(outputs)), tracked)

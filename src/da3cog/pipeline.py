@@ -261,6 +261,8 @@ class InferenceOptions:
         output_resolution: ``input`` (each view at its input size, intrinsics rescaled) or
             ``processing`` (the network's resolution).
         align_to_input_scale: with user extrinsics, rescale depth to their unit (as upstream).
+            False keeps depth in the network's unit beside the given extrinsics, as given (a
+            note says so; upstream returns its own poses aligned to the given ones instead).
         seed: seeds every random step (ray and pose-alignment RANSAC, the sky and metric-scale
             quantile sampling), so a request is repeatable.
         infer_gaussians: also predict per-pixel 3D Gaussians (models with a Gaussian head).
@@ -316,6 +318,10 @@ class InferenceOptions:
             )
         if not _is_int(self.seed):
             raise TypeError(f"seed must be an integer, got {self.seed!r}")
+        # NumPy's generators take no negative seed (a RANSAC given one fell back to another
+        # fit without a word) and torch's none of 2**63 or more.
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be between 0 and 2**63 - 1, got {self.seed}")
         # A manifest's "false" (a string) would otherwise switch these on.
         for name in ("pose_from_rays", "align_to_input_scale", "infer_gaussians", "loop_closure"):
             if not isinstance(getattr(self, name), bool):
@@ -363,9 +369,9 @@ class InferenceOptions:
 ProgressCallback = Callable[[str], None]
 
 
+# The start of the note of a posed request whose cameras fix no unit (chunks look for it).
 UNDETERMINED_SCALE_NOTE = (
-    "the input cameras do not determine a scale (one view or coincident centres): depth keeps "
-    "the network's relative unit"
+    "the input cameras do not determine a scale (one view or coincident centres)"
 )
 
 
@@ -782,7 +788,8 @@ class DepthAnything3:
                 user_extrinsics, predicted_extrinsics.double().numpy(), seed=options.seed
             )
             if scale is None:
-                notes.append(UNDETERMINED_SCALE_NOTE)
+                unit = "metric model's metres" if is_metric else "network's relative unit"
+                notes.append(f"{UNDETERMINED_SCALE_NOTE}: depth keeps the {unit}")
             else:
                 depth, unit = depth / scale, 1.0 / scale
                 if is_metric:
@@ -791,6 +798,14 @@ class DepthAnything3:
                         "model's metres (align_to_input_scale)"
                     )
                     is_metric, focal_source = False, None
+        else:
+            unit_name = "the metric model's metres" if is_metric else "the network's relative unit"
+            notes.append(
+                f"depth is in {unit_name}, not the unit of the given extrinsics "
+                "(align_to_input_scale=False), and the returned extrinsics are the given ones: "
+                "points and Gaussians placed with them are not to scale (upstream returns "
+                "its own poses, aligned to the given ones, instead)"
+            )
         return _Resolved(
             depth,
             user_extrinsics.astype(np.float32),
@@ -992,7 +1007,9 @@ class DepthAnything3:
             )
 
         def in_pose_unit(prediction: Prediction) -> bool:
-            return options.align_to_input_scale and UNDETERMINED_SCALE_NOTE not in prediction.notes
+            return options.align_to_input_scale and not any(
+                note.startswith(UNDETERMINED_SCALE_NOTE) for note in prediction.notes
+            )
 
         # Single-view models predict each view on its own: their chunks need no shared views.
         cameras = self.loaded.preset.cameras

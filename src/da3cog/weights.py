@@ -277,11 +277,14 @@ def safetensors_elements(path: Path) -> int:
         header = json.loads(stream.read(length))
     if not isinstance(header, dict):
         raise ValueError(f"{path}: the header is not an object")
-    return sum(
-        math.prod(entry["shape"])
-        for name, entry in header.items()
-        if name != "__metadata__" and isinstance(entry, dict)
-    )
+    try:
+        return sum(
+            math.prod(entry["shape"])
+            for name, entry in header.items()
+            if name != "__metadata__" and isinstance(entry, dict)
+        )
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{path}: a tensor entry without a shape ({error})") from error
 
 
 def _read_state_dict(path: Path, device: torch.device) -> dict[str, torch.Tensor]:

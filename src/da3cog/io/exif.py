@@ -23,7 +23,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from da3cog.io.images import ImageSource, open_image_file
+from da3cog.geometry import FOCAL_RANGE
+from da3cog.io.images import ImageSource, open_image_file, stored_size
 
 _EXIF_IFD = 0x8769
 _ORIENTATION = 0x0112
@@ -61,7 +62,24 @@ def _positive(value: object) -> float | None:
 
 def focal_from_exif(exif: Image.Exif, stored_size: tuple[int, int]) -> ExifFocal | str:
     """The focal length an EXIF block gives an image stored at ``stored_size`` ``(width,
-    height)`` pixels, or the reason there is none."""
+    height)`` pixels, or the reason there is none (also when it is outside the range a
+    user's focal length may have, :data:`~da3cog.geometry.FOCAL_RANGE`: a placeholder
+    such as ``FocalLengthIn35mmFilm=65535``)."""
+    found = _focal_from_exif(exif, stored_size)
+    if isinstance(found, str):
+        return found
+    side = max(stored_size)
+    low, high = FOCAL_RANGE[0] * side, FOCAL_RANGE[1] * side
+    if not (low <= found.fx <= high and low <= found.fy <= high):
+        return (
+            f"the EXIF focal length ({found.fx:.4g} x {found.fy:.4g} px from {found.tags}) is "
+            f"outside [{low:g}, {high:g}] px, {FOCAL_RANGE[0]:g} to {FOCAL_RANGE[1]:g} x the "
+            "image's longer side"
+        )
+    return found
+
+
+def _focal_from_exif(exif: Image.Exif, stored_size: tuple[int, int]) -> ExifFocal | str:
     width, height = stored_size
     details = exif.get_ifd(_EXIF_IFD)
     transposed = exif.get(_ORIENTATION) in _TRANSPOSING_ORIENTATIONS
@@ -84,6 +102,10 @@ def focal_from_exif(exif: Image.Exif, stored_size: tuple[int, int]) -> ExifFocal
         return "FocalLength without a usable sensor size (FocalPlane*Resolution tags)"
     captured_width = _positive(details.get(_PIXEL_X_DIMENSION)) or width
     captured_height = _positive(details.get(_PIXEL_Y_DIMENSION)) or height
+    if (captured_width > captured_height) != (width > height) and width != height:
+        # The captured size of the sensor's frame, the image stored turned upright (HEIC
+        # writers turn it and drop the orientation tag): the same frame, turned.
+        captured_width, captured_height = captured_height, captured_width
     millimetre = _UNIT_MM[unit]
     fx = focal_mm * density_x / millimetre * width / captured_width
     fy = focal_mm * density_y / millimetre * height / captured_height
@@ -96,7 +118,7 @@ def exif_focal(source: ImageSource) -> ExifFocal | str:
     if isinstance(source, (str, os.PathLike)):
         try:
             with open_image_file(Path(source)) as image:
-                return focal_from_exif(image.getexif(), image.size)
+                return focal_from_exif(image.getexif(), stored_size(image))
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
             return f"unreadable EXIF ({error})"
     if isinstance(source, Image.Image):

@@ -145,9 +145,23 @@ def read_image_header(path: str | os.PathLike[str], label: str | None = None) ->
     :func:`open_image_file` for what is refused)."""
     with open_image_file(path, label) as opened:
         image_format = "JPEG" if opened.format == "MPO" else str(opened.format)
-        width, height = opened.size
+        width, height = stored_size(opened)
         transposed = header_exif(opened).get(_ORIENTATION) in _TRANSPOSING_ORIENTATIONS
         return ImageHeader(image_format, int(width), int(height), opened.mode, transposed)
+
+
+# TIFF tags of the stored image's width and height.
+_TIFF_WIDTH, _TIFF_LENGTH = 256, 257
+
+
+def stored_size(opened: Image.Image) -> tuple[int, int]:
+    """``(width, height)`` of an opened image as stored, before its EXIF orientation: its
+    ``size``, except for TIFFs that Pillow reports (and loads) already turned upright."""
+    width, height = opened.size
+    tags = getattr(opened, "tag_v2", None) if opened.format == "TIFF" else None
+    if tags is not None and (tags.get(_TIFF_WIDTH), tags.get(_TIFF_LENGTH)) == (height, width):
+        return height, width
+    return width, height
 
 
 def header_exif(opened: Image.Image) -> Image.Exif:
@@ -214,7 +228,7 @@ def load_image(source: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXE
     if isinstance(source, (str, os.PathLike)):
         return _load_image_file(Path(source), max_pixels)
     if isinstance(source, Image.Image):
-        return _pil_to_rgb_array(ImageOps.exif_transpose(source), what="PIL image")
+        return pil_to_rgb_array(ImageOps.exif_transpose(source), what="PIL image")
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source)
     raise TypeError(
@@ -278,10 +292,13 @@ def _load_image_file(path: Path, max_pixels: int | None) -> np.ndarray:
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
             reason = str(error) or type(error).__name__
             raise ImageDecodeError(f"cannot decode image file {path}: {reason}") from error
-        return _pil_to_rgb_array(oriented, what=f"image file {path}")
+        return pil_to_rgb_array(oriented, what=f"image file {path}")
 
 
-def _pil_to_rgb_array(image: Image.Image, what: str) -> np.ndarray:
+def pil_to_rgb_array(image: Image.Image, what: str) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB of a PIL image as stored: 16-bit and wide-integer greys scaled
+    to 8 bits, float greys read in [0, 1] (ValueError naming ``what`` otherwise), alpha
+    dropped."""
     width, height = image.size
     if width == 0 or height == 0:
         raise ValueError(f"{what} is empty ({width}x{height} pixels)")

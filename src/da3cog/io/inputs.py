@@ -112,9 +112,13 @@ def natural_order(name: str) -> tuple:
     """Sort key of a file name with its runs of digits compared as numbers: ``2.png`` before
     ``10.png`` (the frames ffmpeg writes as ``%d.png``), ties broken by the name itself."""
     parts = re.split(r"([0-9]+)", name)
+    # A run of digits as a number: by its length without leading zeros, then its digits (no
+    # int(): Python refuses to convert more than 4300 digits, and a name may have more).
     return (
         tuple(
-            (0, int(part), "") if part.isascii() and part.isdigit() else (1, 0, part)
+            (0, len(part.lstrip("0")), part.lstrip("0"))
+            if part.isascii() and part.isdigit()
+            else (1, 0, part)
             for part in parts
         ),
         name,

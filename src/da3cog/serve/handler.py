@@ -26,7 +26,13 @@ import numpy as np
 import torch
 
 from da3cog import memory
-from da3cog.chunked import SpillFailed, TimeBudgetExceeded, check_pace, time_left
+from da3cog.chunked import (
+    SpillFailed,
+    TimeBudgetExceeded,
+    UnalignableChunks,
+    check_pace,
+    time_left,
+)
 from da3cog.geometry import check_intrinsics_for_images
 from da3cog.io import PATCH_SIZE, exif_focal
 from da3cog.io.preprocess import processing_size
@@ -215,9 +221,16 @@ class Server:
         def size_of(
             chosen: list[View], output: str, resolution: int = values.process_resolution
         ) -> memory.RequestSize:
-            # Upright, as the pipeline fits them (EXIF orientation, display rotation).
+            # Upright, as the pipeline fits them (EXIF orientation, display rotation); a
+            # monocular request runs each view at its own shape.
             return memory.request_size(
-                [v.display_size for v in chosen], resolution, output, gaussians, points, tracked
+                [v.display_size for v in chosen],
+                resolution,
+                output,
+                gaussians,
+                points,
+                tracked,
+                mixed_shapes=None if monocular else "resize",
             )
 
         def needed(
@@ -313,6 +326,14 @@ class Server:
         refusal = None
         try:
             predictions = self._predict(model, views, cameras, options, values.mode, progress)
+        except UnalignableChunks as error:
+            # The server chose the chunks (the request does not fit one pass): the way round
+            # is the request's, not a chunk option it cannot set.
+            refusal = (
+                f"{in_user_terms(error.reason, views)}. It ran in chunks because it does not "
+                "fit this worker's memory in one pass: send fewer views or a lower "
+                "process_resolution"
+            )
         except TimeBudgetExceeded as error:
             advice = "fewer views (max_frames, video_fps) or a lower process_resolution"
             refusal = f"{error}. Send {advice}"

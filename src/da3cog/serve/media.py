@@ -29,11 +29,13 @@ from pathlib import Path, PurePosixPath
 from PIL import Image
 
 from da3cog.io.images import (
+    DEFAULT_MAX_PIXELS,
     HEADER_BYTES,
     IMAGE_FORMATS,
     ImageDecodeError,
     ImageHeader,
     open_image_file,
+    pil_to_rgb_array,
     read_image_header,
     sniff_image_format,
 )
@@ -165,7 +167,9 @@ def _downscaled_copy(source: Path, target: Path, label: str, size: tuple[int, in
             opened.draft("RGB", size)
         try:
             opened.load()
-            reduced = opened.convert("RGB").resize(size, Image.Resampling.LANCZOS)
+            # As load_image converts (16-bit and float greys scaled, not clipped to white).
+            rgb = Image.fromarray(pil_to_rgb_array(opened, label))
+            reduced = rgb.resize(size, Image.Resampling.LANCZOS)
         except (OSError, SyntaxError, ValueError) as error:
             raise RequestError(f"{label}: cannot decode the image ({error})") from error
     details = exif.get_ifd(_EXIF_IFD)
@@ -283,6 +287,11 @@ def _stream_member(
             try:
                 with Image.open(io.BytesIO(prefix), formats=formats) as partial:
                     width, height = partial.size
+            except Image.DecompressionBombError as error:
+                raise RequestError(
+                    f"{label}: larger than the {DEFAULT_MAX_PIXELS / 1e6:.0f} MP any image may "
+                    f"have ({error})"
+                ) from error
             except (OSError, SyntaxError, ValueError, EOFError):
                 # The header is not within the prefix: the written file is checked below.
                 width = height = 0
