@@ -424,3 +424,27 @@ def test_model_gaussians_end_to_end(model_prediction: Prediction, tmp_path: Path
     assert len(read["x"]) == entry.details["gaussians"]
     np.testing.assert_array_equal(read["opacity"].astype(np.float32), vertices["opacity"])
     assert_unchanged(model_prediction, before)
+
+
+def test_gaussians_of_one_posed_view_whose_scale_is_undetermined(
+    small_zoo_checkpoint: Callable, photo: Callable
+) -> None:
+    """One posed view fixes no unit: depth keeps the network's, the note says so, and the
+    Gaussians are placed in that unit (the note's text was once stored as the unit)."""
+    from small_zoo import SMALL_GS, small_model
+
+    from da3cog.pipeline import InferenceOptions
+
+    model = small_model(small_zoo_checkpoint("small-gs")[0], SMALL_GS)
+    view = photo("astronaut")[::4, ::4]
+    height, width = view.shape[:2]
+    intrinsics = np.array([[[100.0, 0, width / 2], [0, 100.0, height / 2], [0, 0, 1]]])
+    prediction = model.predict(
+        [view],
+        extrinsics=np.eye(4)[None],
+        intrinsics=intrinsics,
+        options=InferenceOptions(process_res=140, infer_gaussians=True),
+    )
+    assert prediction.notes[-1].endswith("depth keeps the network's relative unit")
+    assert prediction.gaussians is not None
+    assert np.isfinite(np.asarray(prediction.gaussians.means)).any()

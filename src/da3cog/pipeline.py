@@ -781,6 +781,7 @@ class DepthAnything3:
                 notes=tuple(notes),
             )
         unit = 1.0
+        kept_unit = "the metric model's metres" if is_metric else "the network's relative unit"
         if options.align_to_input_scale:
             # Scale taking the user's trajectory onto the network's (upstream's direction:
             # Umeyama is not symmetric under noise), so depth / scale is in user units.
@@ -788,8 +789,7 @@ class DepthAnything3:
                 user_extrinsics, predicted_extrinsics.double().numpy(), seed=options.seed
             )
             if scale is None:
-                unit = "metric model's metres" if is_metric else "network's relative unit"
-                notes.append(f"{UNDETERMINED_SCALE_NOTE}: depth keeps the {unit}")
+                notes.append(f"{UNDETERMINED_SCALE_NOTE}: depth keeps {kept_unit}")
             else:
                 depth, unit = depth / scale, 1.0 / scale
                 if is_metric:
@@ -799,9 +799,8 @@ class DepthAnything3:
                     )
                     is_metric, focal_source = False, None
         else:
-            unit_name = "the metric model's metres" if is_metric else "the network's relative unit"
             notes.append(
-                f"depth is in {unit_name}, not the unit of the given extrinsics "
+                f"depth is in {kept_unit}, not the unit of the given extrinsics "
                 "(align_to_input_scale=False), and the returned extrinsics are the given ones: "
                 "points and Gaussians placed with them are not to scale (upstream returns "
                 "its own poses, aligned to the given ones, instead)"
