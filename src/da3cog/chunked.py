@@ -173,9 +173,9 @@ class OverlapPoints:
 
     def sample(self, count: int, seed: int = 0) -> OverlapPoints:
         """At most ``count`` of the pairs (an even, seeded sample)."""
-        if len(self.source) <= count:
+        pick = _even_sample(len(self.source), count, seed)
+        if pick is None:
             return self
-        pick = np.random.default_rng(seed).choice(len(self.source), count, False)
         return OverlapPoints(self.source[pick], self.target[pick], self.weight[pick], self.depth)
 
     def residual(self, source_to_world: Similarity, target_to_world: Similarity) -> float:
@@ -188,6 +188,13 @@ class OverlapPoints:
             axis=1,
         )
         return weighted_median(distance, self.weight) / (self.depth * target_to_world.scale)
+
+
+def _even_sample(size: int, count: int, seed: int) -> np.ndarray | None:
+    """Indices of an even, seeded sample of ``count`` of ``size`` items (None: keep all)."""
+    if size <= count:
+        return None
+    return np.random.default_rng(seed).choice(size, count, False)
 
 
 def fit_chunk(
@@ -222,8 +229,8 @@ def fit_overlap(
             f"{spread:.1%} of their depth, at least {MIN_ALIGNMENT_SPREAD:.0%} needed to fix "
             "a rotation)"
         )
-    if len(source) > MAX_ALIGNMENT_POINTS:
-        pick = np.random.default_rng(seed).choice(len(source), MAX_ALIGNMENT_POINTS, False)
+    pick = _even_sample(len(source), MAX_ALIGNMENT_POINTS, seed)
+    if pick is not None:
         source, target, weight, depth = source[pick], target[pick], weight[pick], depth[pick]
     points = OverlapPoints(source, target, weight, float(np.median(depth)))
     fit = robust_similarity(source, target, weight)
@@ -404,6 +411,11 @@ class SpilledGaussians:
                 _write_rows(self.streams[name], np.asarray(getattr(part, name)))
         self.parts.append((start, len(part)))
 
+    def _row_bytes(self, name: str) -> int:
+        """Bytes one Gaussian takes in array ``name``'s file."""
+        dtype, rest = self.layout[name]
+        return dtype.itemsize * math.prod(rest)
+
     def _gaussians(self, start: int, count: int) -> Gaussians:
         """Gaussians ``start`` to ``start + count``, mapped from the files."""
         if self.view_size is None:
@@ -417,7 +429,7 @@ class SpilledGaussians:
             stream = self.streams[name]
             with _spill_errors(f"Gaussians: {name}", self.folder):
                 stream.flush()
-                offset = start * dtype.itemsize * math.prod(rest)
+                offset = start * self._row_bytes(name)
                 arrays[name] = np.memmap(stream, dtype=dtype, mode="r", shape=shape, offset=offset)
         height, width = self.view_size
         return Gaussians(**arrays, grid=(count // max(height * width, 1), height, width))
@@ -428,11 +440,10 @@ class SpilledGaussians:
         start, count = self.parts[index]
         moved = transform_gaussians(self._gaussians(start, count), similarity)
         for name in GAUSSIAN_ARRAYS:
-            dtype, rest = self.layout[name]
             stream = self.streams[name]
             with _spill_errors(f"Gaussians: {name}", self.folder):
-                stream.seek(start * dtype.itemsize * math.prod(rest))
-                _write_rows(stream, np.asarray(getattr(moved, name), dtype=dtype))
+                stream.seek(start * self._row_bytes(name))
+                _write_rows(stream, np.asarray(getattr(moved, name), dtype=self.layout[name][0]))
                 stream.seek(0, os.SEEK_END)
 
     def result(self) -> Gaussians | None:

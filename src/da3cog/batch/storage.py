@@ -141,12 +141,7 @@ class OutputRoot:
         self._drop_dead_staging()
         foreign = self.foreign(scenes)
         if foreign:
-            shown = ", ".join(self.scene_location(scene) for scene in foreign[:5])
-            more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
-            raise ValueError(
-                f"{shown}{more}: already there and not written by a da3cog batch; a batch does "
-                "not replace folders it did not write: move them, or choose another --out"
-            )
+            raise self._not_ours(foreign)
 
     def foreign(self, scenes: Sequence[str]) -> list[str]:
         """The ``scenes`` whose folder exists without the markers a batch writes."""
@@ -158,6 +153,15 @@ class OutputRoot:
             listed = []
         present = {posixpath.basename(p.rstrip("/")) for p in listed}
         return [scene for scene in scenes if scene in present and not self._ours(scene)]
+
+    def _not_ours(self, scenes: Sequence[str]) -> ValueError:
+        """The refusal to replace the folders of ``scenes``, which a batch did not write."""
+        shown = ", ".join(self.scene_location(scene) for scene in scenes[:5])
+        more = f" and {len(scenes) - 5} more" if len(scenes) > 5 else ""
+        return ValueError(
+            f"{shown}{more}: already there and not written by a da3cog batch; a batch does "
+            "not replace folders it did not write: move them, or choose another --out"
+        )
 
     def _ours(self, scene: str) -> bool:
         folder = self.scene(scene)
@@ -222,10 +226,7 @@ class OutputRoot:
         final = self.scene(scene)
         if self.fs.exists(final):
             if not self._ours(scene):
-                raise ValueError(
-                    f"{self.scene_location(scene)}: already there and not written by a da3cog "
-                    "batch: left as it is (move it, or choose another --out)"
-                )
+                raise self._not_ours([scene])
             self.fs.rm(final, recursive=True)
         if self.local:
             try:
