@@ -17,6 +17,7 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from da3cog.geometry import (
+    CONDITIONING_ROUNDING,
     anchor_to_first_view,
     as_homogeneous,
     cameras_from_rays,
@@ -30,6 +31,7 @@ from da3cog.geometry import (
     matrix_to_quaternion,
     normalize_pose_conditioning,
     pixels_to_world_points,
+    pose_conditioning,
     project_points,
     quaternion_to_matrix,
     scale_intrinsics,
@@ -618,6 +620,26 @@ def test_normalize_pose_conditioning_is_invariant_to_the_world_frame_and_unit() 
     first = normalize_pose_conditioning(torch.from_numpy(extrinsics)[None])
     second = normalize_pose_conditioning(torch.from_numpy(moved)[None])
     np.testing.assert_allclose(first.numpy(), second.numpy(), atol=1e-10)
+
+
+def test_pose_conditioning_is_upstreams_float32_arithmetic_near_the_origin() -> None:
+    extrinsics = random_trajectory(np.random.default_rng(53), 5)
+    conditioning = pose_conditioning(extrinsics)
+    assert conditioning.dtype == torch.float32
+    upstream = normalize_pose_conditioning(torch.from_numpy(extrinsics).float()[None])
+    assert torch.equal(conditioning, upstream)
+
+
+def test_pose_conditioning_far_from_the_origin_is_computed_in_float64() -> None:
+    """A rig ~3 units across placed 5e5 units out: float32 anchoring rounds its relative poses
+    by ~1e-2 of its size; the conditioning must match the rig at the origin instead."""
+    rng = np.random.default_rng(54)
+    extrinsics = random_trajectory(rng, 5)
+    far = similarity_transformed(extrinsics, np.eye(3), 1.0, np.array([5.1e5, -4.2e6, 90.0]))
+    near = normalize_pose_conditioning(torch.from_numpy(extrinsics)[None])
+    float32_way = normalize_pose_conditioning(torch.from_numpy(far).float()[None])
+    assert float((float32_way.double() - near).abs().max()) > 100 * CONDITIONING_ROUNDING
+    np.testing.assert_allclose(pose_conditioning(far).numpy(), near.numpy(), atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------

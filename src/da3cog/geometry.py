@@ -729,6 +729,26 @@ def normalize_pose_conditioning(extrinsics: torch.Tensor) -> torch.Tensor:
     return normalized
 
 
+# Largest rounding error of float32 anchoring kept for the camera encoder, in units of the
+# rig's median camera distance: the same float32 arithmetic as upstream, bit for bit, until
+# cameras sit ~100x their spacing from the world origin.
+CONDITIONING_ROUNDING = 1e-5
+
+
+def pose_conditioning(extrinsics: np.ndarray) -> torch.Tensor:
+    """The camera encoder's ``(1, N, 4, 4)`` float32 input for user world-to-camera
+    ``(N, 4, 4)`` extrinsics: :func:`normalize_pose_conditioning` in float32, as upstream
+    computes it, unless that rounds the relative poses by more than
+    :data:`CONDITIONING_ROUNDING` of the rig's size (poses far from the world origin, such as
+    geo coordinates 5e5 m out: float32 loses centimetres there); then in float64."""
+    given = torch.from_numpy(np.asarray(extrinsics, dtype=np.float64))[None]
+    exact = normalize_pose_conditioning(given)
+    upstream = normalize_pose_conditioning(given.float())
+    if float((upstream.double() - exact).abs().max()) > CONDITIONING_ROUNDING:
+        return exact.float()
+    return upstream
+
+
 def check_extrinsics(extrinsics: np.ndarray, count: int, tolerance: float = 1e-3) -> np.ndarray:
     """Validate user world-to-camera extrinsics; returns them as ``(count, 4, 4)`` float64."""
     array = np.asarray(extrinsics, dtype=np.float64)

@@ -29,7 +29,7 @@ from da3cog.geometry import (
     check_extrinsics,
     check_intrinsics,
     check_intrinsics_for_images,
-    normalize_pose_conditioning,
+    pose_conditioning,
     trajectory_scale,
 )
 from da3cog.io import (
@@ -705,9 +705,7 @@ class DepthAnything3:
         generator = torch.Generator(device=self.device).manual_seed(options.seed)
         conditioning = None
         if user_extrinsics is not None:
-            conditioning = normalize_pose_conditioning(
-                torch.from_numpy(user_extrinsics).float()[None].to(self.device)
-            )
+            conditioning = pose_conditioning(user_extrinsics).to(self.device)
         report(
             f"running {self.loaded.preset.name} on {batch.num_views} view(s) at "
             f"{batch.processing_size}"
