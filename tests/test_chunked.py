@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -329,9 +330,13 @@ def test_chunks_in_the_users_frame_are_brought_to_one_depth_unit() -> None:
         depth_unit_fixed=lambda _: next(depth_fixed),
     )
     assert _worst_depth_error(found, truth, 1.0) < 1e-5
-    rescaled = {v.chunk for v in found.views if v.alignment_residual is not None}
-    assert rescaled == {2, 4}
+    # Every later chunk has a residual: the rescaled ones their fit's, the others how their
+    # depth agrees with the chunk before (exactly here).
+    assert {v.chunk for v in found.views if v.alignment_residual is not None} == {1, 2, 3, 4, 5}
+    # (float32 depth: rounding only)
+    assert all(v.alignment_residual < 1e-6 for v in found.views if v.chunk in (1, 3, 5))
     assert any("depth of 2 chunk(s)" in n and "the given poses' unit" in n for n in found.notes)
+    assert any("3 chunk(s) in the given poses' unit, as the one before" in n for n in found.notes)
 
     truth, predict_chunk = _chunks_in_one_frame(units.__getitem__, corrupt=0.10)
     found = reconstruct_in_chunks(
@@ -344,6 +349,30 @@ def test_chunks_in_the_users_frame_are_brought_to_one_depth_unit() -> None:
         ]
     )
     assert np.median(np.abs(ratios - 1)) < 5e-3
+
+
+def test_chunks_in_the_poses_unit_say_how_their_depths_agree() -> None:
+    """Chunks the user's poses put in their unit are not moved; where the network's depth and
+    the poses' scale disagree (chunk 2's depth 1.5x the others'), the note and the views'
+    alignment_residual say by how much."""
+    truth, predict_chunk = _chunks_in_one_frame(lambda k: 1.5 if k == 2 else 1.0)
+    found = reconstruct_in_chunks(
+        VIEWS, SIZE, OVERLAP, predict_chunk, align=False, depth_unit_fixed=lambda _: True
+    )
+    # Chunk 2 vs 1: 1.5x; chunk 3 vs 2: 0.667x; the others agree.
+    # (differences: a weighted median of |depth - depth before| over the median depth)
+    said = (
+        r"5 chunk\(s\) in the given poses' unit, as the one before: on their shared views "
+        r"their depth is 0.667-1.5x the previous chunk's, differing by 0.00%-4[89]\.\d\d% of "
+        "depth"
+    )
+    assert any(re.search(said, n) for n in found.notes), found.notes
+    residuals = {v.chunk: v.alignment_residual for v in found.views}
+    assert residuals[0] is None and residuals[1] == pytest.approx(0, abs=1e-9)
+    assert residuals[2] == pytest.approx(0.5, rel=0.05)
+    assert residuals[3] == pytest.approx(1 / 3, rel=0.05)
+    for f, t in zip(found.views, truth, strict=True):  # left as predicted
+        assert np.allclose(f.depth, np.asarray(t.depth) * (1.5 if f.chunk == 2 else 1.0))
 
 
 def test_unalignable_chunks_name_their_shared_views() -> None:
@@ -676,7 +705,9 @@ def test_chunks_with_given_poses_stay_in_the_users_frame(
         frames, extrinsics=extrinsics, intrinsics=intrinsics, options=options
     )
     np.testing.assert_allclose(found.extrinsics, extrinsics, atol=1e-5)
-    assert all(v.alignment_residual is None for v in found.views)
+    # In the poses' unit: not moved, compared on the views each chunk shares with the last.
+    assert all((v.alignment_residual is None) == (v.chunk == 0) for v in found.views)
+    assert any("in the given poses' unit, as the one before" in n for n in found.notes)
     # Depth in the network's unit (not the poses'): each chunk's differs, so they are brought
     # to the first one's on their shared views, and the note says so.
     relative = dataclasses.replace(options, align_to_input_scale=False)

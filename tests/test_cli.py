@@ -612,6 +612,57 @@ def test_bad_intrinsics_json_exits_2(
     assert not out.exists()
 
 
+def test_own_cameras_json_goes_back_in_only_for_the_images_it_describes(
+    small_checkpoint: Path,
+    images: list[Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """cameras.json at the input resolution is accepted as --cameras; one written at the
+    processing resolution (K in 112 px pixels) was read as input pixels without a word."""
+    extrinsics, intrinsics = two_posed_cameras()
+    given = write_cameras(tmp_path / "given.json", extrinsics, intrinsics)
+    runs = {}
+    for resolution in ("input", "processing"):
+        out = tmp_path / resolution
+        run = [
+            "--cameras",
+            str(given),
+            "--output-resolution",
+            resolution,
+            "--export",
+            "cameras_json",
+        ]
+        assert main(predict_args(small_checkpoint, out, images, *run)) == 0
+        runs[resolution] = out / "cameras.json"
+    again = tmp_path / "again"
+    assert main(predict_args(small_checkpoint, again, images, "--cameras", str(runs["input"]))) == 0
+    np.testing.assert_allclose(read_cameras(again)["views"][1]["K"], intrinsics[1], rtol=1e-5)
+    capsys.readouterr()
+    refused = tmp_path / "refused"
+    run = ["--cameras", str(runs["processing"])]
+    assert main(predict_args(small_checkpoint, refused, images, *run)) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"{runs['processing']}: view 0's K describes a 112x112 image, and input 0 is 512x512" in err
+    )
+    assert not refused.exists()
+
+
+def test_implausible_intrinsics_are_refused_naming_the_file_before_loading(
+    images: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    extrinsics, intrinsics = two_posed_cameras()
+    intrinsics[1, 0, 0] = 1e6
+    given = write_cameras(tmp_path / "given.json", extrinsics, intrinsics)
+    out = tmp_path / "out"
+    # No checkpoint there: the file is refused before any model is looked for.
+    missing = tmp_path / "no-model"
+    assert main(predict_args(missing, out, images, "--cameras", str(given))) == 2
+    assert f"{given}: intrinsics[1]: fx = 1e+06" in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("flag", ["--intrinsics", "--cameras"])
 def test_intrinsics_alone_are_refused_by_any_view_models(
     small_checkpoint: Path,

@@ -152,6 +152,30 @@ def test_cameras_json_forms(tmp_path: Path) -> None:
         read_cameras(path, 1)
 
 
+def test_served_cameras_are_checked_against_the_images_as_sent(tmp_path: Path) -> None:
+    """A served view downscaled to the pixel limit keeps the user's K for the image as sent
+    (moved to the copy); da3cog's own cameras.json must describe images of the sent size."""
+    from da3cog.serve.handler import fit_cameras
+    from da3cog.serve.media import View
+
+    k = [[2400.0, 0, 1000], [0, 2400.0, 750], [0, 0, 1]]
+    views = [View(tmp_path / "a.png", 'image "a.jpg"', (2000, 1500), (1000, 750))]
+    path = tmp_path / "cameras.json"
+    own = {
+        "views": [{"K": k, "world_to_camera": np.eye(4).tolist(), "width": 2000, "height": 1500}]
+    }
+    path.write_text(json.dumps(own))
+    fitted = fit_cameras(read_cameras(path, 1), views, "cameras")
+    np.testing.assert_allclose(fitted.intrinsics[0], [[1200, 0, 500], [0, 1200, 375], [0, 0, 1]])
+    own["views"][0].update(width=1000, height=750)
+    path.write_text(json.dumps(own))
+    with pytest.raises(
+        RequestError,
+        match="cameras: view 0's K describes a 1000x750 image, and input 0 is 2000x1500",
+    ):
+        fit_cameras(read_cameras(path, 1), views, "cameras")
+
+
 def test_cameras_and_formats_per_model() -> None:
     any_view = choose_model("multi-view", "giant", False).spec
     single_view = choose_model("monocular", "large", True).spec
@@ -269,7 +293,7 @@ def test_video_frames_are_sampled_on_a_time_grid(tmp_path: Path) -> None:
     (small,) = sample("c", 1, 1, max_view_pixels=24 * 16)
     assert small.size == (24, 16) and small.input_size == (48, 32)
     assert Image.open(small.path).size == (24, 16)
-    with pytest.raises(RequestError, match="more than 3 frames decoded"):
+    with pytest.raises(RequestError, match="more than 3 frames read"):
         sample("d", 0.1, 5, video_max_decoded_frames=3)
     with pytest.raises(RequestError, match="a video frame may have at most"):
         sample("e", 1, 1, max_video_frame_pixels=100)

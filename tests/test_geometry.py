@@ -26,6 +26,7 @@ from da3cog.geometry import (
     depth_to_camera_points,
     depth_to_world_points,
     field_of_view_intrinsics,
+    floored_conditioning_distance,
     invert_rigid,
     invert_rigid_np,
     matrix_to_quaternion,
@@ -620,6 +621,18 @@ def test_normalize_pose_conditioning_is_invariant_to_the_world_frame_and_unit() 
     first = normalize_pose_conditioning(torch.from_numpy(extrinsics)[None])
     second = normalize_pose_conditioning(torch.from_numpy(moved)[None])
     np.testing.assert_allclose(first.numpy(), second.numpy(), atol=1e-10)
+
+
+def test_floored_conditioning_distance_flags_rigs_the_floor_rescales() -> None:
+    rng = np.random.default_rng(55)
+    rig = random_trajectory(rng, 3)
+    assert floored_conditioning_distance(rig) is None
+    assert floored_conditioning_distance(rig[:1]) is None  # no translation to divide
+    two = floored_conditioning_distance(rig[:2])
+    assert two is not None and two < 1e-12  # the lower median of (0, d) is view 0's 0
+    in_kilometres = similarity_transformed(rig, np.eye(3), 1e-3, np.zeros(3))
+    median = np.sort(np.linalg.norm(centres_of(rig) - centres_of(rig)[0], axis=1))[1]
+    assert floored_conditioning_distance(in_kilometres) == pytest.approx(median * 1e-3)
 
 
 def test_pose_conditioning_is_upstreams_float32_arithmetic_near_the_origin() -> None:

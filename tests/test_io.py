@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -876,3 +877,223 @@ def test_a_served_downscaled_copy_of_a_wide_grey_image_keeps_its_values(
     _downscaled_copy(path, tmp_path / "small.png", "image", (100, 50))
     small = load_image(tmp_path / "small.png").astype(float)
     assert abs(small.mean() - load_image(path).astype(float).mean()) < 3.0
+
+
+def own_cameras_file(path: Path, sizes: list[tuple[int, int]], **missing: int) -> Path:
+    """da3cog's cameras.json form for views of these ``(width, height)`` sizes; ``missing``
+    maps a key (``K``, ``world_to_camera``) to the view that lacks it."""
+    views = []
+    for index, (width, height) in enumerate(sizes):
+        view: dict[str, Any] = {
+            "index": index,
+            "width": width,
+            "height": height,
+            "K": [[1.2 * width, 0, width / 2], [0, 1.2 * width, height / 2], [0, 0, 1]],
+            "world_to_camera": np.eye(4).tolist(),
+        }
+        for key, lacking in missing.items():
+            if lacking == index:
+                view[key] = None
+        views.append(view)
+    path.write_text(json.dumps({"output_resolution": "input", "views": views}))
+    return path
+
+
+def test_own_cameras_json_keeps_the_image_size_its_intrinsics_describe(tmp_path: Path) -> None:
+    """A cameras.json written at the processing resolution holds K in processing pixels:
+    read back for the input images it made depth 0.94x off, with no word. Its views' sizes
+    are now checked against the inputs'."""
+    from da3cog.io.cameras import CameraFileError, read_camera_file
+
+    path = own_cameras_file(tmp_path / "cameras.json", [(112, 84), (112, 84)])
+    cameras = read_camera_file(path, 2, label="cams.json")
+    assert cameras.image_sizes == ((112, 84), (112, 84))
+    assert cameras.for_view(1).image_sizes == ((112, 84),)
+    cameras.check_images([(112, 84), None], "cams.json")  # None: size not known yet
+    with pytest.raises(
+        CameraFileError,
+        match=r"cams.json: view 1's K describes a 112x84 image, "
+        r"and input 1 is 200x150",
+    ):
+        cameras.check_images([(112, 84), (200, 150)], "cams.json")
+
+
+def test_intrinsics_are_checked_against_the_input_images_named_by_the_file(
+    tmp_path: Path,
+) -> None:
+    from da3cog.io.cameras import CameraFileError, read_camera_file
+
+    path = tmp_path / "k.json"
+    path.write_text(json.dumps({"intrinsics": [[1e6, 0, 100], [0, 1e6, 75], [0, 0, 1]]}))
+    cameras = read_camera_file(path, 2, label="k.json")
+    assert cameras.image_sizes is None
+    with pytest.raises(CameraFileError, match=r"^k.json: intrinsics\[0\]: fx = 1e\+06"):
+        cameras.check_images([(200, 150), (200, 150)], "k.json")
+
+
+@pytest.mark.parametrize("key", ["K", "world_to_camera"])
+def test_own_cameras_json_with_a_view_lacking_a_matrix_is_refused(tmp_path: Path, key: str) -> None:
+    """One view without a pose dropped every view's pose without a word."""
+    from da3cog.io.cameras import CameraFileError, read_camera_file
+
+    path = own_cameras_file(tmp_path / "cameras.json", [(200, 150)] * 3, **{key: 1})
+    with pytest.raises(CameraFileError, match=f"views 1 have no '{key}' and the others have one"):
+        read_camera_file(path, 3, label="cams.json")
+
+
+# --------------------------------------------------------------------------------------------
+# Video decoding: bounds that hold per packet, codecs, clocks, damage, pixel aspect
+# --------------------------------------------------------------------------------------------
+
+
+def _mux_packets(path: Path, codec: str, size: tuple[int, int], packets: list[bytes]) -> Path:
+    """An MKV of these raw ``codec`` packets at 10 fps, one frame each."""
+    import fractions
+
+    import av
+
+    with av.open(str(path), "w", format="matroska") as container:
+        stream = container.add_stream(codec, rate=10)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        stream.time_base = fractions.Fraction(1, 10)
+        for index, data in enumerate(packets):
+            packet = av.Packet(data)
+            packet.pts = packet.dts = index
+            packet.time_base = fractions.Fraction(1, 10)
+            packet.stream = stream
+            container.mux(packet)
+    return path
+
+
+def _encode(path: Path, codec: str, frames: list[np.ndarray], fps: int, **context: Any) -> Path:
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        for name, value in context.items():
+            setattr(stream.codec_context, name, value)
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def _jpeg(width: int, height: int, level: int = 90) -> bytes:
+    import io as bytes_io
+
+    buffer = bytes_io.BytesIO()
+    Image.new("RGB", (width, height), (level, 120, 30)).save(buffer, "JPEG", quality=50)
+    return buffer.getvalue()
+
+
+def _levels(count: int, height: int = 32, width: int = 48) -> list[np.ndarray]:
+    return [np.full((height, width, 3), min(255, 10 * i), np.uint8) for i in range(count)]
+
+
+def test_video_packets_that_show_no_frame_count_against_the_bounds(tmp_path: Path) -> None:
+    """VP8 frames with show_frame cleared are decoded but never come out: the bounds were
+    checked per frame out, so a file of them held a worker for as long as it took (a 2.9 MiB
+    file took 3.2 s under a 1 s budget)."""
+    import av
+
+    from da3cog.io.video import VideoBounds, VideoDecodeError, sample_frames
+
+    clip = _encode(tmp_path / "plain.webm", "libvpx", _levels(40), 10)
+    with av.open(str(clip)) as container:
+        packets = [bytes(p) for p in container.demux(container.streams.video[0]) if p.size]
+    hidden = [packets[0]] + [bytes([p[0] & ~0x10]) + p[1:] for p in packets[1:]]
+    path = _mux_packets(tmp_path / "hidden.mkv", "vp8", (48, 32), hidden)
+    with pytest.raises(VideoDecodeError, match="more than 10 frames read"):
+        list(
+            sample_frames(
+                path, "hidden.mkv", fps=2, max_frames=5, bounds=VideoBounds(max_decoded_frames=10)
+            )
+        )
+    # Shown, the same packets sample as usual.
+    assert len(list(sample_frames(clip, "plain.webm", fps=2, max_frames=10))) == 8
+
+
+def test_video_frames_larger_than_the_header_are_refused_before_they_are_decoded(
+    tmp_path: Path,
+) -> None:
+    from da3cog.io.video import VideoBounds, VideoDecodeError, sample_frames
+
+    path = _mux_packets(
+        tmp_path / "grows.mkv", "mjpeg", (32, 32), [_jpeg(32, 32)] * 3 + [_jpeg(256, 256)]
+    )
+    bounds = VideoBounds(max_frame_pixels=64 * 64)
+    with pytest.raises(VideoDecodeError, match=r"grows.mkv: the decoder refused a frame \(larger "):
+        list(sample_frames(path, "grows.mkv", stride=1, max_frames=10, bounds=bounds))
+
+
+def test_a_damaged_video_packet_is_skipped_as_players_do(tmp_path: Path) -> None:
+    from da3cog.io.video import VideoDecodeError, sample_frames
+
+    packets = [_jpeg(48, 32, 10 * i) for i in range(20)]
+    packets[10] = packets[10][:20]
+    path = _mux_packets(tmp_path / "damaged.mkv", "mjpeg", (48, 32), packets)
+    assert len(list(sample_frames(path, "damaged.mkv", stride=1, max_frames=100))) == 19
+    wrecked = _mux_packets(tmp_path / "wrecked.mkv", "mjpeg", (48, 32), [p[:20] for p in packets])
+    with pytest.raises(VideoDecodeError, match=r"no frames \(20 damaged packet\(s\) skipped\)"):
+        list(sample_frames(wrecked, "wrecked.mkv", stride=1, max_frames=100))
+
+
+def test_sampling_at_the_video_rate_keeps_every_frame_of_a_millisecond_clock(
+    tmp_path: Path,
+) -> None:
+    """Matroska times frames in whole milliseconds (33 ms is under 1/30 s): at fps=30 a
+    30 fps MKV kept 20 of 30 frames."""
+    from da3cog.io.video import sample_frames
+
+    clip = _encode(tmp_path / "thirty.mkv", "libx264", _levels(30), 30)
+    assert [f.position for f in sample_frames(clip, "c", fps=30, max_frames=100)] == list(range(30))
+    assert len(list(sample_frames(clip, "c", fps=15, max_frames=100))) == 15
+
+
+def test_anamorphic_video_frames_get_square_pixels(tmp_path: Path) -> None:
+    import fractions
+
+    from da3cog.io.video import sample_frames
+
+    clip = _encode(
+        tmp_path / "wide.mkv",
+        "libx264",
+        _levels(3, 32, 48),
+        10,
+        sample_aspect_ratio=fractions.Fraction(2, 1),
+    )
+    (first, *_) = sample_frames(clip, "wide.mkv", stride=1, max_frames=1)
+    assert first.size == (96, 32) and first.picture.shape == (32, 96, 3)
+
+
+def test_av1_video_is_decoded(tmp_path: Path) -> None:
+    """AV1 decodes with libdav1d: the codec was checked by its decoder's name and every AV1
+    video was refused as "libdav1d is not accepted"."""
+    import av
+
+    from da3cog.io.video import sample_frames
+
+    encoders = [name for name in ("libsvtav1", "libaom-av1") if name in av.codecs_available]
+    if not encoders:
+        pytest.skip("this PyAV build has no AV1 encoder to make a test clip with")
+    clip = _encode(tmp_path / "clip.mkv", encoders[0], _levels(3, 64, 64), 10)
+    assert len(list(sample_frames(clip, "clip.mkv", stride=1, max_frames=10))) == 3
+
+
+def test_names_made_from_long_user_names_fit_a_file_system(tmp_path: Path) -> None:
+    """A video named with 245 characters (legal) made frame names over the 255-byte limit:
+    the CLI crashed with a traceback. Names derived from the user's keep at most 100 bytes,
+    whole characters."""
+    from da3cog.export.files import safe_name, view_file_name
+    from da3cog.io.inputs import FrameSampling, clipped_name, expand_inputs
+
+    assert clipped_name("ä" * 60) == "ä" * 50  # two bytes each
+    assert clipped_name("aä" * 40, 4) == "aä" + "a"  # never half a character
+    assert len(view_file_name("confidence", 3, "é" * 300, ".npy").encode()) < 255
+    assert safe_name("short") == "short"
+    video = _encode(tmp_path / ("v" * 240 + ".mp4"), "libx264", _levels(4), 10)
+    (frame,) = expand_inputs([video], tmp_path / "frames", FrameSampling(stride=10))
+    assert frame.name == "v" * 100 + "_frame_0000.png" and frame.is_file()

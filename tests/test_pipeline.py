@@ -523,17 +523,30 @@ def test_a_single_posed_view_notes_that_the_scale_is_undetermined(
     assert np.array_equal(prediction.extrinsics, ring_cameras(1).astype(np.float32))
 
 
-def test_two_posed_views_give_finite_depth(
+def test_two_posed_views_give_finite_depth_and_say_the_encoder_sees_their_unit(
     small_model: DepthAnything3, same_size_views: list[np.ndarray]
 ) -> None:
+    """Upstream's pose normalisation divides by the median camera distance from view 0,
+    floored at 0.1: for two views that median is view 0's own 0, so the encoder sees the
+    baseline in tenths of the poses' unit (metres and millimetres give different inputs).
+    Kept for parity, and said."""
+    intrinsics = input_intrinsics(same_size_views[:2])
     prediction = small_model.predict(
-        same_size_views[:2],
-        extrinsics=ring_cameras(2),
-        intrinsics=input_intrinsics(same_size_views[:2]),
-        options=OPTIONS,
+        same_size_views[:2], extrinsics=ring_cameras(2), intrinsics=intrinsics, options=OPTIONS
     )
-    assert prediction.notes == ()
+    assert len(prediction.notes) == 1, prediction.notes
+    assert prediction.notes[0].startswith(
+        "the cameras' median distance from view 0 is 0 in the unit of the given poses (always "
+        "0 for two views), under the floor of 0.1"
+    ), prediction.notes
     assert np.isfinite(prediction.depth).all() and (prediction.depth > 0).all()
+    in_millimetres = ring_cameras(2)
+    in_millimetres[:, :3, 3] *= 1000.0
+    millimetres = small_model.predict(
+        same_size_views[:2], extrinsics=in_millimetres, intrinsics=intrinsics, options=OPTIONS
+    )
+    ratio = millimetres.depth / prediction.depth
+    assert not np.allclose(ratio, 1000.0, rtol=1e-4)  # what the note warns of
 
 
 def test_collinear_posed_views_give_finite_depth(

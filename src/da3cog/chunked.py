@@ -244,18 +244,37 @@ def fit_depth_scale(
     views (same pixels; for chunks in one frame whose depth units differ): the
     confidence-weighted median of the depth ratios (robust to bad depth); and its residual,
     the weighted median of the differences left, relative to the median depth."""
-    ratios, weights, befores, afters = [], [], [], []
+    before, after, weight = _shared_depths(earlier, later)
+    factor = weighted_median(before / after, weight)
+    residual = weighted_median(np.abs(factor * after - before), weight)
+    return factor, residual / float(np.median(before))
+
+
+def depth_agreement(
+    earlier: Sequence[ViewPrediction], later: Sequence[ViewPrediction]
+) -> tuple[float, float]:
+    """How the depths of two chunks in one frame and unit (the user's poses fixed both)
+    agree on the views they share, left as they are: the factor :func:`fit_depth_scale`
+    would fit (1 where they agree) and the residual without it, relative to the median
+    depth."""
+    before, after, weight = _shared_depths(earlier, later)
+    factor = weighted_median(before / after, weight)
+    residual = weighted_median(np.abs(after - before), weight)
+    return factor, residual / float(np.median(before))
+
+
+def _shared_depths(
+    earlier: Sequence[ViewPrediction], later: Sequence[ViewPrediction]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The usable pixels' depths in both chunks and their weights, flat."""
+    befores, afters, weights = [], [], []
     for before, after, usable, weight in _usable_pairs(earlier, later):
         befores.append(np.asarray(before.depth, dtype=np.float64)[usable])
         afters.append(np.asarray(after.depth, dtype=np.float64)[usable])
-        ratios.append(befores[-1] / afters[-1])
         weights.append(weight[usable])
-    ratio, weight = np.concatenate(ratios), np.concatenate(weights)
-    _check_enough_pixels(len(ratio))
-    before, after = np.concatenate(befores), np.concatenate(afters)
-    factor = weighted_median(ratio, weight)
-    residual = weighted_median(np.abs(factor * after - before), weight)
-    return factor, residual / float(np.median(before))
+    weight = np.concatenate(weights)
+    _check_enough_pixels(len(weight))
+    return np.concatenate(befores), np.concatenate(afters), weight
 
 
 def _check_enough_pixels(count: int) -> None:
@@ -640,6 +659,8 @@ def reconstruct_in_chunks(
     views: list[ViewPrediction] = []
     notes: list[str] = []
     residuals: list[float] = []
+    # Chunks both in the given poses' unit: their depths' factor and difference on shared views.
+    agreements: list[tuple[float, float]] = []
     metric: list[bool] = []
     gaussians: list[Gaussians] = []
     # A spilled run's Gaussians go to files instead, once.
@@ -684,6 +705,19 @@ def reconstruct_in_chunks(
                     f"{len(shared)} shared views, factor {factor:.4g}, residual "
                     f"{residual:.2%} of depth"
                 )
+            elif index:
+                # Both in the poses' unit: nothing to fit, but their agreement is worth a word.
+                try:
+                    factor, residual = depth_agreement(placed, again)
+                except ValueError:
+                    residual = None  # too few usable pixels to compare: said by the None
+                else:
+                    agreements.append((factor, residual))
+                    report(
+                        f"chunk {index + 1}: in the given poses' unit; on the {len(shared)} "
+                        f"views shared with the chunk before, its depth is {1 / factor:.4g}x "
+                        f"that chunk's, differing by {residual:.2%} of depth"
+                    )
         if index > 0 and align and prediction.cameras_estimated:
             try:
                 fit, residual, points = fit_overlap(placed, again, seed=seed + index)
@@ -742,6 +776,15 @@ def reconstruct_in_chunks(
             f"; the depth of {len(residuals)} chunk(s), which the given poses did not put in their "
             f"unit, brought to {unit} on the views shared with the chunk before (residual "
             f"{min(residuals):.2%}-{max(residuals):.2%} of depth)"
+        )
+    if agreements:
+        ratios = [1 / factor for factor, _ in agreements]
+        differences = [residual for _, residual in agreements]
+        how += (
+            f"; {len(agreements)} chunk(s) in the given poses' unit, as the one before: on "
+            f"their shared views their depth is {min(ratios):.3g}-{max(ratios):.3g}x the "
+            f"previous chunk's, differing by {min(differences):.2%}-{max(differences):.2%} of "
+            "depth (each view's alignment_residual)"
         )
     if spill_to is not None:
         how += "; every view's outputs kept in memory-mapped temporary files"

@@ -297,6 +297,7 @@ def _read_user_cameras(args: argparse.Namespace) -> UserCameras | None:
     """The cameras of ``--cameras`` or ``--intrinsics``, one per input image, or None.
     Raises ValueError (:class:`CameraFileError`) before any model is loaded."""
     from da3cog.io.cameras import read_camera_file
+    from da3cog.io.images import source_size
 
     path = args.cameras or args.intrinsics
     if path is None:
@@ -307,6 +308,7 @@ def _read_user_cameras(args: argparse.Namespace) -> UserCameras | None:
         raise ValueError(
             f"{path} has 'extrinsics' too: pass it with --cameras for pose-conditioned depth"
         )
+    cameras.check_images([source_size(image) for image in args.images], str(path))
     return cameras
 
 
@@ -505,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, CheckpointError) as error:
         print(f"da3cog: error: {error}", file=sys.stderr)
         return 2
-    except SpillFailed as error:
+    except (SpillFailed, OSError) as error:
+        # The machine, not the request: a full disk, a folder it may not write to.
         print(f"da3cog: error: {error}", file=sys.stderr)
         return 3
     except (RuntimeError, MemoryError) as error:

@@ -717,16 +717,37 @@ def camera_centres(extrinsics: np.ndarray) -> np.ndarray:
     return -np.einsum("nji,nj->ni", rotation, translation)
 
 
+# The floor on the median camera distance that pose conditioning divides by (upstream's), in
+# the unit of the user's poses.
+CONDITIONING_MIN_DISTANCE = 0.1
+
+
 def normalize_pose_conditioning(extrinsics: torch.Tensor) -> torch.Tensor:
-    """Prepare user extrinsics ``(B, N, 4, 4)`` for DA3's camera encoder: anchor them to view 0
-    and divide translations by the median camera distance (clamped at 0.1), as DA3 was trained.
-    """
+    """Prepare user extrinsics ``(B, N, 4, 4)`` for DA3's camera encoder as upstream's
+    inference does: anchor them to view 0 and divide translations by the median distance of
+    the cameras from view 0 (view 0's own 0 included; the lower middle value for even counts),
+    floored at :data:`CONDITIONING_MIN_DISTANCE`."""
     anchored = extrinsics @ invert_rigid(extrinsics[:, :1])
-    distances = invert_rigid(anchored)[..., :3, 3].norm(dim=-1)
-    median = torch.clamp(torch.median(distances), min=1e-1)
+    median = torch.clamp(_median_distance(anchored), min=CONDITIONING_MIN_DISTANCE)
     normalized = anchored.clone()
     normalized[..., :3, 3] = anchored[..., :3, 3] / median
     return normalized
+
+
+def _median_distance(anchored: torch.Tensor) -> torch.Tensor:
+    return torch.median(invert_rigid(anchored)[..., :3, 3].norm(dim=-1))
+
+
+def floored_conditioning_distance(extrinsics: np.ndarray) -> float | None:
+    """The median camera distance from view 0 of world-to-camera ``(N, 4, 4)`` extrinsics
+    when it is under :data:`CONDITIONING_MIN_DISTANCE`, where the camera encoder's input stops
+    being free of the poses' unit (always for two views: the median is view 0's own 0); None
+    otherwise, and for one view (no translation to scale)."""
+    if len(extrinsics) < 2:
+        return None
+    given = torch.from_numpy(np.asarray(extrinsics, dtype=np.float64))
+    median = float(_median_distance(given @ invert_rigid(given[:1])))
+    return median if median < CONDITIONING_MIN_DISTANCE else None
 
 
 # Largest rounding error of float32 anchoring kept for the camera encoder, in units of the

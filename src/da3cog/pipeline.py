@@ -25,10 +25,12 @@ import torch.nn.functional as F
 
 from da3cog import memory
 from da3cog.geometry import (
+    CONDITIONING_MIN_DISTANCE,
     anchor_to_first_view,
     check_extrinsics,
     check_intrinsics,
     check_intrinsics_for_images,
+    floored_conditioning_distance,
     pose_conditioning,
     trajectory_scale,
 )
@@ -103,7 +105,8 @@ class ViewPrediction:
         alignment_residual: that chunk's alignment residual onto the world, relative to the
             depth of the views it was fitted on (None for the first chunk and single passes);
             after a loop closure moved the chunks, the same residual with both chunks of the
-            overlap where they ended up.
+            overlap where they ended up; for a chunk the user's poses put in their unit (not
+            moved), its depth's difference from the chunk before's on the views they share.
     """
 
     name: str
@@ -777,6 +780,16 @@ class DepthAnything3:
                 focal_source,
                 metric_scale,
                 notes=tuple(notes),
+            )
+        floored = floored_conditioning_distance(user_extrinsics)
+        if floored is not None:
+            notes.append(
+                f"the cameras' median distance from view 0 is "
+                f"{floored if floored > 1e-9 else 0:.3g} in the unit of the "
+                f"given poses (always 0 for two views), under the floor of "
+                f"{CONDITIONING_MIN_DISTANCE:g} the camera encoder divides them by: what the "
+                "network sees of the rig depends on that unit, not only on its shape "
+                "(upstream's normalisation, kept)"
             )
         unit = 1.0
         kept_unit = "the metric model's metres" if is_metric else "the network's relative unit"

@@ -171,6 +171,7 @@ class SceneRunner:
     def _run(self, scene: Scene, staging: Path, outputs: Path, started: float) -> SceneResult:
         from da3cog.export.manifest import export_all, options_taken
         from da3cog.io.cameras import read_camera_file
+        from da3cog.io.images import source_size
 
         options, formats, sampling = scene_settings(
             scene.options, self.settings.options, self.settings.formats, self.settings.sampling
@@ -186,6 +187,7 @@ class SceneRunner:
         if scene.cameras is not None:
             (camera_file,) = fetch_inputs([scene.cameras], staging / "cameras")
             cameras = read_camera_file(camera_file, len(views), label=scene.cameras)
+            cameras.check_images([source_size(view) for view in views], scene.cameras)
         marks.append(time.perf_counter())
         try:
             prediction = self.model.predict(

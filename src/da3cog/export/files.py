@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ParamSpec
 
+from da3cog.io.inputs import clipped_name
 from da3cog.memory import EXPORT_WRITERS
 
 
@@ -65,8 +66,9 @@ _UNSAFE = re.compile(r"[^\w.\-]+")
 
 def safe_name(name: str) -> str:
     """A view name made safe for a file name: runs of characters other than letters, digits,
-    ``.``, ``-`` and ``_`` become ``_``; no leading dot; never empty."""
-    cleaned = _UNSAFE.sub("_", name).lstrip(".")
+    ``.``, ``-`` and ``_`` become ``_``; no leading dot; at most
+    :data:`~da3cog.io.inputs.MAX_NAME_BYTES` bytes; never empty."""
+    cleaned = clipped_name(_UNSAFE.sub("_", name).lstrip("."))
     return cleaned or "view"
 
 

@@ -6,7 +6,9 @@ Accepted documents:
 - ``{"intrinsics": ..., "extrinsics": ...}``, either may be missing: intrinsics ``N x 3 x 3``
   (or one ``3 x 3`` shared by all views) in pixels of the input images; extrinsics
   ``N x 3 x 4`` or ``N x 4 x 4`` world-to-camera, OpenCV axes (x right, y down, z forward);
-- da3cog's own ``cameras.json`` (``views``, each with ``K`` and ``world_to_camera``).
+- da3cog's own ``cameras.json`` (``views``, each with ``K``, ``world_to_camera``, ``width``
+  and ``height``): its ``K`` describe images of that size, which must be the inputs' (a file
+  written at the processing resolution, or from cropped views, describes other pixels).
 
 Which combinations a model can use is the pipeline's rule, not this reader's.
 """
@@ -14,13 +16,14 @@ Which combinations a model can use is the pipeline's rule, not this reader's.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from da3cog.geometry import check_extrinsics, check_intrinsics
+from da3cog.geometry import check_extrinsics, check_intrinsics, check_intrinsics_for_images
 
 # Generous for any number of views (a view's two matrices take well under 1 KiB as JSON).
 MAX_CAMERA_FILE_BYTES = 8 * 1024**2
@@ -35,12 +38,16 @@ class UserCameras:
     """Cameras from a user's file, one per view.
 
     Attributes:
-        intrinsics: ``(N, 3, 3)`` float64, pixels of the input images, or None.
+        intrinsics: ``(N, 3, 3)`` float64, pixels of the input images (EXIF orientation
+            applied), or None.
         extrinsics: ``(N, 4, 4)`` float64, world-to-camera, OpenCV axes, or None.
+        image_sizes: ``(width, height)`` of the image each view's intrinsics describe, where
+            the file says (da3cog's ``cameras.json``), else None.
     """
 
     intrinsics: np.ndarray | None
     extrinsics: np.ndarray | None
+    image_sizes: tuple[tuple[int, int], ...] | None = None
 
     def for_view(self, index: int) -> UserCameras:
         """The cameras of one view (monocular mode runs views one at a time)."""
@@ -48,7 +55,33 @@ class UserCameras:
         return UserCameras(
             None if self.intrinsics is None else self.intrinsics[pick],
             None if self.extrinsics is None else self.extrinsics[pick],
+            None if self.image_sizes is None else self.image_sizes[pick],
         )
+
+    def check_images(self, sizes: Sequence[tuple[int, int] | None], label: str) -> None:
+        """The intrinsics fit input images of these upright ``(width, height)`` sizes (None:
+        not known before decoding): the size the file gives for a view is its image's, and
+        focal lengths and principal points are plausible for it. CameraFileError naming
+        ``label`` (how messages name the file)."""
+        if self.intrinsics is None:
+            return
+        if self.image_sizes is not None:
+            for index, (given, size) in enumerate(zip(self.image_sizes, sizes, strict=True)):
+                if size is not None and tuple(size) != given:
+                    raise CameraFileError(
+                        f"{label}: view {index}'s K describes a {given[0]}x{given[1]} image, "
+                        f"and input {index} is {size[0]}x{size[1]} (a cameras.json written at "
+                        "the processing resolution, or from cropped views, describes other "
+                        "pixels: write it with output resolution 'input' and a resize method "
+                        "that does not crop)"
+                    )
+        known = [i for i, size in enumerate(sizes) if size is not None]
+        try:
+            check_intrinsics_for_images(
+                self.intrinsics[known], [(sizes[i][1], sizes[i][0]) for i in known]
+            )
+        except ValueError as error:
+            raise CameraFileError(f"{label}: {error}") from error
 
 
 def _matrices(value: Any, what: str, shapes: tuple[tuple[int, int], ...], label: str) -> np.ndarray:
@@ -100,16 +133,16 @@ def read_camera_file(path: Path | str, view_count: int, label: str = "cameras") 
         raise CameraFileError(f"{label}: the JSON is nested too deeply") from error
     if not isinstance(document, dict):
         raise CameraFileError(f"{label}: expected a JSON object")
+    image_sizes = None
     if "views" in document and not ({"intrinsics", "extrinsics"} & document.keys()):
         views = document["views"]
         if not isinstance(views, list) or not all(isinstance(view, dict) for view in views):
             raise CameraFileError(f"{label}: 'views' must be a list of objects")
-        intrinsics_list = [view.get("K") for view in views]
-        extrinsics_list = [view.get("world_to_camera") for view in views]
         document = {
-            "intrinsics": None if None in intrinsics_list else intrinsics_list,
-            "extrinsics": None if None in extrinsics_list else extrinsics_list,
+            "intrinsics": _every_or_none(views, "K", label),
+            "extrinsics": _every_or_none(views, "world_to_camera", label),
         }
+        image_sizes = _view_sizes(views, label)
     raw_intrinsics, raw_extrinsics = document.get("intrinsics"), document.get("extrinsics")
     if raw_intrinsics is None and raw_extrinsics is None:
         raise CameraFileError(f"{label}: give 'intrinsics' and/or 'extrinsics'")
@@ -138,4 +171,39 @@ def read_camera_file(path: Path | str, view_count: int, label: str = "cameras") 
             extrinsics = check_extrinsics(extrinsics, view_count)
     except ValueError as error:
         raise CameraFileError(f"{label}: {error}") from error
-    return UserCameras(intrinsics, extrinsics)
+    if image_sizes is not None and len(image_sizes) != view_count:
+        image_sizes = None  # the counts were checked above where they matter
+    return UserCameras(intrinsics, extrinsics, None if intrinsics is None else image_sizes)
+
+
+def _every_or_none(views: list[dict], key: str, label: str) -> list[Any] | None:
+    """Each view's ``key``, or None when no view has one; a file giving it for some views
+    only is refused (the others would silently lose theirs)."""
+    values = [view.get(key) for view in views]
+    missing = [index for index, value in enumerate(values) if value is None]
+    if len(missing) == len(values):
+        return None
+    if missing:
+        shown = ", ".join(str(index) for index in missing[:10])
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        raise CameraFileError(
+            f"{label}: views {shown}{more} have no {key!r} and the others have one: give it "
+            "for every view or for none"
+        )
+    return values
+
+
+def _view_sizes(views: list[dict], label: str) -> tuple[tuple[int, int], ...] | None:
+    """Each view's ``(width, height)``, or None when the views do not all give both."""
+    sizes = []
+    for index, view in enumerate(views):
+        width, height = view.get("width"), view.get("height")
+        if width is None and height is None:
+            return None
+        if not all(type(v) is int and 0 < v for v in (width, height)):
+            raise CameraFileError(
+                f"{label}: view {index}'s width and height must be positive whole numbers, got "
+                f"{width!r} and {height!r}"
+            )
+        sizes.append((width, height))
+    return tuple(sizes)

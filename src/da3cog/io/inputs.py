@@ -98,7 +98,7 @@ def expand_inputs(
                 ),
                 start=1,
             ):
-                target = folder / f"{path.stem}_frame_{count - 1:04d}.png"
+                target = folder / f"{clipped_name(path.stem)}_frame_{count - 1:04d}.png"
                 Image.fromarray(frame.picture).save(target, compress_level=1)
                 views.append(target)
             if report is not None:
@@ -106,6 +106,16 @@ def expand_inputs(
         else:
             views.append(path)
     return views
+
+
+# File names derived from a user's (frames, exported files) keep at most this much of it:
+# file systems allow 255 bytes, and a prefix and a suffix are added.
+MAX_NAME_BYTES = 100
+
+
+def clipped_name(name: str, max_bytes: int = MAX_NAME_BYTES) -> str:
+    """``name`` cut to at most ``max_bytes`` of UTF-8, whole characters only."""
+    return name.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
 
 
 def natural_order(name: str) -> tuple:

@@ -60,7 +60,8 @@ LOCAL_VIDEO_BOUNDS = VideoBounds(decode_seconds=math.inf, max_decoded_frames=1 <
 class SampledFrame:
     """One kept frame, upright as players show it (its stream's display rotation applied):
     ``picture`` ``(h, w, 3)`` uint8 RGB at the size the caller's ``fit`` chose (for the
-    frame as coded, then turned), ``size`` the frame's own ``(width, height)`` as shown,
+    frame with square pixels, before it is turned), ``size`` the frame's own
+    ``(width, height)`` as shown (square pixels, turned),
     ``seconds`` its time from the first frame, ``position`` its index among all decoded
     frames."""
 
@@ -114,69 +115,118 @@ def sample_frames(
     if demuxer is None:
         raise VideoDecodeError(f"{label}: not a video in an accepted container")
     deadline = time.monotonic() + bounds.decode_seconds
-    kept = 0
+    kept = skipped = 0
     try:
         with av.open(str(path), format=demuxer, options=dict(_OPEN_OPTIONS)) as container:
             if not container.streams.video:
                 raise VideoDecodeError(f"{label}: the file has no video stream")
             video = container.streams.video[0]
-            codec = video.codec_context.name
+            # The codec's name, not its decoder's (AV1 decodes with libdav1d).
+            codec = video.codec_context.codec.canonical_name
             if codec not in VIDEO_CODECS:
                 raise VideoDecodeError(
                     f"{label}: video codec {codec} is not accepted "
                     f"({', '.join(sorted(VIDEO_CODECS))})"
                 )
             _check_frame_size(video.codec_context.width, video.codec_context.height, label, bounds)
+            # Frames larger than the header said are refused by the decoder before their
+            # pixels are allocated.
+            video.codec_context.options = {"max_pixels": str(bounds.max_frame_pixels)}
             video.thread_type = "AUTO"
             rate = float(video.average_rate) if video.average_rate else 25.0
+            # Anamorphic video (DV and DVD store 16:9 so) is shown with wider or narrower
+            # pixels than it is coded with.
+            pixel_aspect = float(video.codec_context.sample_aspect_ratio or 1)
+            # Container clocks round frame times (Matroska to whole milliseconds): a frame
+            # within half a frame interval of a sampling time is on it.
+            tolerance = 0.5 / max(rate, fps or 0.0)
             start: float | None = None
             next_time = 0.0
-            for position, frame in enumerate(container.decode(video)):
-                if position >= bounds.max_decoded_frames:
-                    raise VideoDecodeError(
-                        f"{label}: more than {bounds.max_decoded_frames} frames decoded "
-                        f"before the sampling finished; {advice}"
-                    )
+            position = read = -1
+            # Packet by packet, every stream's, so that the bounds hold for packets that show
+            # no frame (hidden VP8 frames, data the decoder drops, other streams) as well as
+            # for frames.
+            for packet in container.demux():
                 if time.monotonic() > deadline:
                     raise VideoDecodeError(
                         f"{label}: decoding took longer than {bounds.decode_seconds:.0f} s "
                         f"({kept} frame(s) sampled); {advice}"
                     )
-                # Presentation time in seconds; frame counting when the container has none.
-                seconds = float(frame.time) if frame.time is not None else position / rate
-                if start is None:
-                    start = seconds
-                elapsed = seconds - start
-                if stride is not None:
-                    if position % stride:
-                        continue
-                elif elapsed + 1e-6 < next_time:
+                if packet.stream is not video:
                     continue
-                _check_frame_size(frame.width, frame.height, label, bounds)
-                size = (frame.width, frame.height)
-                width, height = fit(size) if fit is not None else size
-                picture = frame.to_ndarray(format="rgb24", width=width, height=height)
-                # Upright as players show it (phones record portrait video as landscape
-                # frames with a display rotation), as images are with their EXIF orientation.
-                turns = _display_quarter_turns(frame)
-                if turns:
-                    picture = np.ascontiguousarray(np.rot90(picture, turns))
-                    size = size[::-1] if turns % 2 else size
-                yield SampledFrame(picture, size, elapsed, position)
-                kept += 1
-                if fps is not None:
-                    # The next point of the sampling grid after this frame.
-                    interval = 1.0 / fps
-                    next_time = (math.floor((elapsed + 1e-6) / interval) + 1) * interval
-                if kept >= max_frames:
-                    break
+                read += 1
+                if read >= bounds.max_decoded_frames:
+                    raise VideoDecodeError(
+                        f"{label}: more than {bounds.max_decoded_frames} frames read "
+                        f"before the sampling finished; {advice}"
+                    )
+                try:
+                    frames = packet.decode()
+                except av.error.InvalidDataError:
+                    skipped += 1  # a damaged packet: players skip it too
+                    continue
+                except av.error.ArgumentError as error:
+                    raise VideoDecodeError(
+                        f"{label}: the decoder refused a frame (larger than the "
+                        f"{bounds.max_frame_pixels / 1e6:.1f} MP a video frame may have, or "
+                        "damaged)"
+                    ) from error
+                for frame in frames:
+                    position += 1
+                    # Presentation time in seconds; frame counting when the container has
+                    # none.
+                    seconds = float(frame.time) if frame.time is not None else position / rate
+                    if start is None:
+                        start = seconds
+                    elapsed = seconds - start
+                    if stride is not None:
+                        if position % stride:
+                            continue
+                    elif elapsed + tolerance < next_time:
+                        continue
+                    yield _sampled(frame, elapsed, position, pixel_aspect, label, bounds, fit)
+                    kept += 1
+                    if fps is not None:
+                        # The next point of the sampling grid after this frame.
+                        interval = 1.0 / fps
+                        next_time = (math.floor((elapsed + tolerance) / interval) + 1) * interval
+                    if kept >= max_frames:
+                        return
     except VideoDecodeError:
         raise
     except (av.error.FFmpegError, OSError, ValueError) as error:
         reason = str(error).replace(str(path), "the file")
         raise VideoDecodeError(f"{label}: not a readable video ({reason})") from error
     if not kept:
-        raise VideoDecodeError(f"{label}: the video has no frames")
+        damaged = f" ({skipped} damaged packet(s) skipped)" if skipped else ""
+        raise VideoDecodeError(f"{label}: the video has no frames{damaged}")
+
+
+def _sampled(
+    frame: object,
+    elapsed: float,
+    position: int,
+    pixel_aspect: float,
+    label: str,
+    bounds: VideoBounds,
+    fit: Callable[[tuple[int, int]], tuple[int, int]] | None,
+) -> SampledFrame:
+    """A decoded frame as a :class:`SampledFrame`: at the size ``fit`` chooses for its
+    display size (its pixels made square, ``pixel_aspect`` = width / height of one), upright."""
+    _check_frame_size(frame.width, frame.height, label, bounds)
+    size = (frame.width, frame.height)
+    if pixel_aspect > 0 and abs(pixel_aspect - 1) > 1e-3:
+        size = (max(1, round(frame.width * pixel_aspect)), frame.height)
+        _check_frame_size(*size, label, bounds)
+    width, height = fit(size) if fit is not None else size
+    picture = frame.to_ndarray(format="rgb24", width=width, height=height)
+    # Upright as players show it (phones record portrait video as landscape frames with a
+    # display rotation), as images are with their EXIF orientation.
+    turns = _display_quarter_turns(frame)
+    if turns:
+        picture = np.ascontiguousarray(np.rot90(picture, turns))
+        size = size[::-1] if turns % 2 else size
+    return SampledFrame(picture, size, elapsed, position)
 
 
 def _display_quarter_turns(frame: object) -> int:

@@ -33,8 +33,7 @@ from da3cog.chunked import (
     check_pace,
     time_left,
 )
-from da3cog.geometry import check_intrinsics_for_images
-from da3cog.io import PATCH_SIZE, exif_focal
+from da3cog.io import PATCH_SIZE, CameraFileError, exif_focal
 from da3cog.io.preprocess import processing_size
 from da3cog.model.presets import get_preset
 from da3cog.pipeline import DepthAnything3, InferenceOptions, Prediction, default_device
@@ -464,21 +463,20 @@ def in_user_terms(message: str, views: list[View]) -> str:
 
 
 def fit_cameras(cameras: UserCameras, views: list[View], label: str) -> UserCameras:
-    """User intrinsics (pixels of the images as sent) moved to the views as read (smaller
-    when a view was downscaled), then checked against those images."""
+    """User intrinsics (pixels of the images as sent, upright), checked against those
+    images, then moved to the views as read (smaller when a view was downscaled)."""
     if cameras.intrinsics is None:
         return cameras
+    sent = [view.input_size[::-1] if view.transposed else view.input_size for view in views]
+    try:
+        cameras.check_images(sent, label)
+    except CameraFileError as error:
+        raise RequestError(str(error)) from error
     intrinsics = cameras.intrinsics.copy()
-    displayed = []
     for index, view in enumerate(views):
         scale_x, scale_y = view.display_scale
         intrinsics[index, 0] *= scale_x
         intrinsics[index, 1] *= scale_y
-        displayed.append(view.display_size)
-    try:
-        check_intrinsics_for_images(intrinsics, [(h, w) for w, h in displayed])
-    except ValueError as error:
-        raise RequestError(f"{label}: {error}") from error
     return UserCameras(np.ascontiguousarray(intrinsics), cameras.extrinsics)
 
 

@@ -39,7 +39,7 @@ from da3cog.io.images import (
     read_image_header,
     sniff_image_format,
 )
-from da3cog.io.inputs import natural_order
+from da3cog.io.inputs import clipped_name, natural_order
 from da3cog.serve.limits import Limits
 from da3cog.serve.request import RequestError
 
@@ -126,7 +126,7 @@ def input_label(field: str, path: Path) -> str:
 def _safe_stem(name: str, fallback: str) -> str:
     stem = _COG_TEMP_NAME.sub("", PurePosixPath(name).stem)
     cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem).strip("._")
-    return cleaned[:80] or fallback
+    return clipped_name(cleaned) or fallback
 
 
 def _view_path(folder: Path, index: int, name: str, suffix: str) -> Path:
