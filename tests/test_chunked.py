@@ -356,9 +356,21 @@ def test_chunks_in_the_poses_unit_say_how_their_depths_agree() -> None:
     the poses' scale disagree (chunk 2's depth 1.5x the others'), the note and the views'
     alignment_residual say by how much."""
     truth, predict_chunk = _chunks_in_one_frame(lambda k: 1.5 if k == 2 else 1.0)
+    reports: list[str] = []
     found = reconstruct_in_chunks(
-        VIEWS, SIZE, OVERLAP, predict_chunk, align=False, depth_unit_fixed=lambda _: True
+        VIEWS,
+        SIZE,
+        OVERLAP,
+        predict_chunk,
+        align=False,
+        depth_unit_fixed=lambda _: True,
+        progress=reports.append,
     )
+    # Which way round: chunk 3 (index 2) is the deeper one.
+    assert any(
+        r.startswith("chunk 3: in the given poses' unit") and "its depth is 1.5x" in r
+        for r in reports
+    ), reports
     # Chunk 2 vs 1: 1.5x; chunk 3 vs 2: 0.667x; the others agree.
     # (differences: a weighted median of |depth - depth before| over the median depth)
     said = (
@@ -373,6 +385,28 @@ def test_chunks_in_the_poses_unit_say_how_their_depths_agree() -> None:
     assert residuals[3] == pytest.approx(1 / 3, rel=0.05)
     for f, t in zip(found.views, truth, strict=True):  # left as predicted
         assert np.allclose(f.depth, np.asarray(t.depth) * (1.5 if f.chunk == 2 else 1.0))
+
+
+def test_chunks_in_the_poses_unit_too_sparse_to_compare_are_named() -> None:
+    """A chunk whose shared views are all sky cannot be compared with the one before: the
+    note names it (the comparison had left it out without a word)."""
+    _, predict_chunk = _chunks_in_one_frame(lambda k: 1.5 if k == 2 else 1.0)
+    calls = itertools.count()
+
+    def sky_in_chunk_2(views: range) -> Prediction:
+        prediction = predict_chunk(views)
+        if next(calls) != 2:
+            return prediction
+        sky = [dataclasses.replace(v, sky=np.ones(v.depth.shape, bool)) for v in prediction.views]
+        return dataclasses.replace(prediction, views=tuple(sky))
+
+    found = reconstruct_in_chunks(
+        VIEWS, SIZE, OVERLAP, sky_in_chunk_2, align=False, depth_unit_fixed=lambda _: True
+    )
+    assert any(
+        "chunk(s) 2, 3 not compared with the chunk before (too few usable" in n for n in found.notes
+    ), found.notes
+    assert {v.chunk for v in found.views if v.alignment_residual is None} == {0, 2, 3}
 
 
 def test_unalignable_chunks_name_their_shared_views() -> None:

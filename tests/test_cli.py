@@ -862,3 +862,13 @@ def test_running_out_of_memory_exits_3_with_advice(
         assert not out.exists() or not any(out.iterdir())
     with pytest.raises(RuntimeError, match="a bug, not memory"):
         main(predict_args(small_checkpoint, tmp_path / "out2", images))
+
+
+@pytest.mark.parametrize("command", ["predict", "batch"])
+def test_a_device_torch_does_not_know_is_refused_naming_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """``--device gpu`` ended in a RuntimeError traceback (exit 1)."""
+    args = [command, str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--device", "gpu"]
+    assert main(args) == 2
+    assert "--device gpu: not a torch device" in capsys.readouterr().err

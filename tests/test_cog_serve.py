@@ -364,6 +364,41 @@ def test_portrait_phone_video_frames_come_out_upright(tmp_path: Path) -> None:
         assert picture[: quarter - 2].mean() > 180 and picture[quarter + 2 :].mean() < 70
 
 
+def test_mirrored_video_frames_come_out_mirrored_not_turned(tmp_path: Path) -> None:
+    """A display matrix that mirrors (x' = -x) was read as its rotation angle alone (-180
+    degrees): frames came out upside down. Mirrored as players show them; the quarter
+    turns as before."""
+    from da3cog.io.video import sample_frames
+    from da3cog.serve.video import encode_mp4
+
+    frame = np.full((32, 48, 3), 30, dtype=np.uint8)
+    frame[:8] = 250  # the coded top rows
+    frame[:, :12, 2] = 250  # the coded left quarter, blue
+    one, w = 0x10000, 0x40000000
+    cases = {
+        "mirrored": ((-one, 0, 0, 0, one, 0, 0, 0, w), (48, 32), "top", "right"),
+        "turned": ((-one, 0, 0, 0, -one, 0, 0, 0, w), (48, 32), "bottom", "right"),
+        "quarter": ((0, one, 0, -one, 0, 0, 0, 0, w), (32, 48), "right", "top"),
+    }
+    for name, (matrix, shown, bright_side, blue_side) in cases.items():
+        clip = tmp_path / f"{name}.mp4"
+        encode_mp4(iter([frame] * 2), clip, fps=2)
+        _with_display_matrix(clip, matrix)
+        (sampled,) = sample_frames(clip, name, stride=2, max_frames=1)
+        assert sampled.size == shown, name
+        picture = sampled.picture.astype(float)
+        edges = {
+            "top": picture[:3],
+            "bottom": picture[-3:],
+            "left": picture[:, :3],
+            "right": picture[:, -3:],
+        }
+        assert edges[bright_side][..., 1].mean() > 200, name
+        assert edges[blue_side][..., 2].mean() > 200, name
+        opposite = {"top": "bottom", "bottom": "top", "left": "right", "right": "left"}
+        assert edges[opposite[blue_side]][..., 2].mean() < 200, name
+
+
 # --------------------------------------------------------------------------------------------
 # Gaussians
 # --------------------------------------------------------------------------------------------

@@ -23,10 +23,10 @@ from da3cog.geometry import (
     cameras_from_rays,
     check_extrinsics,
     check_intrinsics,
+    conditioning_is_floored,
     depth_to_camera_points,
     depth_to_world_points,
     field_of_view_intrinsics,
-    floored_conditioning_distance,
     invert_rigid,
     invert_rigid_np,
     matrix_to_quaternion,
@@ -623,16 +623,16 @@ def test_normalize_pose_conditioning_is_invariant_to_the_world_frame_and_unit() 
     np.testing.assert_allclose(first.numpy(), second.numpy(), atol=1e-10)
 
 
-def test_floored_conditioning_distance_flags_rigs_the_floor_rescales() -> None:
+def test_conditioning_is_floored_for_two_views_and_rigs_under_the_floor() -> None:
     rng = np.random.default_rng(55)
     rig = random_trajectory(rng, 3)
-    assert floored_conditioning_distance(rig) is None
-    assert floored_conditioning_distance(rig[:1]) is None  # no translation to divide
-    two = floored_conditioning_distance(rig[:2])
-    assert two is not None and two < 1e-12  # the lower median of (0, d) is view 0's 0
-    in_kilometres = similarity_transformed(rig, np.eye(3), 1e-3, np.zeros(3))
     median = np.sort(np.linalg.norm(centres_of(rig) - centres_of(rig)[0], axis=1))[1]
-    assert floored_conditioning_distance(in_kilometres) == pytest.approx(median * 1e-3)
+    assert not conditioning_is_floored(rig)
+    assert not conditioning_is_floored(rig[:1])  # no translation to divide
+    assert conditioning_is_floored(rig[:2])  # the lower median of (0, d) is view 0's 0
+    for unit, floored in ((0.099 / median, True), (0.101 / median, False)):
+        scaled = similarity_transformed(rig, np.eye(3), unit, np.zeros(3))
+        assert conditioning_is_floored(scaled) == floored, unit
 
 
 def test_pose_conditioning_is_upstreams_float32_arithmetic_near_the_origin() -> None:

@@ -1097,3 +1097,26 @@ def test_names_made_from_long_user_names_fit_a_file_system(tmp_path: Path) -> No
     video = _encode(tmp_path / ("v" * 240 + ".mp4"), "libx264", _levels(4), 10)
     (frame,) = expand_inputs([video], tmp_path / "frames", FrameSampling(stride=10))
     assert frame.name == "v" * 100 + "_frame_0000.png" and frame.is_file()
+
+
+def test_a_video_whose_name_is_not_utf8_samples(tmp_path: Path) -> None:
+    """A Latin-1 file name reaches Python with surrogate escapes: clipping it by its UTF-8
+    bytes raised "surrogates not allowed" (exit 2 for a video that sampled before)."""
+    from da3cog.io.inputs import FrameSampling, clipped_name, expand_inputs
+
+    assert clipped_name("caf\udce9") == "caf\udce9"
+    video = _encode(tmp_path / "caf\udce9.mp4", "libx264", _levels(4), 10)
+    (frame,) = expand_inputs([video], tmp_path / "frames", FrameSampling(stride=10))
+    assert frame.name == "caf\udce9_frame_0000.png" and frame.is_file()
+
+
+def test_inputs_the_file_system_will_not_read_are_refused_as_inputs(tmp_path: Path) -> None:
+    """A name too long for the file system (a real OSError, not FileNotFoundError) is the
+    input's fault: a ValueError naming it (the CLI's exit 2), not an OSError (exit 3)."""
+    from da3cog.io.inputs import check_images, expand_inputs
+
+    too_long = tmp_path / ("x" * 300 + ".png")
+    with pytest.raises(ValueError, match=r"x{300}\.png: cannot be read \(File name too long\)"):
+        check_images([too_long])
+    with pytest.raises(ValueError, match=r"cannot be read \(File name too long\)"):
+        expand_inputs([too_long], tmp_path / "frames")

@@ -277,9 +277,13 @@ def _shared_depths(
     return np.concatenate(befores), np.concatenate(afters), weight
 
 
+class TooFewPixels(ValueError):
+    """The shared views have too few usable pixels to fit or compare chunks on."""
+
+
 def _check_enough_pixels(count: int) -> None:
     if count < MIN_ALIGNMENT_PIXELS:
-        raise ValueError(
+        raise TooFewPixels(
             f"they have {count} usable pixel(s), fewer than the {MIN_ALIGNMENT_PIXELS} an "
             "alignment needs (the rest sky, without depth or confidence, or where a camera or "
             "depth is not finite)"
@@ -661,6 +665,7 @@ def reconstruct_in_chunks(
     residuals: list[float] = []
     # Chunks both in the given poses' unit: their depths' factor and difference on shared views.
     agreements: list[tuple[float, float]] = []
+    uncompared: list[int] = []  # ... and those with too few usable pixels to compare
     metric: list[bool] = []
     gaussians: list[Gaussians] = []
     # A spilled run's Gaussians go to files instead, once.
@@ -709,8 +714,12 @@ def reconstruct_in_chunks(
                 # Both in the poses' unit: nothing to fit, but their agreement is worth a word.
                 try:
                     factor, residual = depth_agreement(placed, again)
-                except ValueError:
-                    residual = None  # too few usable pixels to compare: said by the None
+                except TooFewPixels:
+                    uncompared.append(index)
+                    report(
+                        f"chunk {index + 1}: in the given poses' unit; too few usable pixels "
+                        "on the views shared with the chunk before to compare their depths"
+                    )
                 else:
                     agreements.append((factor, residual))
                     report(
@@ -785,6 +794,13 @@ def reconstruct_in_chunks(
             f"their shared views their depth is {min(ratios):.3g}-{max(ratios):.3g}x the "
             f"previous chunk's, differing by {min(differences):.2%}-{max(differences):.2%} of "
             "depth (each view's alignment_residual)"
+        )
+    if uncompared:
+        shown = ", ".join(str(index) for index in uncompared[:10])
+        more = f" and {len(uncompared) - 10} more" if len(uncompared) > 10 else ""
+        how += (
+            f"; chunk(s) {shown}{more} not compared with the chunk before (too few usable "
+            "pixels on their shared views: sky, no confidence; alignment_residual None)"
         )
     if spill_to is not None:
         how += "; every view's outputs kept in memory-mapped temporary files"

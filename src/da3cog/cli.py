@@ -42,9 +42,9 @@ def _parser() -> argparse.ArgumentParser:
         nargs="*",
         type=Path,
         help=(
-            "image files (JPEG, PNG, WebP, HEIC, TIFF, BMP), one per view; folders (their "
-            "images, in name order); videos (MP4, MOV, WebM, MKV, AVI, GIF: frames sampled "
-            "by --fps or --stride)"
+            "image files (JPEG, PNG, WebP, HEIC/HEIF, TIFF, BMP), one per view; folders (their "
+            "images, in name order); videos (MP4, MOV, WebM, MKV, AVI, MPEG-PS, GIF: frames "
+            "sampled by --fps or --stride)"
         ),
     )
     _add_sampling(predict)
@@ -494,6 +494,18 @@ def _predict_views(
     return manifest.paths
 
 
+def _check_device(device: str | None) -> None:
+    """``--device`` names a torch device (ValueError before anything runs)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"--device {device}: not a torch device ({error})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="[da3cog] %(levelname)s %(message)s")
     args = _parser().parse_args(argv)
@@ -501,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     from da3cog.weights import CheckpointError
 
     try:
+        _check_device(args.device)
         if args.command == "batch":
             return run_batch_command(args)
         written = predict(args)

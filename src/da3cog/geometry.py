@@ -738,35 +738,37 @@ def _median_distance(anchored: torch.Tensor) -> torch.Tensor:
     return torch.median(invert_rigid(anchored)[..., :3, 3].norm(dim=-1))
 
 
-def floored_conditioning_distance(extrinsics: np.ndarray) -> float | None:
-    """The median camera distance from view 0 of world-to-camera ``(N, 4, 4)`` extrinsics
-    when it is under :data:`CONDITIONING_MIN_DISTANCE`, where the camera encoder's input stops
-    being free of the poses' unit (always for two views: the median is view 0's own 0); None
-    otherwise, and for one view (no translation to scale)."""
+def conditioning_is_floored(extrinsics: np.ndarray) -> bool:
+    """Whether the median camera distance from view 0 of world-to-camera ``(N, 4, 4)``
+    extrinsics is under :data:`CONDITIONING_MIN_DISTANCE`, where the camera encoder's input
+    stops being free of the poses' unit (always for two views: the median is view 0's own
+    0); False for one view (no translation to scale)."""
     if len(extrinsics) < 2:
-        return None
+        return False
     given = torch.from_numpy(np.asarray(extrinsics, dtype=np.float64))
-    median = float(_median_distance(given @ invert_rigid(given[:1])))
-    return median if median < CONDITIONING_MIN_DISTANCE else None
+    return float(_median_distance(given @ invert_rigid(given[:1]))) < CONDITIONING_MIN_DISTANCE
 
 
-# Largest rounding error of float32 anchoring kept for the camera encoder, in units of the
-# rig's median camera distance: the same float32 arithmetic as upstream, bit for bit, until
-# cameras sit ~100x their spacing from the world origin.
+# Largest rounding error of float32 anchoring kept for the camera encoder, in its input's
+# units (translations over the median camera distance from view 0, floored): upstream's
+# float32 arithmetic, bit for bit, while it is that accurate; float64 past it (cameras far
+# from their world origin, as geo coordinates put them).
 CONDITIONING_ROUNDING = 1e-5
 
 
-def pose_conditioning(extrinsics: np.ndarray) -> torch.Tensor:
-    """The camera encoder's ``(1, N, 4, 4)`` float32 input for user world-to-camera
-    ``(N, 4, 4)`` extrinsics: :func:`normalize_pose_conditioning` in float32, as upstream
-    computes it, unless that rounds the relative poses by more than
-    :data:`CONDITIONING_ROUNDING` of the rig's size (poses far from the world origin, such as
-    geo coordinates 5e5 m out: float32 loses centimetres there); then in float64."""
+def pose_conditioning(
+    extrinsics: np.ndarray, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """The camera encoder's ``(1, N, 4, 4)`` float32 input on ``device`` for user
+    world-to-camera ``(N, 4, 4)`` extrinsics: :func:`normalize_pose_conditioning` in float32
+    on that device, as upstream computes it, unless that is off by more than
+    :data:`CONDITIONING_ROUNDING` (poses far from their world origin, such as geo coordinates
+    5e5 m out, where float32 loses centimetres); then in float64 (on the CPU)."""
     given = torch.from_numpy(np.asarray(extrinsics, dtype=np.float64))[None]
     exact = normalize_pose_conditioning(given)
-    upstream = normalize_pose_conditioning(given.float())
-    if float((upstream.double() - exact).abs().max()) > CONDITIONING_ROUNDING:
-        return exact.float()
+    upstream = normalize_pose_conditioning(given.float().to(device))
+    if float((upstream.cpu().double() - exact).abs().max()) > CONDITIONING_ROUNDING:
+        return exact.float().to(device)
     return upstream
 
 

@@ -30,7 +30,7 @@ from da3cog.geometry import (
     check_extrinsics,
     check_intrinsics,
     check_intrinsics_for_images,
-    floored_conditioning_distance,
+    conditioning_is_floored,
     pose_conditioning,
     trajectory_scale,
 )
@@ -708,7 +708,7 @@ class DepthAnything3:
         generator = torch.Generator(device=self.device).manual_seed(options.seed)
         conditioning = None
         if user_extrinsics is not None:
-            conditioning = pose_conditioning(user_extrinsics).to(self.device)
+            conditioning = pose_conditioning(user_extrinsics, self.device)
         report(
             f"running {self.loaded.preset.name} on {batch.num_views} view(s) at "
             f"{batch.processing_size}"
@@ -781,15 +781,14 @@ class DepthAnything3:
                 metric_scale,
                 notes=tuple(notes),
             )
-        floored = floored_conditioning_distance(user_extrinsics)
-        if floored is not None:
+        if conditioning_is_floored(user_extrinsics):
+            # One text for every chunk of a chunked run (notes are kept once each).
             notes.append(
-                f"the cameras' median distance from view 0 is "
-                f"{floored if floored > 1e-9 else 0:.3g} in the unit of the "
-                f"given poses (always 0 for two views), under the floor of "
-                f"{CONDITIONING_MIN_DISTANCE:g} the camera encoder divides them by: what the "
-                "network sees of the rig depends on that unit, not only on its shape "
-                "(upstream's normalisation, kept)"
+                "the cameras' median distance from view 0 is under "
+                f"{CONDITIONING_MIN_DISTANCE:g} in the unit of the given poses (always so for "
+                "two views: the median is view 0's own 0), the floor the camera encoder divides "
+                "them by instead: what the network sees of the rig depends on that unit, not "
+                "only on its shape (upstream's normalisation, kept)"
             )
         unit = 1.0
         kept_unit = "the metric model's metres" if is_metric else "the network's relative unit"

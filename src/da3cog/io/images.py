@@ -109,12 +109,18 @@ def open_image_file(
     """
     path = Path(path)
     what = label or str(path)
-    if not path.exists():
-        raise FileNotFoundError(f"image file not found: {what}")
-    if not path.is_file():
-        raise ImageDecodeError(f"cannot read image {what}: not a regular file")
-    with path.open("rb") as stream:
-        head = stream.read(HEADER_BYTES)
+    try:
+        if not path.exists():
+            raise FileNotFoundError(f"image file not found: {what}")
+        if not path.is_file():
+            raise ImageDecodeError(f"cannot read image {what}: not a regular file")
+        with path.open("rb") as stream:
+            head = stream.read(HEADER_BYTES)
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        # Permissions, a name too long: the input's fault, not the machine's.
+        raise ImageDecodeError(f"cannot read image {what}: {error.strerror or error}") from error
     if not head:
         raise ImageDecodeError(f"image {what} is empty (0 bytes)")
     image_format = sniff_image_format(head)

@@ -53,8 +53,17 @@ DEFAULT_SAMPLING = FrameSampling()
 
 
 def _head(path: Path) -> bytes:
-    with path.open("rb") as stream:
-        return stream.read(HEADER_BYTES)
+    try:
+        with path.open("rb") as stream:
+            return stream.read(HEADER_BYTES)
+    except OSError as error:
+        raise unreadable(path, error) from error
+
+
+def unreadable(path: Path | str, error: OSError) -> ValueError:
+    """The refusal of an input the file system will not let us read (permissions, a name
+    too long): the request's fault, not the machine's."""
+    return ValueError(f"{path}: cannot be read ({error.strerror or error})")
 
 
 def expand_inputs(
@@ -71,15 +80,21 @@ def expand_inputs(
 
     views: list[Path] = []
     for number, path in enumerate(paths):
-        if path.is_dir():
+        try:
+            folder = path.is_dir()
             members = sorted(
-                (p for p in path.iterdir() if p.is_file()), key=lambda p: natural_order(p.name)
+                (p for p in path.iterdir() if p.is_file()) if folder else (),
+                key=lambda p: natural_order(p.name),
             )
+            is_file = path.is_file()
+        except OSError as error:
+            raise unreadable(path, error) from error
+        if folder:
             images = [p for p in members if sniff_image_format(_head(p)) is not None]
             if not images:
                 raise ValueError(f"{path}: a folder with no image files")
             views.extend(images)
-        elif path.is_file() and sniff_video_format(_head(path)) is not None:
+        elif is_file and sniff_video_format(_head(path)) is not None:
             rate = (
                 {"stride": sampling.stride}
                 if sampling.stride is not None
@@ -114,8 +129,14 @@ MAX_NAME_BYTES = 100
 
 
 def clipped_name(name: str, max_bytes: int = MAX_NAME_BYTES) -> str:
-    """``name`` cut to at most ``max_bytes`` of UTF-8, whole characters only."""
-    return name.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
+    """``name`` cut to at most ``max_bytes`` of UTF-8, whole characters only (a file name
+    that is not UTF-8 keeps its undecodable bytes, as Python hands them over)."""
+    size = 0
+    for index, character in enumerate(name):
+        size += len(character.encode("utf-8", errors="surrogatepass"))
+        if size > max_bytes:
+            return name[:index]
+    return name
 
 
 def natural_order(name: str) -> tuple:
@@ -139,8 +160,12 @@ def check_images(paths: Sequence[Path]) -> None:
     """Every path is an existing image file in an accepted format with a readable header
     (checked before any model is loaded). ValueError naming the file."""
     for path in paths:
-        if not path.exists():
+        try:
+            exists, is_file = path.exists(), path.is_file()
+        except OSError as error:
+            raise unreadable(path, error) from error
+        if not exists:
             raise ValueError(f"{path}: no such file")
-        if not path.is_file():
+        if not is_file:
             raise ValueError(f"{path}: not a file")
         read_image_header(path, str(path))

@@ -58,7 +58,8 @@ LOCAL_VIDEO_BOUNDS = VideoBounds(decode_seconds=math.inf, max_decoded_frames=1 <
 
 @dataclass(frozen=True)
 class SampledFrame:
-    """One kept frame, upright as players show it (its stream's display rotation applied):
+    """One kept frame, upright as players show it (its stream's display matrix applied:
+    quarter turns, mirroring):
     ``picture`` ``(h, w, 3)`` uint8 RGB at the size the caller's ``fit`` chose (for the
     frame with square pixels, before it is turned), ``size`` the frame's own
     ``(width, height)`` as shown (square pixels, turned),
@@ -98,7 +99,8 @@ def sample_frames(
     advice: str = "sample fewer frames or trim the video",
 ) -> Iterator[SampledFrame]:
     """Decode ``path`` and yield its sampled frames: one per ``1 / fps`` seconds of video
-    time (the first frame, then the first frame at or after each later sampling time), or
+    time (the first frame, then the first frame at or after each later sampling time, to
+    within the rounding of the container's clock), or
     every ``stride``-th decoded frame, at most ``max_frames``. ``fit(width, height)`` gives
     the size to convert each frame to (default: its own). Raises :class:`VideoDecodeError`
     naming the video by ``label``; ``advice`` ends the message of a bound that was hit."""
@@ -110,8 +112,11 @@ def sample_frames(
         raise ValueError(f"fps must be positive, got {fps}")
     if stride is not None and stride < 1:
         raise ValueError(f"stride must be at least 1, got {stride}")
-    with Path(path).open("rb") as stream:
-        demuxer = sniff_video_format(stream.read(64))
+    try:
+        with Path(path).open("rb") as stream:
+            demuxer = sniff_video_format(stream.read(64))
+    except OSError as error:
+        raise VideoDecodeError(f"{label}: cannot be read ({error.strerror or error})") from error
     if demuxer is None:
         raise VideoDecodeError(f"{label}: not a video in an accepted container")
     deadline = time.monotonic() + bounds.decode_seconds
@@ -137,9 +142,12 @@ def sample_frames(
             # Anamorphic video (DV and DVD store 16:9 so) is shown with wider or narrower
             # pixels than it is coded with.
             pixel_aspect = float(video.codec_context.sample_aspect_ratio or 1)
-            # Container clocks round frame times (Matroska to whole milliseconds): a frame
-            # within half a frame interval of a sampling time is on it.
-            tolerance = 0.5 / max(rate, fps or 0.0)
+            # Matroska (WebM, MKV) rounds frame times to whole milliseconds: a 30 fps frame
+            # at 33.3 ms is stored at 33 ms. A frame less than half a tick of such a clock
+            # before a sampling time is on it; coarser clocks (AVI's, a frame a tick) are
+            # exact and keep the strict rule.
+            tick = float(video.time_base) if video.time_base else 0.0
+            tolerance = max(1e-6, min(0.499 * tick, 1e-3))
             start: float | None = None
             next_time = 0.0
             position = read = -1
@@ -222,19 +230,41 @@ def _sampled(
     picture = frame.to_ndarray(format="rgb24", width=width, height=height)
     # Upright as players show it (phones record portrait video as landscape frames with a
     # display rotation), as images are with their EXIF orientation.
-    turns = _display_quarter_turns(frame)
-    if turns:
-        picture = np.ascontiguousarray(np.rot90(picture, turns))
-        size = size[::-1] if turns % 2 else size
+    picture, turned = _as_displayed(picture, _display_matrix(frame))
+    size = size[::-1] if turned else size
     return SampledFrame(picture, size, elapsed, position)
 
 
-def _display_quarter_turns(frame: object) -> int:
-    """Counterclockwise quarter turns (0-3) that show a decoded frame as players do: its
-    stream's display matrix (PyAV's ``rotation``, counterclockwise degrees), to the nearest
-    quarter turn."""
-    rotation = getattr(frame, "rotation", 0) or 0
-    return round(rotation / 90) % 4
+def _display_matrix(frame: object) -> np.ndarray | None:
+    """The frame's display matrix (FFmpeg's 3x3, 16.16 fixed point: a displayed point is
+    ``(a x + c y, b x + d y)`` of the coded ``(x, y)``), or None."""
+    import av
+
+    for data in getattr(frame, "side_data", ()):
+        if data.type == av.sidedata.sidedata.Type.DISPLAYMATRIX:
+            return np.frombuffer(bytes(data), dtype=np.int32).reshape(3, 3)
+    return None
+
+
+def _as_displayed(picture: np.ndarray, matrix: np.ndarray | None) -> tuple[np.ndarray, bool]:
+    """``picture`` ``(h, w, 3)`` as players show it under its display ``matrix``: turned by
+    quarter turns (to the nearest one) and mirrored where the matrix mirrors (front cameras);
+    and whether width and height swapped."""
+    if matrix is None:
+        return picture, False
+    a, b, c, d = (float(v) for v in (matrix[0, 0], matrix[0, 1], matrix[1, 0], matrix[1, 1]))
+    swapped = abs(b) + abs(c) > abs(a) + abs(d)
+    if swapped:
+        # x' = c y, y' = b x: the displayed picture is the coded one transposed.
+        picture = picture.transpose(1, 0, 2)
+        mirror_x, mirror_y = c < 0, b < 0
+    else:
+        mirror_x, mirror_y = a < 0, d < 0
+    if mirror_x:
+        picture = picture[:, ::-1]
+    if mirror_y:
+        picture = picture[::-1]
+    return np.ascontiguousarray(picture), swapped
 
 
 def _check_frame_size(width: int, height: int, label: str, bounds: VideoBounds) -> None:
