@@ -261,7 +261,7 @@ def test_alignment_holds_against_bad_depth_and_a_wrong_alignment_fails_the_check
     assert centre_error < 5e-3, centre_error
 
     truth, predict_chunk, gauges = _scene()
-    unaligned = reconstruct_in_chunks(VIEWS, SIZE, OVERLAP, predict_chunk, align=False)
+    unaligned = _in_one_frame(predict_chunk)
     _, centre_error = _errors(unaligned, _world_of_first_chunk(truth, gauges[0]))
     assert centre_error > 0.1
 
@@ -290,6 +290,24 @@ def _chunks_in_one_frame(
     return truth, predict_chunk
 
 
+def _in_one_frame(
+    predict_chunk: Callable[[range], Prediction],
+    depth_unit_fixed: Callable[[Prediction], bool] | None = None,
+    **options: object,
+) -> Prediction:
+    """:func:`reconstruct_in_chunks` of the test scene's chunks, which share the user's frame
+    (not aligned)."""
+    return reconstruct_in_chunks(
+        VIEWS,
+        SIZE,
+        OVERLAP,
+        predict_chunk,
+        align=False,
+        depth_unit_fixed=depth_unit_fixed,
+        **options,
+    )
+
+
 def _worst_depth_error(found: Prediction, truth: list, unit: float) -> float:
     return max(
         float(np.max(np.abs(f.depth / (unit * np.asarray(t.depth)) - 1)))
@@ -305,30 +323,21 @@ def test_chunks_in_the_users_frame_are_brought_to_one_depth_unit() -> None:
     onto it; with 10% of the depth wrong the median error stays under 0.5%."""
     units = [float(u) for u in np.exp(np.random.default_rng(5).normal(0, 0.5, 10))]
     truth, predict_chunk = _chunks_in_one_frame(units.__getitem__)
-    found = reconstruct_in_chunks(
-        VIEWS, SIZE, OVERLAP, predict_chunk, align=False, depth_unit_fixed=lambda _: False
-    )
+    found = _in_one_frame(predict_chunk, lambda _: False)
     assert _worst_depth_error(found, truth, units[0]) < 1e-5
     for f, t in zip(found.views, truth, strict=True):
         np.testing.assert_array_equal(f.extrinsics, t.extrinsics)
     assert all((v.alignment_residual is None) == (v.chunk == 0) for v in found.views)
     assert any("brought to the first chunk's relative unit" in n for n in found.notes)
     truth, predict_chunk = _chunks_in_one_frame(units.__getitem__)
-    left = reconstruct_in_chunks(VIEWS, SIZE, OVERLAP, predict_chunk, align=False)
+    left = _in_one_frame(predict_chunk)
     assert _worst_depth_error(left, truth, units[0]) > 0.1
 
     # Chunks 0, 1, 3 and 5 in the poses' unit (1); 2 and 4 not (their poses sit in one place).
     fixed = {0, 1, 3, 5}
     truth, predict_chunk = _chunks_in_one_frame(lambda k: 1.0 if k in fixed else units[k])
     depth_fixed = iter(k in fixed for k in range(10))
-    found = reconstruct_in_chunks(
-        VIEWS,
-        SIZE,
-        OVERLAP,
-        predict_chunk,
-        align=False,
-        depth_unit_fixed=lambda _: next(depth_fixed),
-    )
+    found = _in_one_frame(predict_chunk, lambda _: next(depth_fixed))
     assert _worst_depth_error(found, truth, 1.0) < 1e-5
     # Every later chunk has a residual: the rescaled ones their fit's, the others how their
     # depth agrees with the chunk before (exactly here).
@@ -339,9 +348,7 @@ def test_chunks_in_the_users_frame_are_brought_to_one_depth_unit() -> None:
     assert any("3 chunk(s) in the given poses' unit, as the one before" in n for n in found.notes)
 
     truth, predict_chunk = _chunks_in_one_frame(units.__getitem__, corrupt=0.10)
-    found = reconstruct_in_chunks(
-        VIEWS, SIZE, OVERLAP, predict_chunk, align=False, depth_unit_fixed=lambda _: False
-    )
+    found = _in_one_frame(predict_chunk, lambda _: False)
     ratios = np.concatenate(
         [
             np.ravel(f.depth / (units[0] * np.asarray(t.depth)))
@@ -357,15 +364,7 @@ def test_chunks_in_the_poses_unit_say_how_their_depths_agree() -> None:
     alignment_residual say by how much."""
     truth, predict_chunk = _chunks_in_one_frame(lambda k: 1.5 if k == 2 else 1.0)
     reports: list[str] = []
-    found = reconstruct_in_chunks(
-        VIEWS,
-        SIZE,
-        OVERLAP,
-        predict_chunk,
-        align=False,
-        depth_unit_fixed=lambda _: True,
-        progress=reports.append,
-    )
+    found = _in_one_frame(predict_chunk, lambda _: True, progress=reports.append)
     # Which way round: chunk 3 (index 2) is the deeper one.
     assert any(
         r.startswith("chunk 3: in the given poses' unit") and "its depth is 1.5x" in r
@@ -400,9 +399,7 @@ def test_chunks_in_the_poses_unit_too_sparse_to_compare_are_named() -> None:
         sky = [dataclasses.replace(v, sky=np.ones(v.depth.shape, bool)) for v in prediction.views]
         return dataclasses.replace(prediction, views=tuple(sky))
 
-    found = reconstruct_in_chunks(
-        VIEWS, SIZE, OVERLAP, sky_in_chunk_2, align=False, depth_unit_fixed=lambda _: True
-    )
+    found = _in_one_frame(sky_in_chunk_2, lambda _: True)
     assert any(
         "chunk(s) 2, 3 not compared with the chunk before (too few usable" in n for n in found.notes
     ), found.notes

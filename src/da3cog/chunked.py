@@ -61,6 +61,7 @@ from da3cog.geometry import (
     similarity_world_to_camera,
     weighted_median,
 )
+from da3cog.io.inputs import first_few
 from da3cog.loops import (
     Constraint,
     appearance_descriptor,
@@ -244,10 +245,7 @@ def fit_depth_scale(
     views (same pixels; for chunks in one frame whose depth units differ): the
     confidence-weighted median of the depth ratios (robust to bad depth); and its residual,
     the weighted median of the differences left, relative to the median depth."""
-    before, after, weight = _shared_depths(earlier, later)
-    factor = weighted_median(before / after, weight)
-    residual = weighted_median(np.abs(factor * after - before), weight)
-    return factor, residual / float(np.median(before))
+    return _depth_factor(earlier, later, rescaled=True)
 
 
 def depth_agreement(
@@ -257,16 +255,15 @@ def depth_agreement(
     agree on the views they share, left as they are: the factor :func:`fit_depth_scale`
     would fit (1 where they agree) and the residual without it, relative to the median
     depth."""
-    before, after, weight = _shared_depths(earlier, later)
-    factor = weighted_median(before / after, weight)
-    residual = weighted_median(np.abs(after - before), weight)
-    return factor, residual / float(np.median(before))
+    return _depth_factor(earlier, later, rescaled=False)
 
 
-def _shared_depths(
-    earlier: Sequence[ViewPrediction], later: Sequence[ViewPrediction]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The usable pixels' depths in both chunks and their weights, flat."""
+def _depth_factor(
+    earlier: Sequence[ViewPrediction], later: Sequence[ViewPrediction], rescaled: bool
+) -> tuple[float, float]:
+    """The weighted median of the depth ratios earlier / later on the usable shared pixels,
+    and the weighted median difference left (after that factor where ``rescaled``), relative
+    to the median depth."""
     befores, afters, weights = [], [], []
     for before, after, usable, weight in _usable_pairs(earlier, later):
         befores.append(np.asarray(before.depth, dtype=np.float64)[usable])
@@ -274,7 +271,10 @@ def _shared_depths(
         weights.append(weight[usable])
     weight = np.concatenate(weights)
     _check_enough_pixels(len(weight))
-    return np.concatenate(befores), np.concatenate(afters), weight
+    before, after = np.concatenate(befores), np.concatenate(afters)
+    factor = weighted_median(before / after, weight)
+    residual = weighted_median(np.abs((factor if rescaled else 1.0) * after - before), weight)
+    return factor, residual / float(np.median(before))
 
 
 class TooFewPixels(ValueError):
@@ -796,11 +796,10 @@ def reconstruct_in_chunks(
             "depth (each view's alignment_residual)"
         )
     if uncompared:
-        shown = ", ".join(str(index) for index in uncompared[:10])
-        more = f" and {len(uncompared) - 10} more" if len(uncompared) > 10 else ""
         how += (
-            f"; chunk(s) {shown}{more} not compared with the chunk before (too few usable "
-            "pixels on their shared views: sky, no confidence; alignment_residual None)"
+            f"; chunk(s) {first_few([str(index) for index in uncompared], 10)} not compared "
+            "with the chunk before (too few usable pixels on their shared views: sky, no "
+            "confidence; alignment_residual None)"
         )
     if spill_to is not None:
         how += "; every view's outputs kept in memory-mapped temporary files"

@@ -24,6 +24,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from da3cog.io.inputs import first_few
 from da3cog.processes import process_alive
 
 RESULT_NAME = "result.json"
@@ -156,10 +157,9 @@ class OutputRoot:
 
     def _not_ours(self, scenes: Sequence[str]) -> ValueError:
         """The refusal to replace the folders of ``scenes``, which a batch did not write."""
-        shown = ", ".join(self.scene_location(scene) for scene in scenes[:5])
-        more = f" and {len(scenes) - 5} more" if len(scenes) > 5 else ""
+        shown = first_few([self.scene_location(scene) for scene in scenes], 5)
         return ValueError(
-            f"{shown}{more}: already there and not written by a da3cog batch; a batch does "
+            f"{shown}: already there and not written by a da3cog batch; a batch does "
             "not replace folders it did not write: move them, or choose another --out"
         )
 

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from da3cog.geometry import check_extrinsics, check_intrinsics, check_intrinsics_for_images
+from da3cog.io.inputs import first_few
 
 # Generous for any number of views (a view's two matrices take well under 1 KiB as JSON).
 MAX_CAMERA_FILE_BYTES = 8 * 1024**2
@@ -184,10 +185,9 @@ def _every_or_none(views: list[dict], key: str, label: str) -> list[Any] | None:
     if len(missing) == len(values):
         return None
     if missing:
-        shown = ", ".join(str(index) for index in missing[:10])
-        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        shown = first_few([str(index) for index in missing], 10)
         raise CameraFileError(
-            f"{label}: views {shown}{more} have no {key!r} and the others have one: give it "
+            f"{label}: views {shown} have no {key!r} and the others have one: give it "
             "for every view or for none"
         )
     return values

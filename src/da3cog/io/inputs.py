@@ -139,6 +139,12 @@ def clipped_name(name: str, max_bytes: int = MAX_NAME_BYTES) -> str:
     return name
 
 
+def first_few(items: Sequence[str], limit: int) -> str:
+    """``a, b, c and 7 more``: the first ``limit`` of ``items`` for a message."""
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
 def natural_order(name: str) -> tuple:
     """Sort key of a file name with its runs of digits compared as numbers: ``2.png`` before
     ``10.png`` (the frames ffmpeg writes as ``%d.png``), ties broken by the name itself."""

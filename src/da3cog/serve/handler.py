@@ -467,9 +467,8 @@ def fit_cameras(cameras: UserCameras, views: list[View], label: str) -> UserCame
     images, then moved to the views as read (smaller when a view was downscaled)."""
     if cameras.intrinsics is None:
         return cameras
-    sent = [view.input_size[::-1] if view.transposed else view.input_size for view in views]
     try:
-        cameras.check_images(sent, label)
+        cameras.check_images([view.sent_display_size for view in views], label)
     except CameraFileError as error:
         raise RequestError(str(error)) from error
     intrinsics = cameras.intrinsics.copy()

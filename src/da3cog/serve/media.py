@@ -39,7 +39,7 @@ from da3cog.io.images import (
     read_image_header,
     sniff_image_format,
 )
-from da3cog.io.inputs import clipped_name, natural_order
+from da3cog.io.inputs import clipped_name, first_few, natural_order
 from da3cog.serve.limits import Limits
 from da3cog.serve.request import RequestError
 
@@ -88,7 +88,15 @@ class View:
     @property
     def display_size(self) -> tuple[int, int]:
         """``(width, height)`` of the view as the pipeline sees it (EXIF orientation applied)."""
-        return (self.size[1], self.size[0]) if self.transposed else self.size
+        return self._upright(self.size)
+
+    @property
+    def sent_display_size(self) -> tuple[int, int]:
+        """``(width, height)`` of the image as the user sent it, EXIF orientation applied."""
+        return self._upright(self.input_size)
+
+    def _upright(self, size: tuple[int, int]) -> tuple[int, int]:
+        return (size[1], size[0]) if self.transposed else size
 
     @property
     def display_scale(self) -> tuple[float, float]:
@@ -324,10 +332,9 @@ def extract_zip(
     with archive:
         members, others = _zip_members(archive, label, limits)
         if others:
-            shown = ", ".join(f'"{name}"' for name in others[:5])
-            more = f" and {len(others) - 5} more" if len(others) > 5 else ""
+            shown = first_few([f'"{name}"' for name in others], 5)
             progress(
-                f"{label}: {len(others)} file(s) not named as images left out ({shown}{more}); "
+                f"{label}: {len(others)} file(s) not named as images left out ({shown}); "
                 f"images are taken by the names {', '.join(sorted(IMAGE_SUFFIXES))}"
             )
         if first_index + len(members) > limits.max_views:
