@@ -864,6 +864,37 @@ def test_running_out_of_memory_exits_3_with_advice(
         main(predict_args(small_checkpoint, tmp_path / "out2", images))
 
 
+def test_an_output_folder_removed_while_written_exits_3(
+    small_checkpoint: Path,
+    images: list[Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The output's parent folder deleted during the export (the machine's doing) exited 2,
+    the status of a request's own error, such as an input that does not exist."""
+    import shutil
+
+    from da3cog.export import manifest
+
+    write_formats = manifest._write_formats
+
+    def write_then_remove_parent(prediction: object, staging: Path, *args: object) -> object:
+        entries = write_formats(prediction, staging, *args)
+        shutil.rmtree(staging.parent)
+        return entries
+
+    monkeypatch.setattr(manifest, "_write_formats", write_then_remove_parent)
+    out = tmp_path / "parent" / "out"
+    assert main(predict_args(small_checkpoint, out, images)) == 3
+    message = capsys.readouterr().err
+    assert f"da3cog: error: {out}: could not be written" in message
+    assert not out.exists()
+    monkeypatch.undo()
+    missing = tmp_path / "missing.png"
+    assert main(predict_args(small_checkpoint, tmp_path / "out2", [missing])) == 2
+
+
 @pytest.mark.parametrize("command", ["predict", "batch"])
 def test_a_device_torch_does_not_know_is_refused_naming_the_flag(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str

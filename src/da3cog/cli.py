@@ -488,7 +488,12 @@ def _predict_views(
     export_options = _seeded(exports, args.seed)
     if args.video_frames is not None:
         export_options["video_frames"] = args.video_frames
-    manifest = export_all(prediction, args.out, exports, **export_options)
+    try:
+        manifest = export_all(prediction, args.out, exports, **export_options)
+    except FileNotFoundError as error:
+        # The output's folder went away while it was written: the machine's doing (exit 3),
+        # not the request's, whose missing inputs are refused before this.
+        raise OSError(f"{args.out}: could not be written ({error})") from error
     for note in prediction.notes:
         print(f"[da3cog] note: {note}", file=sys.stderr)
     return manifest.paths

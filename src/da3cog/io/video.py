@@ -119,95 +119,139 @@ def sample_frames(
         raise VideoDecodeError(f"{label}: cannot be read ({error.strerror or error})") from error
     if demuxer is None:
         raise VideoDecodeError(f"{label}: not a video in an accepted container")
-    deadline = time.monotonic() + bounds.decode_seconds
-    kept = skipped = 0
+    tally = _Tally()
     try:
         with av.open(str(path), format=demuxer, options=dict(_OPEN_OPTIONS)) as container:
-            if not container.streams.video:
-                raise VideoDecodeError(f"{label}: the file has no video stream")
-            video = container.streams.video[0]
-            # The codec's name, not its decoder's (AV1 decodes with libdav1d).
-            codec = video.codec_context.codec.canonical_name
-            if codec not in VIDEO_CODECS:
-                raise VideoDecodeError(
-                    f"{label}: video codec {codec} is not accepted "
-                    f"({', '.join(sorted(VIDEO_CODECS))})"
-                )
-            _check_frame_size(video.codec_context.width, video.codec_context.height, label, bounds)
-            # Frames larger than the header said are refused by the decoder before their
-            # pixels are allocated.
-            video.codec_context.options = {"max_pixels": str(bounds.max_frame_pixels)}
-            video.thread_type = "AUTO"
+            video = _video_stream(container, label, bounds)
             rate = float(video.average_rate) if video.average_rate else 25.0
             # Anamorphic video (DV and DVD store 16:9 so) is shown with wider or narrower
             # pixels than it is coded with.
             pixel_aspect = float(video.codec_context.sample_aspect_ratio or 1)
-            # Matroska (WebM, MKV) rounds frame times to whole milliseconds: a 30 fps frame
-            # at 33.3 ms is stored at 33 ms. A frame less than half a tick of such a clock
-            # before a sampling time is on it; coarser clocks (AVI's, a frame a tick) are
-            # exact and keep the strict rule.
-            tick = float(video.time_base) if video.time_base else 0.0
-            tolerance = max(1e-6, min(0.499 * tick, 1e-3))
+            grid = _SamplingGrid(fps, stride, _clock_tolerance(video))
             start: float | None = None
-            next_time = 0.0
-            position = read = -1
-            # Packet by packet, every stream's, so that the bounds hold for packets that show
-            # no frame (hidden VP8 frames, data the decoder drops, other streams) as well as
-            # for frames.
-            for packet in container.demux():
-                if time.monotonic() > deadline:
-                    raise VideoDecodeError(
-                        f"{label}: decoding took longer than {bounds.decode_seconds:.0f} s "
-                        f"({kept} frame(s) sampled); {advice}"
-                    )
-                if packet.stream is not video:
+            frames = _decoded_frames(container, video, label, bounds, advice, tally)
+            for position, frame in enumerate(frames):
+                # Presentation time in seconds; frame counting when the container has none.
+                seconds = float(frame.time) if frame.time is not None else position / rate
+                start = seconds if start is None else start
+                elapsed = seconds - start
+                if not grid.keeps(elapsed, position):
                     continue
-                read += 1
-                if read >= bounds.max_decoded_frames:
-                    raise VideoDecodeError(
-                        f"{label}: more than {bounds.max_decoded_frames} frames read "
-                        f"before the sampling finished; {advice}"
-                    )
-                try:
-                    frames = packet.decode()
-                except av.error.InvalidDataError:
-                    skipped += 1  # a damaged packet: players skip it too
-                    continue
-                except av.error.ArgumentError as error:
-                    raise VideoDecodeError(
-                        f"{label}: the decoder refused a frame (larger than the "
-                        f"{bounds.max_frame_pixels / 1e6:.1f} MP a video frame may have, or "
-                        "damaged)"
-                    ) from error
-                for frame in frames:
-                    position += 1
-                    # Presentation time in seconds; frame counting when the container has
-                    # none.
-                    seconds = float(frame.time) if frame.time is not None else position / rate
-                    if start is None:
-                        start = seconds
-                    elapsed = seconds - start
-                    if stride is not None:
-                        if position % stride:
-                            continue
-                    elif elapsed + tolerance < next_time:
-                        continue
-                    yield _sampled(frame, elapsed, position, pixel_aspect, label, bounds, fit)
-                    kept += 1
-                    if fps is not None:
-                        # The next point of the sampling grid after this frame.
-                        interval = 1.0 / fps
-                        next_time = (math.floor((elapsed + tolerance) / interval) + 1) * interval
-                    if kept >= max_frames:
-                        return
+                yield _sampled(frame, elapsed, position, pixel_aspect, label, bounds, fit)
+                tally.kept += 1
+                grid.advance(elapsed)
+                if tally.kept >= max_frames:
+                    return
     except VideoDecodeError:
         raise
     except (av.error.FFmpegError, OSError, ValueError) as error:
         reason = str(error).replace(str(path), "the file")
         raise VideoDecodeError(f"{label}: not a readable video ({reason})") from error
-    if not kept:
-        damaged = f" ({skipped} damaged packet(s) skipped)" if skipped else ""
+    if not tally.kept:
+        damaged = f" ({tally.skipped} damaged packet(s) skipped)" if tally.skipped else ""
         raise VideoDecodeError(f"{label}: the video has no frames{damaged}")
+
+
+@dataclass
+class _Tally:
+    """Frames sampled and damaged packets skipped so far, for messages."""
+
+    kept: int = 0
+    skipped: int = 0
+
+
+@dataclass
+class _SamplingGrid:
+    """Which decoded frames :func:`sample_frames` keeps: every ``stride``-th, or the first
+    frame at or after each point of a ``1 / fps`` s grid (to within ``tolerance`` s)."""
+
+    fps: float | None
+    stride: int | None
+    tolerance: float
+    next_time: float = 0.0
+
+    def keeps(self, elapsed: float, position: int) -> bool:
+        if self.stride is not None:
+            return position % self.stride == 0
+        return elapsed + self.tolerance >= self.next_time
+
+    def advance(self, elapsed: float) -> None:
+        """A frame at ``elapsed`` s was kept: the next grid point after it."""
+        if self.fps is not None:
+            interval = 1.0 / self.fps
+            self.next_time = (math.floor((elapsed + self.tolerance) / interval) + 1) * interval
+
+
+def _clock_tolerance(video: object) -> float:
+    """How early a frame may be and still count as on a sampling time, in seconds.
+
+    Matroska (WebM, MKV) rounds frame times to whole milliseconds: a 30 fps frame at 33.3 ms
+    is stored at 33 ms. A frame less than half a tick of such a clock before a sampling time
+    is on it; coarser clocks (AVI's, a frame a tick) are exact and keep the strict rule."""
+    tick = float(video.time_base) if video.time_base else 0.0
+    return max(1e-6, min(0.499 * tick, 1e-3))
+
+
+def _video_stream(container: object, label: str, bounds: VideoBounds) -> object:
+    """The container's first video stream, checked (codec, frame size) and set up to decode
+    (frames larger than the header said refused by the decoder before their pixels are
+    allocated)."""
+    if not container.streams.video:
+        raise VideoDecodeError(f"{label}: the file has no video stream")
+    video = container.streams.video[0]
+    # The codec's name, not its decoder's (AV1 decodes with libdav1d).
+    codec = video.codec_context.codec.canonical_name
+    if codec not in VIDEO_CODECS:
+        raise VideoDecodeError(
+            f"{label}: video codec {codec} is not accepted ({', '.join(sorted(VIDEO_CODECS))})"
+        )
+    _check_frame_size(video.codec_context.width, video.codec_context.height, label, bounds)
+    video.codec_context.options = {"max_pixels": str(bounds.max_frame_pixels)}
+    video.thread_type = "AUTO"
+    return video
+
+
+def _decoded_frames(
+    container: object,
+    video: object,
+    label: str,
+    bounds: VideoBounds,
+    advice: str,
+    tally: _Tally,
+) -> Iterator[object]:
+    """The frames of ``video`` in decoding order, damaged packets skipped (counted in
+    ``tally``). The bounds are checked packet by packet, every stream's, so that they hold
+    for packets that show no frame (hidden VP8 frames, data the decoder drops, other
+    streams) as well as for frames."""
+    import av
+
+    deadline = time.monotonic() + bounds.decode_seconds
+    read = 0
+    for packet in container.demux():
+        if time.monotonic() > deadline:
+            raise VideoDecodeError(
+                f"{label}: decoding took longer than {bounds.decode_seconds:.0f} s "
+                f"({tally.kept} frame(s) sampled); {advice}"
+            )
+        if packet.stream is not video:
+            continue
+        read += 1
+        if read > bounds.max_decoded_frames:
+            raise VideoDecodeError(
+                f"{label}: more than {bounds.max_decoded_frames} frames read "
+                f"before the sampling finished; {advice}"
+            )
+        try:
+            frames = packet.decode()
+        except av.error.InvalidDataError:
+            tally.skipped += 1  # a damaged packet: players skip it too
+            continue
+        except av.error.ArgumentError as error:
+            raise VideoDecodeError(
+                f"{label}: the decoder refused a frame (larger than the "
+                f"{bounds.max_frame_pixels / 1e6:.1f} MP a video frame may have, or damaged)"
+            ) from error
+        yield from frames
 
 
 def _sampled(
