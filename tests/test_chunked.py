@@ -24,6 +24,8 @@ from test_export_scene import add_gaussians, make_prediction, make_view
 from da3cog.chunked import (
     chunk_ranges,
     emitted_views,
+    fit_depth_scale,
+    fit_overlap,
     reconstruct_in_chunks,
     rescale_chunk,
     transform_view,
@@ -122,6 +124,58 @@ def test_robust_similarity_recovers_the_truth(outliers: float) -> None:
     if outliers:
         plain = umeyama(source, target)
         assert _angle_degrees(plain.rotation, truth.rotation) > 0.2
+
+
+def test_robust_similarity_runs_until_biased_outliers_lose_their_pull() -> None:
+    """Outliers all wrong the same way (30% of the depth 1.3x too far, as on a shiny
+    surface) take tens of rounds to weigh down: stopped at 20 rounds, the fit was 0.79% off
+    in scale and said nothing; it now runs until it settles (0.2% off: Huber's own bias)."""
+    rng = np.random.default_rng(1)
+    source = rng.normal(size=(20_000, 3)) * [2.0, 1.0, 3.0] + [0.0, 0.0, 5.0]
+    truth = _truth()
+    target = truth.scale * source @ truth.rotation.T + truth.translation
+    target += rng.normal(scale=0.01, size=target.shape)
+    target[rng.random(len(source)) < 0.3] *= 1.3
+    fit = robust_similarity(source, target)
+    assert fit.converged and fit.iterations > 20, fit.iterations
+    assert abs(fit.similarity.scale / truth.scale - 1) < 0.003
+    assert not robust_similarity(source, target, max_iterations=5).converged
+
+
+def test_fitting_chunks_takes_the_memory_of_its_sample_not_of_the_views() -> None:
+    """The fits on shared views draw their pixel sample first: the peak does not grow with
+    the views' pixels. Before, every usable pixel's world points, weights and depths were
+    gathered in float64 and only then sampled (about 210 bytes a pixel: 8 GiB for 20
+    shared 1080p views, which the memory model does not count)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    height, width = 270, 480
+
+    def views(count: int) -> list:
+        k = np.array([[400.0, 0, width / 2], [0, 400.0, height / 2], [0, 0, 1]], np.float32)
+        return [
+            dataclasses.replace(
+                make_view(index, 8, 8),
+                depth=(2 + rng.random((height, width))).astype(np.float32),
+                confidence=np.full((height, width), 1.5, np.float32),
+                image=np.zeros((height, width, 3), np.uint8),
+                sky=None,
+                intrinsics=k,
+                extrinsics=np.eye(4, dtype=np.float32),
+            )
+            for index in range(count)
+        ]
+
+    for fit in (fit_overlap, fit_depth_scale):
+        peaks = []
+        for count in (2, 8):  # 260k and 1M usable pixels, both more than the sample
+            shared = views(count)
+            tracemalloc.start()
+            fit(shared, shared)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+            tracemalloc.stop()
+        assert peaks[1] < 1.3 * peaks[0], (fit.__name__, peaks)
 
 
 def test_weights_steer_the_fit() -> None:

@@ -864,6 +864,26 @@ def test_running_out_of_memory_exits_3_with_advice(
         main(predict_args(small_checkpoint, tmp_path / "out2", images))
 
 
+def test_an_image_whose_name_is_not_utf8_exports_every_format(
+    small_checkpoint: Path, images: list[Path], tmp_path: Path
+) -> None:
+    """A Latin-1 file name reaches Python with lone surrogates: the 16-bit depth PNG's text
+    chunk refused it after the model ran (exit 2), and cameras.json wrote it as escapes
+    that strict JSON readers refuse. The view is named with U+FFFD for the odd byte."""
+    import os
+    import shutil
+
+    odd = tmp_path / os.fsdecode(b"caf\xe9.png")
+    shutil.copy(images[0], odd)
+    out = tmp_path / "out"
+    args = predict_args(small_checkpoint, out, [odd], "--export", "depth_png16", "cameras_json")
+    assert main(args) == 0
+    (png,) = out.glob("depth_*.png")
+    assert Image.open(png).text["view_name"] == "caf\ufffd"
+    cameras = (out / "cameras.json").read_text()
+    assert "\\ud" not in cameras and json.loads(cameras)["views"][0]["name"] == "caf\ufffd"
+
+
 def test_an_output_folder_removed_while_written_exits_3(
     small_checkpoint: Path,
     images: list[Path],

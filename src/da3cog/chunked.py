@@ -52,9 +52,9 @@ from da3cog.geometry import (
     apply_similarity,
     camera_centres,
     compose_similarities,
-    depth_to_world_points,
     invert_similarity,
     matrix_to_quaternion,
+    pixels_to_world_points,
     project_points,
     quaternion_to_matrix,
     robust_similarity,
@@ -120,15 +120,21 @@ def emitted_views(chunks: Sequence[range]) -> list[range]:
     return emitted
 
 
-def _world_points(view: ViewPrediction) -> np.ndarray:
-    """``(H, W, 3)`` world points of a view's pixel centres at their depth (NaN where the
-    depth is not a surface)."""
-    depth = np.asarray(view.depth, dtype=np.float64)
-    return depth_to_world_points(
-        torch.from_numpy(np.where(_surface(view), depth, np.nan)),
+def _world_points_at(view: ViewPrediction, flat: np.ndarray) -> np.ndarray:
+    """``(P, 3)`` world points of the view's pixels ``flat`` (flat indices into its
+    ``H x W`` grid), at their pixel centres and depth."""
+    rows, cols = np.divmod(flat, view.width)
+    return pixels_to_world_points(
+        torch.from_numpy(_depth_at(view, flat)),
+        torch.from_numpy(rows),
+        torch.from_numpy(cols),
         torch.from_numpy(np.asarray(view.intrinsics, dtype=np.float64)),
         torch.from_numpy(np.asarray(view.extrinsics, dtype=np.float64)),
     ).numpy()
+
+
+def _depth_at(view: ViewPrediction, flat: np.ndarray) -> np.ndarray:
+    return np.asarray(view.depth).ravel()[flat].astype(np.float64)
 
 
 def _surface(view: ViewPrediction) -> np.ndarray:
@@ -158,6 +164,29 @@ def _usable_pairs(
         weight = np.sqrt(_confidence_weight(before) * _confidence_weight(after))
         usable = np.isfinite(weight) & (weight > 0) & _surface(before) & _surface(after)
         yield before, after, usable, weight
+
+
+def _shared_pixels(
+    earlier: Sequence[ViewPrediction], later: Sequence[ViewPrediction], count: int, seed: int
+) -> tuple[list[tuple[ViewPrediction, ViewPrediction, np.ndarray, np.ndarray]], int]:
+    """An even, seeded sample of at most ``count`` of the usable pixels of the shared views
+    (:func:`_usable_pairs`), drawn before anything is computed at them, so that a fit takes
+    the memory of its sample rather than of every pixel of the views at the output
+    resolution: for each view, both chunks' predictions of it, the sampled pixels' flat
+    indices and their weights; and how many usable pixels there were in all."""
+    counts = [int(np.count_nonzero(usable)) for _, _, usable, _ in _usable_pairs(earlier, later)]
+    total = sum(counts)
+    pick = _even_sample(total, count, seed)
+    pick = None if pick is None else np.sort(pick)
+    starts = np.cumsum([0, *counts])
+    sampled = []
+    for index, (before, after, usable, weight) in enumerate(_usable_pairs(earlier, later)):
+        flat = np.flatnonzero(usable)
+        if pick is not None:
+            low, high = np.searchsorted(pick, starts[index : index + 2])
+            flat = flat[pick[low:high] - starts[index]]
+        sampled.append((before, after, flat, weight.ravel()[flat]))
+    return sampled, total
 
 
 @dataclass(frozen=True)
@@ -211,28 +240,28 @@ def fit_chunk(
 def fit_overlap(
     earlier: Sequence[ViewPrediction], later: Sequence[ViewPrediction], seed: int = 0
 ) -> tuple[RobustFit, float, OverlapPoints]:
-    """:func:`fit_chunk`, and the point pairs it was fitted on."""
+    """:func:`fit_chunk`, and the point pairs it was fitted on (at most
+    ``MAX_ALIGNMENT_POINTS``, an even sample of the usable pixels)."""
+    sampled, total = _shared_pixels(earlier, later, MAX_ALIGNMENT_POINTS, seed)
+    _check_enough_pixels(total)
     sources, targets, weights, depths = [], [], [], []
-    for before, after, usable, weight in _usable_pairs(earlier, later):
-        target, source = _world_points(before), _world_points(after)
-        usable &= np.isfinite(target).all(-1) & np.isfinite(source).all(-1)
-        sources.append(source[usable])
-        targets.append(target[usable])
-        weights.append(weight[usable])
-        depths.append(np.asarray(before.depth, dtype=np.float64)[usable])
+    for before, after, flat, weight in sampled:
+        target, source = _world_points_at(before, flat), _world_points_at(after, flat)
+        finite = np.isfinite(target).all(-1) & np.isfinite(source).all(-1)
+        sources.append(source[finite])
+        targets.append(target[finite])
+        weights.append(weight[finite])
+        depths.append(_depth_at(before, flat)[finite])
     source, target = np.concatenate(sources), np.concatenate(targets)
     weight, depth = np.concatenate(weights), np.concatenate(depths)
     _check_enough_pixels(len(source))
     spread = _spread(target, weight) / float(np.median(depth))
     if spread < MIN_ALIGNMENT_SPREAD:
         raise ValueError(
-            f"their {len(source)} usable pixels are bunched together (spread over "
+            f"their {total} usable pixels are bunched together (spread over "
             f"{spread:.1%} of their depth, at least {MIN_ALIGNMENT_SPREAD:.0%} needed to fix "
             "a rotation)"
         )
-    pick = _even_sample(len(source), MAX_ALIGNMENT_POINTS, seed)
-    if pick is not None:
-        source, target, weight, depth = source[pick], target[pick], weight[pick], depth[pick]
     points = OverlapPoints(source, target, weight, float(np.median(depth)))
     fit = robust_similarity(source, target, weight)
     return fit, fit.residual / points.depth, points
@@ -261,17 +290,14 @@ def depth_agreement(
 def _depth_factor(
     earlier: Sequence[ViewPrediction], later: Sequence[ViewPrediction], rescaled: bool
 ) -> tuple[float, float]:
-    """The weighted median of the depth ratios earlier / later on the usable shared pixels,
-    and the weighted median difference left (after that factor where ``rescaled``), relative
-    to the median depth."""
-    befores, afters, weights = [], [], []
-    for before, after, usable, weight in _usable_pairs(earlier, later):
-        befores.append(np.asarray(before.depth, dtype=np.float64)[usable])
-        afters.append(np.asarray(after.depth, dtype=np.float64)[usable])
-        weights.append(weight[usable])
-    weight = np.concatenate(weights)
-    _check_enough_pixels(len(weight))
-    before, after = np.concatenate(befores), np.concatenate(afters)
+    """The weighted median of the depth ratios earlier / later on the usable shared pixels
+    (at most ``MAX_ALIGNMENT_POINTS``, an even sample), and the weighted median difference
+    left (after that factor where ``rescaled``), relative to the median depth."""
+    sampled, total = _shared_pixels(earlier, later, MAX_ALIGNMENT_POINTS, seed=0)
+    _check_enough_pixels(total)
+    before = np.concatenate([_depth_at(view, flat) for view, _, flat, _ in sampled])
+    after = np.concatenate([_depth_at(view, flat) for _, view, flat, _ in sampled])
+    weight = np.concatenate([weight for *_, weight in sampled])
     factor = weighted_median(before / after, weight)
     residual = weighted_median(np.abs((factor if rescaled else 1.0) * after - before), weight)
     return factor, residual / float(np.median(before))
@@ -540,6 +566,9 @@ ChunkPredictor = Callable[[Sequence[int]], Prediction]
 # Loop closure (:mod:`da3cog.loops`): views whose appearance descriptors correlate at least this
 # much are loop candidates.
 LOOP_SIMILARITY = 0.9
+# A loop's two ends are at least this many chunk lengths apart in the sequence (see
+# :func:`da3cog.loops.find_loops`).
+LOOP_MIN_GAP_CHUNKS = 2
 # Loop candidates checked, best first, at most (each costs one more chunk): a quarter of the
 # chunks, at least 3. A camera that stays put looks alike everywhere: 999 chunks of a static
 # camera gave 681 candidates, 68% more predictions than the run itself.
@@ -739,6 +768,7 @@ def reconstruct_in_chunks(
             report(
                 f"chunk {index + 1}: aligned on {len(shared)} shared views, scale "
                 f"{to_world.scale:.4g}, residual {residual:.2%} of depth"
+                + ("" if fit.converged else f" (still moving after {fit.iterations} rounds)")
             )
         placements.append(to_world)
         if loop_closure:
@@ -892,9 +922,7 @@ def _unaligned(
 def _scene_size(views: Sequence[ViewPrediction]) -> float:
     """A chunk's scene size in its own unit: the median depth of its surfaces, sky left out
     (every 8th pixel of every view)."""
-    samples = np.concatenate(
-        [np.asarray(v.depth)[::8, ::8][_surface(v)[::8, ::8]] for v in views]
-    )
+    samples = np.concatenate([np.asarray(v.depth)[::8, ::8][_surface(v)[::8, ::8]] for v in views])
     return float(np.median(samples)) if len(samples) else 1.0
 
 
@@ -929,7 +957,12 @@ def covisibility(seen: ViewPrediction, seer: ViewPrediction, stride: int = 4) ->
     """The share of ``seen``'s surface pixels (every ``stride``-th row and column) that
     ``seer`` sees where they are: in front of it, inside its image, at the depth it predicts
     there within ``LOOP_DEPTH_AGREEMENT`` (both views in one world)."""
-    points = _world_points(seen)[::stride, ::stride].reshape(-1, 3)
+    height, width = seen.depth.shape
+    rows, cols = np.meshgrid(
+        np.arange(0, height, stride), np.arange(0, width, stride), indexing="ij"
+    )
+    flat = (rows * width + cols).ravel()
+    points = _world_points_at(seen, flat[_surface(seen).ravel()[flat]])
     points = points[np.isfinite(points).all(axis=1)]
     if not len(points):
         return 0.0
@@ -966,8 +999,8 @@ def _close_loops(
     pace: float,
     seed: int,
 ) -> tuple[list[Similarity] | None, str]:
-    """Close the loops of a sequentially aligned run (:mod:`da3cog.loops`): find views in
-    chunks two or more apart that share no view and look alike, predict each candidate's
+    """Close the loops of a sequentially aligned run (:mod:`da3cog.loops`): find views at
+    least ``LOOP_MIN_GAP_CHUNKS`` chunk lengths apart that look alike, predict each candidate's
     neighbourhoods (the views around both ends, each end within the chunk that emitted it) as
     one loop chunk, fit it onto both ends as placed in the world, keep the loops whose two
     look-alike views see each other's surfaces in it (:func:`covisibility`) and whose two
@@ -982,8 +1015,7 @@ def _close_loops(
     size = len(inputs.chunks[0])
     candidates = find_loops(
         inputs.descriptors,
-        chunk_of,
-        inputs.chunks,
+        min_gap=LOOP_MIN_GAP_CHUNKS * size,
         threshold=LOOP_SIMILARITY,
         suppression=max(1, len(inputs.emitted[0])),
         limit=max(MIN_LOOP_CANDIDATES, math.ceil(LOOP_CANDIDATES_PER_CHUNK * len(inputs.chunks))),

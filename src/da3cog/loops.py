@@ -7,9 +7,9 @@ three steps; this module holds the first and the last:
 
 1. Retrieval (:func:`appearance_descriptor`, :func:`find_loops`): every view gets a global
    appearance descriptor, a small blurred colour thumbnail made zero-mean and unit-length
-   (the "tiny image" of classic relocalisers); pairs of views in chunks that share no views whose
-   descriptors agree (cosine similarity at least a threshold) are loop candidates, thinned by
-   non-maximum suppression so that one revisit gives one candidate.
+   (the "tiny image" of classic relocalisers); pairs of views at least two chunk lengths apart
+   whose descriptors agree (cosine similarity at least a threshold) are loop candidates,
+   thinned by non-maximum suppression so that one revisit gives one candidate.
 2. Verification and measurement (in :mod:`da3cog.chunked`): the views around both ends of a
    candidate run as one extra chunk; a candidate is kept only when, in that chunk, the two
    look-alike views see each other's surfaces (a look-alike place fails this) and both ends
@@ -79,32 +79,29 @@ class LoopCandidate:
 
 def find_loops(
     descriptors: np.ndarray,
-    chunk_of: np.ndarray,
-    chunks: Sequence[range],
     *,
+    min_gap: int,
     threshold: float,
     suppression: int,
     limit: int,
 ) -> list[LoopCandidate]:
-    """Loop candidates among views with unit ``descriptors (N, D)``, predicted by the chunks
-    ``chunk_of (N,)`` (non-decreasing indices into ``chunks``, each chunk's views): for each
-    view, the best-matching view of a chunk at least two chunks later that shares no view
-    with its own (chunks that share views are aligned on them already: with an overlap of
-    more than half a chunk, chunks two apart do), kept at ``threshold`` or above; then, best
-    first, a candidate within ``suppression`` views of a kept one at both ends is dropped; at
-    most ``limit`` kept."""
+    """Loop candidates among views with unit ``descriptors (N, D)`` in sequence order: for
+    each view, the best-matching view at least ``min_gap`` views later, kept at
+    ``threshold`` or above; then, best first, a candidate within ``suppression`` views of a
+    kept one at both ends is dropped; at most ``limit`` kept.
+
+    Chunked runs ask for two chunk lengths: the two ends' chunks then share no view (those
+    that do are aligned on them already) and at least a chunk's worth of views lies between
+    them. Nearer look-alikes are a slow camera, not a return (a gap of one chunk let views
+    seven frames apart at a degree a frame take the candidates' places)."""
     count = len(descriptors)
-    chunk_of = np.asarray(chunk_of)
-    starts = np.array([chunk.start for chunk in chunks])[chunk_of]
-    stops = np.array([chunk.stop for chunk in chunks])[chunk_of]
     descriptors = np.asarray(descriptors, dtype=np.float32)
+    positions = np.arange(count)
     found: list[LoopCandidate] = []
     for start in range(0, count, _RETRIEVAL_BLOCK):
         rows = np.arange(start, min(start + _RETRIEVAL_BLOCK, count))
         scores = descriptors[rows] @ descriptors.T
-        neighbours = chunk_of[None, :] - chunk_of[rows, None] < 2
-        neighbours |= starts[None, :] < stops[rows, None]
-        scores[neighbours] = -np.inf
+        scores[positions[None, :] - rows[:, None] < min_gap] = -np.inf
         best = scores.argmax(axis=1)
         best_score = scores[np.arange(len(rows)), best]
         for row, column, score in zip(rows, best, best_score, strict=True):

@@ -16,7 +16,9 @@ observed in its source view at its pixel's centre and in the other views where i
 inside the image onto a pixel whose depth agrees with the point's depth in that camera within
 ``track_depth_tolerance`` (relative); a farther point is occluded there and not observed. The
 views nearest the source view come first, and a track holds at most ``MAX_TRACK_LENGTH``
-views, so the tracks' memory grows with the points, not points x views. 2D
+views, so the tracks' memory grows with the points, not points x views; a point not seen
+in ``MAX_TRACK_MISSES`` of the views it is looked for in is not looked for further, so their
+time grows with the views, not views x views. 2D
 points are at the exact projections (COLMAP convention, pixel centres at ``+0.5``). With two or
 more views only points seen by at least two keep their place (bundle adjustment needs tracks of
 two or more; ``min_track_length`` changes that).
@@ -113,6 +115,10 @@ DEFAULT_TRACK_DEPTH_TOLERANCE = 0.02
 # video are rarely longer): tracks then grow with the points, not points x views (a point seen
 # by all of 80 views cost some 90 bytes an observation, 1.5 GiB for 200,000 points).
 MAX_TRACK_LENGTH = 16
+# Views a point is looked for in and not seen before it is given up: a point near an image's
+# edge never fills its track, and looking for it in every view made the tracks take views x
+# views projections (33 s for 400 views of 12x16 pixels).
+MAX_TRACK_MISSES = 2 * MAX_TRACK_LENGTH
 
 
 @dataclass(frozen=True)
@@ -152,7 +158,9 @@ def build_tracks(
     ``min_track_length``: points seen by fewer views are left out (default: 2 with two or more
     views, else 1). ``max_track_length``: a point is looked for in the views nearest its
     source view in the sequence first (1 after, 1 before, 2 after...) and observed in at most
-    this many, so the tracks take memory in proportion to the points, not points x views."""
+    this many, so the tracks take memory in proportion to the points, not points x views;
+    it is looked for in at most ``MAX_TRACK_MISSES`` views that do not see it, so they take
+    time in proportion to the views, not views x views."""
     count = len(prediction.views)
     if min_track_length is None:
         min_track_length = 2 if count > 1 else 1
@@ -167,17 +175,20 @@ def build_tracks(
     observed_view = [points.view.astype(np.int32)]
     observed_xy = [source_xy]
     length = np.ones(len(points), dtype=np.int32)
+    missed = np.zeros(len(points), dtype=np.int32)
     by_view = [np.flatnonzero(points.view == index) for index in range(count)]
     xyz = torch.from_numpy(points.xyz.astype(np.float64))
     offsets = [sign * step for step in range(1, count) for sign in (1, -1)]
     for offset in offsets:
-        if not (length < max_track_length).any():
+        looking = (length < max_track_length) & (missed < MAX_TRACK_MISSES)
+        if not looking.any():
             break
         for source in range(max(0, -offset), min(count, count - offset)):
             target = source + offset
-            candidates = by_view[source][length[by_view[source]] < max_track_length]
+            candidates = by_view[source][looking[by_view[source]]]
             if not len(candidates):
                 continue
+            missed[candidates] += 1  # until it turns out to be seen, below
             view = prediction.views[target]
             uv, z = (
                 values.numpy()
@@ -199,6 +210,7 @@ def build_tracks(
             observed_view.append(np.full(int(agrees.sum()), target, dtype=np.int32))
             observed_xy.append(np.stack([u[agrees], v[agrees]], axis=1) * scale[target])
             length[candidates[agrees]] += 1
+            missed[candidates[agrees]] -= 1
     point = np.concatenate(observed_point)
     view_index = np.concatenate(observed_view)
     xy = np.concatenate(observed_xy)

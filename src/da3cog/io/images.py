@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -247,7 +248,9 @@ def image_name(source: ImageSource, index: int) -> str:
     """Short human-readable name for the ``index``-th input image.
 
     Paths (and PIL images opened from a file) are named after the file stem, e.g.
-    ``"IMG_0042"``; arrays and in-memory PIL images get ``"view_0003"`` for ``index == 3``.
+    ``"IMG_0042"``, with the bytes of a name that is not UTF-8 as U+FFFD (Python hands them
+    over as lone surrogates, which PNG text, strict JSON and glTF readers refuse); arrays and
+    in-memory PIL images get ``"view_0003"`` for ``index == 3``.
     """
     filename: str | os.PathLike[str] | None = None
     if isinstance(source, (str, os.PathLike)):
@@ -257,8 +260,11 @@ def image_name(source: ImageSource, index: int) -> str:
     if filename is not None:
         stem = Path(filename).stem
         if stem:
-            return stem
+            return _LONE_SURROGATES.sub("\ufffd", stem)
     return f"view_{index:04d}"
+
+
+_LONE_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 def source_size(source: ImageSource) -> tuple[int, int] | None:
