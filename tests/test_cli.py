@@ -884,6 +884,31 @@ def test_an_image_whose_name_is_not_utf8_exports_every_format(
     assert "\\ud" not in cameras and json.loads(cameras)["views"][0]["name"] == "caf\ufffd"
 
 
+def test_an_empty_output_folder_given_through_a_link_is_filled(
+    small_checkpoint: Path, images: list[Path], tmp_path: Path
+) -> None:
+    """``--out link`` to an empty folder: the results were written beside the link and
+    renamed onto it, which failed after the model ran ("Not a directory", exit 3)."""
+    target = tmp_path / "target"
+    target.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    assert main(predict_args(small_checkpoint, link, images)) == 0
+    assert link.is_symlink() and (target / "manifest.json").is_file()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_output_folder_that_cannot_be_made_is_refused_before_the_model_runs(
+    small_checkpoint: Path, images: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Write permission does not tell for root (/proc reads as writable to root, yet no
+    folder can be made there): the folder is tried, before the model runs."""
+    assert main(predict_args(small_checkpoint, Path("/proc/da3cog-out"), images)) == 2
+    message = capsys.readouterr().err
+    assert "--out /proc/da3cog-out: /proc is not writable" in message
+    assert "running" not in message
+
+
 def test_an_output_folder_removed_while_written_exits_3(
     small_checkpoint: Path,
     images: list[Path],

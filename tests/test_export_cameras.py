@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,12 @@ def test_cameras_json_says_which_chunk_made_each_view(prediction, tmp_path: Path
     document["views"][2]["alignment_residual"] = -0.1
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(document, cameras_schema(), cls=jsonschema.Draft202012Validator)
+    # A residual that is not a number is null (NaN was written as a bare NaN, not JSON).
+    last = dataclasses.replace(chunked.views[2], alignment_residual=math.nan)
+    unknown = dataclasses.replace(chunked, views=(*chunked.views[:2], last))
+    text = export_cameras_json(unknown, tmp_path / "nan").read_text()
+    document = json.loads(text, parse_constant=pytest.fail)
+    assert document["views"][2]["alignment_residual"] is None
 
 
 @pytest.mark.parametrize(

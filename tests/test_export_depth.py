@@ -95,6 +95,17 @@ def test_depth_vis_side_by_side(prediction, tmp_path: Path) -> None:
     assert_unchanged(prediction, before)
 
 
+def test_a_jpeg_too_wide_is_refused_before_any_file(tmp_path: Path) -> None:
+    """A JPEG is at most 65,500 pixels a side: a 33,000-pixel-wide view side by side failed
+    in the encoder ("broken data stream"); it is refused naming the view and the way out."""
+    wide = make_prediction(views=1, size=(4, 33_000))
+    with pytest.raises(ValueError, match=r"66000x4.*vis_format='png' or side_by_side=False"):
+        export_depth_vis(wide, tmp_path / "wide", vis_format="jpg")
+    assert not (tmp_path / "wide").exists()
+    alone = export_depth_vis(wide, tmp_path / "alone", vis_format="jpg", side_by_side=False)
+    assert len(alone) == 1
+
+
 def test_colorize_depth_is_inverse_depth_in_percentile_range() -> None:
     depth = np.linspace(1.0, 10.0, 200, dtype=np.float32).reshape(10, 20)
     depth[0, 0] = 0.0

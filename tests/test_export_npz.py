@@ -3,6 +3,7 @@ equal Prediction; per-view keys when views differ in size."""
 
 from __future__ import annotations
 
+import dataclasses
 import zipfile
 from pathlib import Path
 
@@ -37,6 +38,16 @@ def test_stacked_bundle(compress: bool, tmp_path: Path) -> None:
     assert_unchanged(load_npz(path), prediction)
     assert load_npz(path).reference_view == 0
     assert_unchanged(prediction, before)
+
+
+def test_the_bundle_keeps_the_precision_and_revision(tmp_path: Path) -> None:
+    """The npz holds every flag of the prediction: precision and model revision came back
+    as fp32 and None."""
+    prediction = dataclasses.replace(make_prediction(), precision="bf16", model_revision="abc123")
+    (path,) = export_npz(prediction, tmp_path)
+    loaded = load_npz(path)
+    assert (loaded.precision, loaded.model_revision) == ("bf16", "abc123")
+    assert_unchanged(loaded, prediction)
 
 
 def test_views_of_different_sizes_are_stored_per_view(tmp_path: Path) -> None:

@@ -198,7 +198,8 @@ def assert_unchanged(prediction: Prediction, before: Prediction) -> None:
                 continue
             assert new_array.dtype == old_array.dtype and not new_array.flags.writeable
             np.testing.assert_array_equal(new_array, old_array)
-    for flag in ("cameras_estimated", "intrinsics_source", "focal_source", "metric_scale"):
+    flags = ("cameras_estimated", "intrinsics_source", "focal_source", "metric_scale")
+    for flag in (*flags, "model_revision", "precision"):
         assert getattr(prediction, flag, None) == getattr(before, flag, None), flag
     gaussians = getattr(prediction, "gaussians", None)
     old_gaussians = getattr(before, "gaussians", None)

@@ -367,19 +367,27 @@ def _fresh_output(folder: Path) -> None:
         raise ValueError(f"--out {folder} is a file, not a folder: choose a new folder")
     if folder.is_dir() and any(folder.iterdir()):
         raise ValueError(f"output folder {folder} exists and is not empty: choose a new one")
-    writable_folder(folder, "--out")
+    # The results are written beside the folder and renamed to it when complete: an empty
+    # folder needs a writable parent (where a link to one points).
+    existing = folder.resolve()
+    writable_folder(existing.parent if existing.is_dir() else folder, "--out")
 
 
 def writable_folder(folder: Path, option: str) -> None:
     """ValueError, before any work, unless ``folder`` is or can be made a folder we can
-    write in: its nearest existing ancestor is a writable folder (not a file)."""
+    write in: its nearest existing ancestor is a folder (not a file) a folder can be made in
+    (tried: permissions do not tell for root, read-only mounts or immutable folders)."""
     existing = folder.absolute()
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
         raise ValueError(f"{option} {folder}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{option} {folder}: {existing} is not writable")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".da3cog-write-test-"))
+    except OSError as error:
+        raise ValueError(
+            f"{option} {folder}: {existing} is not writable ({error.strerror or error})"
+        ) from None
 
 
 def predict(args: argparse.Namespace) -> list[Path]:

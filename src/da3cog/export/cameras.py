@@ -11,7 +11,13 @@ from typing import Any
 
 import numpy as np
 
-from da3cog.export.files import ManifestEntry, all_or_nothing, returning_paths, view_file_name
+from da3cog.export.files import (
+    ManifestEntry,
+    all_or_nothing,
+    json_number,
+    returning_paths,
+    view_file_name,
+)
 from da3cog.export.points import require_cameras, skew_note, world_to_camera
 from da3cog.geometry import invert_rigid_np
 from da3cog.pipeline import Prediction, ViewPrediction
@@ -48,7 +54,7 @@ def chunk_record(view: ViewPrediction) -> dict[str, Any]:
     residual = view.alignment_residual
     return {
         "chunk": int(view.chunk),
-        "alignment_residual": None if residual is None else round(float(residual), 6),
+        "alignment_residual": None if residual is None else json_number(round(residual, 6)),
     }
 
 
@@ -107,7 +113,7 @@ def cameras_schema() -> dict[str, Any]:
 
 def cameras_json_files(prediction: Prediction, folder: Path) -> list[ManifestEntry]:
     """Write ``cameras.json``."""
-    text = json.dumps(cameras_document(prediction), indent=2)
+    text = json.dumps(cameras_document(prediction), indent=2, allow_nan=False)
     with all_or_nothing() as batch:
         batch.write(
             folder / "cameras.json",
@@ -185,7 +191,7 @@ def transforms_json_files(
     sets it when it writes the PLY too)."""
     from PIL import Image
 
-    text = json.dumps(transforms_document(prediction, ply_file_path), indent=2)
+    text = json.dumps(transforms_document(prediction, ply_file_path), indent=2, allow_nan=False)
     with all_or_nothing(parallel=True) as batch:
         for index, view in enumerate(prediction.views):
 

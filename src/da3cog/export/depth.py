@@ -168,6 +168,7 @@ def colorize_depth(
 
 
 VIS_FORMATS: tuple[str, ...] = ("png", "jpg")
+JPEG_MAX_SIDE = 65_500
 
 
 def depth_vis_files(
@@ -187,6 +188,14 @@ def depth_vis_files(
     apply_colormap(np.zeros(1), colormap)  # an unknown colormap fails before any file
     if vis_format not in VIS_FORMATS:
         raise ValueError(f"vis_format must be one of {', '.join(VIS_FORMATS)}, got {vis_format!r}")
+    for view in prediction.views if vis_format == "jpg" else ():
+        width = view.width * (2 if side_by_side else 1)
+        if max(width, view.height) > JPEG_MAX_SIDE:
+            raise ValueError(
+                f"vis_format='jpg': view {view.name}'s picture would be {width}x{view.height}, "
+                f"and a JPEG is at most {JPEG_MAX_SIDE} pixels a side: use vis_format='png'"
+                + (" or side_by_side=False" if side_by_side else "")
+            )
     options = (
         {"format": "PNG", "compress_level": PNG_COMPRESS_LEVEL}
         if vis_format == "png"

@@ -314,8 +314,11 @@ def export_all(
     requested, skipped = _check_formats(prediction, formats)
     _check_options([*requested, *skipped], options)  # options of skipped formats are fine
     _check_fresh(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    # An empty folder given through a link is filled where the link points (renaming onto
+    # the link itself fails once everything is written).
+    target = folder.resolve() if folder.is_symlink() else folder
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
         staging.chmod(0o777 & ~_current_umask())  # mkdtemp's folder is owner-only
         entries = _write_formats(prediction, staging, requested, options)
@@ -326,9 +329,9 @@ def export_all(
             json.dumps(document, indent=2, allow_nan=False, default=_json_default),
         )
         _check_fresh(folder)
-        if folder.exists():
-            folder.rmdir()
-        staging.rename(folder)
+        if target.exists():
+            target.rmdir()
+        staging.rename(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -12,7 +12,8 @@ views without them (single-view models) hold NaN there and False in ``has_extrin
 Per view: ``names``, ``input_sizes`` ``(N, 2)`` (height, width), ``crop_boxes`` ``(N, 4)``,
 ``pixel_aspects`` ``(N,)``, ``chunks`` ``(N,)`` (-1: not chunked) and
 ``alignment_residuals`` ``(N,)`` (NaN: none).
-Flags: ``is_metric``, ``model_id``, ``model_preset``, ``processing_size``,
+Flags: ``is_metric``, ``model_id``, ``model_preset``, ``model_revision`` ("" for none),
+``precision``, ``processing_size``,
 ``output_resolution``, ``pose_conditioned``, ``reference_view`` (-1 for none), ``notes``, and
 where the pipeline has them ``cameras_estimated``, ``intrinsics_source`` / ``focal_source``
 ("" for none), ``metric_scale`` (NaN for none); ``format_version``. 3D Gaussians are not stored
@@ -99,6 +100,8 @@ def prediction_arrays(prediction: Prediction) -> dict[str, np.ndarray | ViewStac
         "is_metric": np.array(prediction.is_metric),
         "model_id": np.array(prediction.model_id),
         "model_preset": np.array(prediction.model_preset),
+        "model_revision": np.array(prediction.model_revision or ""),
+        "precision": np.array(prediction.precision),
         "processing_size": np.array(prediction.processing_size, dtype=np.int64),
         "output_resolution": np.array(prediction.output_resolution),
         "pose_conditioned": np.array(prediction.pose_conditioned),
@@ -318,6 +321,9 @@ def load_npz(path: Path) -> Prediction:
         is_metric=bool(bundle["is_metric"]),
         model_id=str(bundle["model_id"]),
         model_preset=str(bundle["model_preset"]),
+        # Files written before these two were stored read as the defaults.
+        model_revision=str(bundle.get("model_revision", "")) or None,
+        precision=str(bundle.get("precision", "fp32")),
         processing_size=(int(bundle["processing_size"][0]), int(bundle["processing_size"][1])),
         output_resolution=str(bundle["output_resolution"]),
         pose_conditioned=bool(bundle["pose_conditioned"]),
