@@ -478,6 +478,33 @@ def test_load_image_applies_exif_orientation(tmp_path: Path) -> None:
         assert decoded[20:, :, 0].mean() < 50
 
 
+def test_a_pngs_exif_counts_before_its_pixels_only(tmp_path: Path) -> None:
+    """A PNG's eXIf chunk after the pixel data: the header reading (size checks, the scene's
+    shape in chunked runs) ignored it and the decoding turned the image by it, so chunks
+    saw every view squashed to the other orientation. Both follow the header now; an eXIf
+    before the pixels turns the image for both."""
+    import struct
+    import zlib
+
+    from da3cog.io.images import source_size
+
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    leading, trailing = tmp_path / "leading.png", tmp_path / "trailing.png"
+    Image.fromarray(stored).save(leading, exif=exif)
+    Image.fromarray(stored).save(trailing)
+    payload = exif.tobytes()
+    payload = payload[6:] if payload.startswith(b"Exif\x00\x00") else payload
+    chunk = struct.pack(">I", len(payload)) + b"eXIf" + payload
+    chunk += struct.pack(">I", zlib.crc32(b"eXIf" + payload))
+    data = trailing.read_bytes()
+    end = data.rfind(b"\x00\x00\x00\x00IEND")
+    trailing.write_bytes(data[:end] + chunk + data[end:])
+    assert source_size(leading) == (20, 40) and load_image(leading).shape == (40, 20, 3)
+    assert source_size(trailing) == (40, 20) and load_image(trailing).shape == (20, 40, 3)
+
+
 def test_load_image_png_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "rocket.png"
     Image.fromarray(photo("rocket")).save(path)

@@ -444,6 +444,27 @@ def test_posed_nested_prediction_is_in_the_unit_of_the_poses(
     assert any("unit of the given extrinsics" in note for note in prediction.notes)
 
 
+def test_posed_nested_prediction_left_in_metres_is_not_called_metric(
+    nested_model: DepthAnything3, photo: Photo
+) -> None:
+    """Depth left in metres beside the given poses in their own unit (align_to_input_scale
+    off, or poses that fix no scale): is_metric said metres for both, and the exports'
+    units said metres for point clouds placed with poses in another unit."""
+    from test_pipeline import input_intrinsics, ring_cameras
+
+    images = [photo("astronaut"), photo("camera"), photo("astronaut")[::-1].copy()]
+    kept = dataclasses.replace(OPTIONS, align_to_input_scale=False)
+    tripod = ring_cameras(3)
+    tripod[:, :3, 3] = 0.0  # one camera centre: no scale to read
+    for extrinsics, options in ((ring_cameras(3), kept), (tripod, OPTIONS)):
+        prediction = nested_model.predict(
+            images, extrinsics=extrinsics, intrinsics=input_intrinsics(images), options=options
+        )
+        assert not prediction.is_metric and prediction.focal_source is None
+        assert any(note.startswith("is_metric is False") for note in prediction.notes)
+        np.testing.assert_allclose(prediction.extrinsics[:, :3], extrinsics[:, :3], atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------
 # All-sky and sky-free images (upstream asserts on an all-sky image for nested models)
 # --------------------------------------------------------------------------------------------

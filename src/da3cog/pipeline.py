@@ -815,6 +815,14 @@ class DepthAnything3:
                 "points and Gaussians placed with them are not to scale (upstream returns "
                 "its own poses, aligned to the given ones, instead)"
             )
+        if is_metric:
+            # Metric depth beside the given poses in a unit of their own is no metric
+            # prediction: what places points with both is in neither unit.
+            notes.append(
+                "is_metric is False: the returned extrinsics are the given ones, in their own "
+                "unit, and depth was not brought to it"
+            )
+            is_metric, focal_source = False, None
         return _Resolved(
             depth,
             user_extrinsics.astype(np.float32),

@@ -43,6 +43,16 @@ _HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", 
 _ORIENTATION = 0x0112
 # EXIF orientations 5-8 transpose the stored image for display.
 _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+# EXIF orientation -> the transpose that shows the image upright (Pillow's exif_transpose).
+_ORIENTATION_TRANSPOSES = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 # Pillow decodes 16-bit greyscale PNG/TIFF into these modes; a plain convert("RGB") would clip
 # every value above 255 to white, so they are rescaled to 8 bits instead.
@@ -297,10 +307,14 @@ def _load_image_file(path: Path, max_pixels: int | None) -> np.ndarray:
                 f"the limit is {max_pixels / 1e6:.1f} MP"
             )
         try:
+            # The orientation the header gives, as read_image_header reads it (Pillow's own,
+            # after load(), counts a PNG's EXIF after the pixels too: the size checked
+            # beforehand and the pixels turned differently).
+            turn = _ORIENTATION_TRANSPOSES.get(header_exif(opened).get(_ORIENTATION, 1))
             # load() inside the try so truncated or corrupt pixel data is reported here, with
             # the path, rather than later from deep inside a conversion.
             opened.load()
-            oriented = ImageOps.exif_transpose(opened)
+            oriented = opened if turn is None else opened.transpose(turn)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
             reason = str(error) or type(error).__name__
             raise ImageDecodeError(f"cannot decode image file {path}: {reason}") from error
