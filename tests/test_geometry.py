@@ -747,6 +747,7 @@ def test_check_intrinsics_accepts_valid_input_as_float64() -> None:
         (lambda k: with_change(k, (2, 1, 1), -480.0), 3, "positive focal"),
         (lambda k: with_change(k, (1, 2, 0), 0.1), 3, r"last row of intrinsics"),
         (lambda k: with_change(k, (1, 2, 2), 2.0), 3, r"last row of intrinsics"),
+        (lambda k: with_change(k, (2, 1, 0), 5.0), 3, r"intrinsics\[2\]: K\[1, 0\] = 5"),
     ],
     ids=[
         "3x2",
@@ -757,6 +758,7 @@ def test_check_intrinsics_accepts_valid_input_as_float64() -> None:
         "negative-fy",
         "bad-row",
         "bad-w",
+        "lower-triangle",
     ],
 )
 def test_check_intrinsics_rejects_bad_input(

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from da3cog.pipeline import DepthAnything3, InferenceOptions, Prediction
 
@@ -102,6 +103,10 @@ def bad_request(name: str, views: list[np.ndarray]) -> dict[str, Any]:
         "empty-list": {"images": []},
         "single-string": {"images": "astronaut.png"},
         "single-array": {"images": views[0]},
+        "single-pil-image": {"images": Image.fromarray(views[0])},
+        "not-iterable": {"images": 3},
+        # Channels first: refused as such, not measured as an image 3 pixels tall.
+        "channels-first": {"images": [np.zeros((3, 480, 640), dtype=np.uint8)]},
         "extrinsics-without-intrinsics": {"images": views[:3], "extrinsics": extrinsics},
         "intrinsics-without-extrinsics": {"images": views[:3], "intrinsics": intrinsics},
         "too-few-extrinsics": {
@@ -143,6 +148,9 @@ def bad_request(name: str, views: list[np.ndarray]) -> dict[str, Any]:
         ("empty-list", "non-empty list"),
         ("single-string", "non-empty list"),
         ("single-array", "non-empty list"),
+        ("single-pil-image", "got one Image: put it in a list"),
+        ("not-iterable", "non-empty list of paths, PIL images or arrays, got int"),
+        ("channels-first", r"must have shape \(H, W\).*got \(3, 480, 640\)"),
         ("extrinsics-without-intrinsics", "needs intrinsics as well as extrinsics"),
         ("intrinsics-without-extrinsics", "give extrinsics too, or neither"),
         ("too-few-extrinsics", "got 2 extrinsics for 3 images"),
@@ -179,6 +187,7 @@ def test_bad_requests_fail_with_a_clear_message_before_the_network_runs(
         ({"chunk_size": True}, TypeError, "chunk_size must be a whole number"),
         ({"chunk_size": 4, "chunk_overlap": 2.0}, TypeError, "chunk_overlap must be a whole"),
         ({"chunk_size": 1}, ValueError, "chunk size must be at least 2 views"),
+        ({"time_budget": "5"}, TypeError, "time_budget must be a number of seconds"),
     ],
 )
 def test_inference_options_reject_unknown_values(
@@ -186,6 +195,17 @@ def test_inference_options_reject_unknown_values(
 ) -> None:
     with pytest.raises(error, match=message):
         InferenceOptions(**options)
+
+
+def test_views_may_come_from_any_iterable_and_the_device_by_name(
+    small_model: DepthAnything3, same_size_views: list[np.ndarray]
+) -> None:
+    """A generator of views failed on len(); a device given by name failed on ``.type``."""
+    by_name = DepthAnything3(small_model.loaded, "cpu")
+    options = InferenceOptions(process_res=PROCESS_RES)
+    listed = by_name.predict(same_size_views[:2], options=options)
+    generated = by_name.predict((view for view in same_size_views[:2]), options=options)
+    np.testing.assert_array_equal(generated.depth, listed.depth)
 
 
 def test_numpy_whole_numbers_are_whole_numbers() -> None:

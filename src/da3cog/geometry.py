@@ -849,4 +849,12 @@ def check_intrinsics(intrinsics: np.ndarray, count: int) -> np.ndarray:
         raise ValueError("intrinsics must have positive focal lengths fx, fy")
     if not np.allclose(array[:, 2], [0, 0, 1]):
         raise ValueError("the last row of intrinsics must be [0, 0, 1]")
+    # A pinhole camera matrix is upper triangular: K[1, 0] is no parameter of any camera
+    # (a transposed matrix, or one of another convention, would be taken as it is).
+    lower = np.flatnonzero(np.abs(array[:, 1, 0]) > 1e-6 * array[:, 1, 1])
+    if len(lower):
+        raise ValueError(
+            f"intrinsics[{lower[0]}]: K[1, 0] = {array[lower[0], 1, 0]:g}, where a camera "
+            "matrix holds 0 (is it transposed?)"
+        )
     return array

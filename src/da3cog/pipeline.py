@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -306,6 +306,10 @@ class InferenceOptions:
     loop_closure: bool = False
 
     def __post_init__(self) -> None:
+        if self.time_budget is not None and (
+            isinstance(self.time_budget, bool) or not isinstance(self.time_budget, (int, float))
+        ):
+            raise TypeError(f"time_budget must be a number of seconds, got {self.time_budget!r}")
         if self.time_budget is not None and not self.time_budget > 0:
             raise ValueError(f"time_budget must be > 0 seconds, got {self.time_budget}")
         check_strategy(self.reference_strategy)
@@ -467,6 +471,23 @@ PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 _AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _image_list(images: object) -> list:
+    """``images`` (any iterable of paths, PIL images or arrays) as a list; ValueError for one
+    image given alone, or for none."""
+    from PIL import Image
+
+    wanted = "images must be a non-empty list of paths, PIL images or arrays"
+    if isinstance(images, (str, bytes, os.PathLike, np.ndarray, torch.Tensor, Image.Image)):
+        raise ValueError(f"{wanted}, got one {type(images).__name__}: put it in a list")
+    try:
+        listed = list(images)
+    except TypeError:
+        raise ValueError(f"{wanted}, got {type(images).__name__}") from None
+    if not listed:
+        raise ValueError(f"{wanted}, got none")
+    return listed
+
+
 def check_device(device: torch.device) -> None:
     """ValueError unless ``device`` is one this process can run on (a CUDA device without
     CUDA failed deep inside the load, or in an assertion)."""
@@ -501,14 +522,18 @@ class DepthAnything3:
     """
 
     def __init__(
-        self, loaded: LoadedModel, device: torch.device | None = None, precision: Precision = "auto"
+        self,
+        loaded: LoadedModel,
+        device: torch.device | str | None = None,
+        precision: Precision = "auto",
     ) -> None:
         """``precision``: the dtype the backbone runs in under autocast (``fp32``, ``bf16``,
         ``fp16``; the heads always run in float32); ``auto``: bf16 on GPUs that support it,
         else fp32. The reduced ones trade the last digits of parity for speed (bench/README.md
         states both); ``Prediction.precision`` records which ran."""
         self.loaded = loaded
-        self.device = device or next(loaded.network.parameters()).device
+        parameters_device = next(loaded.network.parameters()).device
+        self.device = parameters_device if device is None else torch.device(device)
         check_device(self.device)
         stored = {p.dtype for p in loaded.network.parameters()} - {torch.float32}
         if stored:
@@ -541,7 +566,7 @@ class DepthAnything3:
     @torch.inference_mode()
     def predict(
         self,
-        images: Sequence[ImageSource],
+        images: Iterable[ImageSource],
         *,
         extrinsics: np.ndarray | None = None,
         intrinsics: np.ndarray | None = None,
@@ -551,7 +576,8 @@ class DepthAnything3:
         """Depth and cameras for a list of views.
 
         Args:
-            images: paths, PIL images or ``(H, W, 3)`` uint8 arrays, one per view.
+            images: paths, PIL images or ``(H, W, 3)`` uint8 arrays, one per view (a list,
+                or any iterable of them).
             extrinsics: optional ``(N, 3|4, 4)`` world-to-camera poses (OpenCV axes) to
                 condition on; needs ``intrinsics``. Any-view models only.
             intrinsics: ``(N, 3, 3)`` pixel intrinsics of the input images. Any-view models
@@ -569,8 +595,7 @@ class DepthAnything3:
         """
         options = options or InferenceOptions()
         report = progress or (lambda message: logger.info("%s", message))
-        if isinstance(images, (str, os.PathLike, np.ndarray)) or not len(images):
-            raise ValueError("images must be a non-empty list of paths, PIL images or arrays")
+        images = _image_list(images)
         count = len(images)
         check_request(self.loaded.preset, extrinsics is not None, intrinsics is not None, options)
         user_extrinsics = check_extrinsics(extrinsics, count) if extrinsics is not None else None

@@ -291,7 +291,9 @@ def source_size(source: ImageSource) -> tuple[int, int] | None:
             width, height = source.size
             return (height, width) if transposed else (width, height)
         array = np.asarray(source)
-        if array.ndim in (2, 3):
+        # Only the shapes load_image takes: a channels-first (3, H, W) array is refused there,
+        # not measured here as an image 3 pixels tall.
+        if array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3, 4)):
             return int(array.shape[1]), int(array.shape[0])
     except (OSError, ValueError):
         return None
