@@ -899,14 +899,21 @@ def test_an_empty_output_folder_given_through_a_link_is_filled(
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
 def test_an_output_folder_that_cannot_be_made_is_refused_before_the_model_runs(
-    small_checkpoint: Path, images: list[Path], capsys: pytest.CaptureFixture[str]
+    small_checkpoint: Path,
+    images: list[Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Write permission does not tell for root (/proc reads as writable to root, yet no
-    folder can be made there): the folder is tried, before the model runs."""
-    assert main(predict_args(small_checkpoint, Path("/proc/da3cog-out"), images)) == 2
-    message = capsys.readouterr().err
-    assert "--out /proc/da3cog-out: /proc is not writable" in message
-    assert "running" not in message
+    folder can be made there): the folder is tried, before the model runs; through a link,
+    where the link points."""
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to("/proc/no-such-folder/out")
+    for out in (Path("/proc/da3cog-out"), dangling):
+        assert main(predict_args(small_checkpoint, out, images)) == 2
+        message = capsys.readouterr().err
+        assert f"--out {out}: /proc is not writable" in message
+        assert "running" not in message
 
 
 def test_an_output_folder_removed_while_written_exits_3(

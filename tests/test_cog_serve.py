@@ -772,7 +772,7 @@ def test_a_request_too_big_for_one_pass_runs_in_chunks(
     # loop_closure reaches the pipeline (two chunks: nothing to close, and the notes say so).
     looped = replace(request(), loop_closure=True)
     manifest = json.loads(server.handle(looped, progress=lambda _: None)[0].read_text())
-    assert any("loop closure: not run, fewer than 3 chunks" in n for n in manifest["notes"])
+    assert any("loop closure: not run, 6 views" in n for n in manifest["notes"])
     # Chunks that cannot be aligned (here: an alignment asking for more pixels than there
     # are): refused with what the user can change, not the library's chunk_overlap.
     from da3cog import chunked

@@ -567,17 +567,19 @@ def test_rotation_vectors_round_trip() -> None:
 
 
 def test_loop_closure_says_when_it_has_nothing_to_do() -> None:
-    """Chunks in one frame already (the user's poses) and runs of two chunks: no loop chunk,
-    a note saying why."""
+    """Chunks in one frame already (the user's poses) and runs too short for a loop: no loop
+    chunk, a note saying why."""
     truth = _loop_truth()
     predict, calls = _drifting_predictor(truth)
     posed = reconstruct_in_chunks(FRAMES, SIZE, OVERLAP, predict, align=False, loop_closure=True)
     assert len(calls) == 9
     assert any("chunks share one frame already" in note for note in posed.notes)
-    predict, calls = _drifting_predictor(truth)
-    short = reconstruct_in_chunks(18, SIZE, OVERLAP, predict, loop_closure=True)
-    assert len(calls) == 2
-    assert any("fewer than 3 chunks" in note for note in short.notes)
+    # Three chunks of 12 sharing 6 span 24 views: none two chunk lengths apart.
+    for views, chunks in ((18, 2), (24, 3)):
+        predict, calls = _drifting_predictor(truth)
+        short = reconstruct_in_chunks(views, SIZE, OVERLAP, predict, loop_closure=True)
+        assert len(calls) == chunks
+        assert any(f"not run, {views} views: no two are 2 chunk" in n for n in short.notes)
 
 
 def test_a_single_pass_says_it_had_no_loops_to_close(small_model: DepthAnything3, photo) -> None:

@@ -211,8 +211,10 @@ def test_views_may_come_from_any_iterable_and_the_device_by_name(
 def test_numpy_whole_numbers_are_whole_numbers() -> None:
     """NumPy's integers are taken as the numbers they are, as Python's (which torch's
     random generators need)."""
-    options = InferenceOptions(chunk_size=np.int64(4), chunk_overlap=np.int32(2), seed=np.int64(7))
+    whole = {"chunk_size": np.int64(4), "chunk_overlap": np.int32(2), "seed": np.int64(7)}
+    options = InferenceOptions(**whole, time_budget=np.int64(60))
     assert (options.chunk_size, options.chunk_overlap, options.seed) == (4, 2, 7)
+    assert options.time_budget == 60.0 and type(options.time_budget) is float
     assert all(type(value) is int for value in (options.chunk_size, options.chunk_overlap))
     torch.Generator().manual_seed(options.seed)
 

@@ -668,8 +668,8 @@ def reconstruct_in_chunks(
         align: fit each chunk onto the previous one (False when every chunk is in a common
             frame already: the user's poses, or single-view models).
         loop_closure: after the sequential pass, look for places the sequence comes back to
-            and close those loops (:mod:`da3cog.loops`); only with ``align`` and three chunks
-            or more.
+            and close those loops (:mod:`da3cog.loops`); only with ``align`` and more than
+            ``LOOP_MIN_GAP_CHUNKS`` chunk lengths of views.
         time_budget: seconds the whole run may take. After each chunk the pace so far
             projects the total; once it passes the budget the run stops with
             :class:`TimeBudgetExceeded` (so at most one chunk's time is spent on a run that
@@ -834,8 +834,12 @@ def reconstruct_in_chunks(
     if spill_to is not None:
         how += "; every view's outputs kept in memory-mapped temporary files"
     notes.append(how)
-    if loop_closure and len(chunks) < 3:
-        notes.append("loop closure: not run, fewer than 3 chunks (neighbours align already)")
+    if loop_closure and count <= LOOP_MIN_GAP_CHUNKS * size:
+        notes.append(
+            f"loop closure: not run, {count} views: no two are {LOOP_MIN_GAP_CHUNKS} chunk "
+            f"lengths ({LOOP_MIN_GAP_CHUNKS * size} views) apart, as a loop's ends must be "
+            "(nearer ones align through the overlaps already)"
+        )
     elif loop_closure and not (align and residuals):
         notes.append("loop closure: not run, the chunks share one frame already (no drift)")
     elif loop_closure:

@@ -367,17 +367,18 @@ def _fresh_output(folder: Path) -> None:
         raise ValueError(f"--out {folder} is a file, not a folder: choose a new folder")
     if folder.is_dir() and any(folder.iterdir()):
         raise ValueError(f"output folder {folder} exists and is not empty: choose a new one")
-    # The results are written beside the folder and renamed to it when complete: an empty
-    # folder needs a writable parent (where a link to one points).
-    existing = folder.resolve()
-    writable_folder(existing.parent if existing.is_dir() else folder, "--out")
+    # The results are written beside the folder (where a link to it points, as export_all
+    # does) and renamed to it when complete: an existing one needs a writable parent.
+    target = folder.resolve() if folder.is_symlink() else folder
+    writable_folder(folder, "--out", target.parent if target.is_dir() else target)
 
 
-def writable_folder(folder: Path, option: str) -> None:
-    """ValueError, before any work, unless ``folder`` is or can be made a folder we can
-    write in: its nearest existing ancestor is a folder (not a file) a folder can be made in
-    (tried: permissions do not tell for root, read-only mounts or immutable folders)."""
-    existing = folder.absolute()
+def writable_folder(folder: Path, option: str, written: Path | None = None) -> None:
+    """ValueError, before any work, unless ``written`` (default: ``folder``, given as
+    ``option``) is or can be made a folder we can write in: its nearest existing ancestor is
+    a folder (not a file) a folder can be made in (tried: permissions do not tell for root,
+    read-only mounts or immutable folders)."""
+    existing = (written or folder).absolute()
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():

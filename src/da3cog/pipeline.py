@@ -306,10 +306,12 @@ class InferenceOptions:
     loop_closure: bool = False
 
     def __post_init__(self) -> None:
-        if self.time_budget is not None and (
-            isinstance(self.time_budget, bool) or not isinstance(self.time_budget, (int, float))
-        ):
-            raise TypeError(f"time_budget must be a number of seconds, got {self.time_budget!r}")
+        if self.time_budget is not None:
+            if isinstance(self.time_budget, bool) or not isinstance(self.time_budget, numbers.Real):
+                raise TypeError(
+                    f"time_budget must be a number of seconds, got {self.time_budget!r}"
+                )
+            object.__setattr__(self, "time_budget", float(self.time_budget))
         if self.time_budget is not None and not self.time_budget > 0:
             raise ValueError(f"time_budget must be > 0 seconds, got {self.time_budget}")
         check_strategy(self.reference_strategy)
@@ -845,7 +847,7 @@ class DepthAnything3:
             # prediction: what places points with both is in neither unit.
             notes.append(
                 "is_metric is False: the returned extrinsics are the given ones, in their own "
-                "unit, and depth was not brought to it"
+                "unit, and they did not bring the metric depth to it"
             )
             is_metric, focal_source = False, None
         return _Resolved(

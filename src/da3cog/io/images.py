@@ -309,14 +309,22 @@ def _load_image_file(path: Path, max_pixels: int | None) -> np.ndarray:
                 f"the limit is {max_pixels / 1e6:.1f} MP"
             )
         try:
-            # The orientation the header gives, as read_image_header reads it (Pillow's own,
-            # after load(), counts a PNG's EXIF after the pixels too: the size checked
-            # beforehand and the pixels turned differently).
-            turn = _ORIENTATION_TRANSPOSES.get(header_exif(opened).get(_ORIENTATION, 1))
+            # A PNG turned as its header says, as read_image_header reads it: Pillow's own
+            # turn, after load(), counts an EXIF after the pixels (or in XMP) too, so the
+            # size checked beforehand and the pixels would differ. Other formats' EXIF is
+            # all in the header (TIFFs come out of load() already turned).
+            png_turn = (
+                _ORIENTATION_TRANSPOSES.get(header_exif(opened).get(_ORIENTATION, 1))
+                if opened.format == "PNG"
+                else None
+            )
             # load() inside the try so truncated or corrupt pixel data is reported here, with
             # the path, rather than later from deep inside a conversion.
             opened.load()
-            oriented = opened if turn is None else opened.transpose(turn)
+            if opened.format != "PNG":
+                oriented = ImageOps.exif_transpose(opened)
+            else:
+                oriented = opened if png_turn is None else opened.transpose(png_turn)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
             reason = str(error) or type(error).__name__
             raise ImageDecodeError(f"cannot decode image file {path}: {reason}") from error
