@@ -884,6 +884,24 @@ def test_an_image_whose_name_is_not_utf8_exports_every_format(
     assert "\\ud" not in cameras and json.loads(cameras)["views"][0]["name"] == "caf\ufffd"
 
 
+def test_the_working_directory_is_no_output_folder(
+    small_checkpoint: Path,
+    images: list[Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--out .`` in an empty folder: the results were staged inside it (its parent is
+    itself) and then refused as "not empty", after the model ran."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert main(predict_args(small_checkpoint, Path("."), images)) == 2
+    message = capsys.readouterr().err
+    assert "--out . is the working directory" in message and "running" not in message
+    assert not any(here.iterdir())
+
+
 def test_an_empty_output_folder_given_through_a_link_is_filled(
     small_checkpoint: Path, images: list[Path], tmp_path: Path
 ) -> None:

@@ -158,6 +158,15 @@ def test_folder_must_be_new_or_empty(prediction, tmp_path: Path) -> None:
     assert manifest.folder == empty
 
 
+def test_the_working_directory_is_refused(prediction, tmp_path: Path, monkeypatch) -> None:
+    """Written beside the folder and renamed onto it: the working directory itself would be
+    replaced (it was staged inside itself and refused as not empty)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="is the working directory"):
+        export_all(prediction, Path("."), ["npz"])
+    assert not any(tmp_path.iterdir())
+
+
 def test_failure_leaves_nothing(prediction, tmp_path: Path, monkeypatch) -> None:
     """The GLB writer dies half-way through its file: no output folder, no staging folder."""
     import da3cog.export.glb as glb

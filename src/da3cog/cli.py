@@ -367,6 +367,8 @@ def _fresh_output(folder: Path) -> None:
         raise ValueError(f"--out {folder} is a file, not a folder: choose a new folder")
     if folder.is_dir() and any(folder.iterdir()):
         raise ValueError(f"output folder {folder} exists and is not empty: choose a new one")
+    if folder.resolve() == Path.cwd().resolve():
+        raise ValueError(f"--out {folder} is the working directory: choose a new folder")
     # The results are written beside the folder (where a link to it points, as export_all
     # does) and renamed to it when complete: an existing one needs a writable parent.
     target = folder.resolve() if folder.is_symlink() else folder

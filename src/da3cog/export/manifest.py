@@ -185,6 +185,9 @@ def _json_default(value: Any) -> Any:
 def _check_fresh(folder: Path) -> None:
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise ValueError(f"output folder {folder} exists and is not empty: choose a new one")
+    if folder.resolve() == Path.cwd().resolve():
+        # Written beside it and renamed onto it: the working directory would be replaced.
+        raise ValueError(f"output folder {folder} is the working directory: choose a new one")
 
 
 def _entry_document(entry: ManifestEntry, root: Path) -> dict[str, Any]:
