@@ -27,7 +27,9 @@ prediction added (CPU: ``VmHWM`` after a reset minus the RSS before; CUDA:
 ``max_memory_allocated``), beside what the memory model estimated for that request and path
 (:func:`da3cog.memory.estimate`, what the pipeline plans with; an upper bound, so the ratio
 measured / estimate should stay at or below 1; not for upstream's rows, nor for spilled
-outputs, which the estimate counts as kept). The chunked path's peak should stay flat in N
+outputs, which the estimate counts as kept); with upstream's one pass among the paths, the
+speed-up and peak ratio of each of ours against it, measured in the same run. It exits 1 when
+a row failed. The chunked path's peak should stay flat in N
 (one chunk's activations plus the outputs), the one-pass path's grows with N. Random
 weights: the timing and memory are those of the real network; the depth is not meaningful.
 Upstream's streaming code is not on PyPI and needs CUDA as published: it is not run here
@@ -79,7 +81,7 @@ elif chunk.startswith("spill:"):
     # The spilling path as the auto plan takes it when the outputs do not fit (forced here,
     # with the same chunk size as the plain chunked row).
     chunk = chunk.split(":")[1]
-    DepthAnything3._plan_chunks = lambda self, images, options: (int(chunk), True)
+    DepthAnything3._plan_chunks = lambda self, images, sizes, options: (int(chunk), True)
     options = InferenceOptions(process_res=res, chunk_size="auto")
 elif chunk.startswith("loops:"):
     options = InferenceOptions(
@@ -184,7 +186,10 @@ def main() -> int:
     else:
         print("| views | path | seconds | views/s | peak added / estimate (MiB) |")
         print("| --- | --- | --- | --- | --- |")
+    failed = False
+    ratios: list[str] = []
     for views in args.views:
+        measured: dict[str, dict] = {}
         paths = (
             ("one pass", "none"),
             ("chunked", str(args.chunk)),
@@ -198,7 +203,9 @@ def main() -> int:
             row = run(folder, args.device, views, args.res, chunk)
             if "error" in row:
                 print(f"| {views} | {path} | failed: {row['error']} | | |", flush=True)
+                failed = True
                 continue
+            measured[path] = row
             if row.get("loops"):
                 # "loop closure: 1 of 3 candidate loop(s) kept (...); ..." -> "1 of 3 ... kept"
                 path += f" ({row['loops'].removeprefix('loop closure: ').split(' (')[0]})"
@@ -216,7 +223,28 @@ def main() -> int:
                 f"{memory_cells}",
                 flush=True,
             )
-    return 0
+        ratios.extend(_against_upstream(views, measured, cuda))
+    if ratios:
+        print("\nAgainst upstream's one pass, measured in this run (time: upstream's / ours;")
+        print("peak: ours / upstream's, host RSS on a CPU, allocated device memory on CUDA)")
+        print("| views | path | speed-up | peak ratio |")
+        print("| --- | --- | --- | --- |")
+        print("\n".join(ratios))
+    return 1 if failed else 0
+
+
+def _against_upstream(views: int, measured: dict[str, dict], cuda: bool) -> list[str]:
+    """Table rows of each of ours against the upstream one pass of the same views."""
+    upstream = measured.get("upstream one pass")
+    if upstream is None:
+        return []
+    peak = "added" if cuda else "host_added"
+    return [
+        f"| {views} | {path} | {upstream['seconds'] / row['seconds']:.2f}x | "
+        f"{row[peak] / upstream[peak]:.2f}x |"
+        for path, row in measured.items()
+        if path != "upstream one pass"
+    ]
 
 
 def against(measured: int, estimate: int | None) -> str:

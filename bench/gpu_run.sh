@@ -41,12 +41,15 @@ fi
   "$python" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 } 2>&1 | tee "$out/machine.txt"
 
+worst=0
 step() {  # step NAME SECONDS COMMAND...: one bench, its log in $out/NAME.log
-  local name=$1 limit=$2
+  local name=$1 limit=$2 status
   shift 2
   echo "== $name (at most ${limit}s): $*" | tee "$out/$name.log"
   timeout "$limit" "$@" 2>&1 | tee -a "$out/$name.log"
-  echo "== $name: exit ${PIPESTATUS[0]}" | tee -a "$out/$name.log"
+  status=${PIPESTATUS[0]}
+  echo "== $name: exit $status" | tee -a "$out/$name.log"
+  if [ "$status" -gt "$worst" ]; then worst=$status; fi
 }
 
 case "$part" in
@@ -99,3 +102,5 @@ case "$part" in
     exit 2
     ;;
 esac
+# The worst step's status: the part failed if any step did (each step still ran).
+exit "$worst"

@@ -147,6 +147,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / ".cache" / "soak")
     args = parser.parse_args()
+    if args.requests <= WARM_UP:
+        parser.error(f"--requests must be more than the {WARM_UP} of the warm-up")
     from oracle import save_checkpoint
 
     work = args.out / time.strftime("%Y%m%d-%H%M%S")
