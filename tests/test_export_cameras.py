@@ -114,6 +114,31 @@ def test_formats_without_skew_say_they_dropped_it(prediction, tmp_path: Path) ->
     assert not any("notes" in e.details for e in plain)
 
 
+def test_transforms_json_says_when_nerfstudio_cannot_scale_the_poses(
+    prediction, tmp_path: Path
+) -> None:
+    """One view, or cameras at one centre (a tripod): nerfstudio's parser divides by the
+    largest translation, then 0, and failed with no word from the export."""
+    from da3cog.export.cameras import transforms_json_files
+
+    def notes(found) -> list[str]:
+        (entry,) = [e for e in found if e.role == "transforms_json"]
+        return entry.details.get("notes", [])
+
+    tripod = []
+    for view in prediction.views:
+        extrinsics = np.array(view.extrinsics)
+        extrinsics[:3, 3] = -extrinsics[:3, :3] @ np.array([1.0, 2.0, 3.0])  # centre (1, 2, 3)
+        tripod.append(dataclasses.replace(view, extrinsics=extrinsics))
+    for case, name in (
+        (dataclasses.replace(prediction, views=prediction.views[:1]), "lone"),
+        (dataclasses.replace(prediction, views=tuple(tripod)), "tripod"),
+    ):
+        (note,) = notes(transforms_json_files(case, tmp_path / name))
+        assert "auto-scale-poses False" in note
+    assert notes(transforms_json_files(prediction, tmp_path / "moving")) == []
+
+
 def test_transforms_json(prediction, tmp_path: Path) -> None:
     before = snapshot(prediction)
     paths = export_transforms_json(prediction, tmp_path)

@@ -19,7 +19,7 @@ from da3cog.export.files import (
     view_file_name,
 )
 from da3cog.export.points import require_cameras, skew_note, world_to_camera
-from da3cog.geometry import invert_rigid_np
+from da3cog.geometry import camera_centres, invert_rigid_np
 from da3cog.pipeline import Prediction, ViewPrediction
 
 # How the prediction's cameras and unit were made (Prediction attributes), in cameras.json,
@@ -201,15 +201,31 @@ def transforms_json_files(
                 )
 
             batch.write(folder / image_file_name(index, view.name), save, "image", index)
-        skew = skew_note(prediction, "nerfstudio's cameras")
+        notes = [skew_note(prediction, "nerfstudio's cameras"), _one_centre_note(prediction)]
+        notes = [note for note in notes if note]
         batch.write(
             folder / "transforms.json",
             lambda target: target.write_text(text, encoding="utf-8"),
             "transforms_json",
             convention="nerfstudio: camera_to_world, OpenGL camera axes",
-            **({"notes": [skew]} if skew else {}),
+            **({"notes": notes} if notes else {}),
         )
     return batch.entries
+
+
+def _one_centre_note(prediction: Prediction) -> str | None:
+    """A note when every camera sits at one centre (one view, a tripod): nerfstudio's parser
+    scales the poses by their largest translation, which is then 0 (a division by zero)."""
+    centres = camera_centres(np.stack([world_to_camera(view) for view in prediction.views]))
+    spread = float(np.abs(centres - centres[0]).max())
+    # One centre up to float32 rounding (the poses' precision).
+    if spread > 1e-6 * max(1.0, float(np.abs(centres).max())):
+        return None
+    return (
+        "every camera sits at one centre: nerfstudio's parser divides by the cameras' largest "
+        "translation, here 0, unless run with "
+        "--pipeline.datamanager.dataparser.auto-scale-poses False"
+    )
 
 
 export_transforms_json = returning_paths(transforms_json_files, "export_transforms_json")
