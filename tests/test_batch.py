@@ -227,6 +227,95 @@ def test_a_rerun_resumes_and_clears_what_a_killed_run_left(
     assert [row["scene"] for row in _index(out)] == ["s0", "s1", "s2", "s3"]
 
 
+def test_a_scene_that_kills_its_worker_is_given_up_after_three_attempts(
+    scenes: Path, tmp_path: Path, small_model: DepthAnything3, small_checkpoint: Path
+) -> None:
+    """A scene whose worker is killed (out of memory, a decoder crash) leaves no row: Ray
+    retried it without end and an in-process driver died on it at every rerun. Attempts are
+    recorded before a scene runs; after three that never ended, its row says failed and the
+    batch goes on. One dead attempt is tried again, and a landed scene forgets its own."""
+    from da3cog.batch.storage import ATTEMPTS_FOLDER, OutputRoot
+
+    out = tmp_path / "out"
+    root = OutputRoot(out)
+    root.prepare()
+    for scene, dead in (("s0", 3), ("s1", 1)):
+        for _ in range(dead):
+            root.begin_attempt(scene)  # as a killed worker leaves it: never ended
+    results = run_batch(read_manifest(scenes), out, _settings(small_checkpoint), model=small_model)
+    rows = {r.scene: r for r in results}
+    assert rows["s0"].status == "failed" and "3 attempt(s) ended with their worker killed" in (
+        rows["s0"].error or ""
+    )
+    assert rows["s1"].status == "done" and rows["s3"].status == "done"
+    assert not (out / PARTIAL_FOLDER / ATTEMPTS_FOLDER).exists()
+    # Given up in that run only: the next run tries it again.
+    again = run_batch(read_manifest(scenes), out, _settings(small_checkpoint), model=small_model)
+    assert {r.scene: r.status for r in again}["s0"] == "done"
+
+
+def test_relative_paths_are_made_absolute_for_workers_elsewhere(
+    scenes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ray actor on another machine's process resolves a relative path against its own
+    working directory: scenes landed elsewhere and were reported done. The driver sends
+    absolute paths."""
+    from da3cog.batch.storage import OutputRoot
+
+    monkeypatch.chdir(tmp_path)
+    assert OutputRoot("out").location == str(tmp_path / "out")
+    assert OutputRoot("memory://bucket/out").location == "memory://bucket/out"
+    (scene, *_) = read_manifest(scenes.name)
+    assert all(Path(item).is_absolute() for item in scene.inputs), scene.inputs
+    from da3cog.weights import absolute_model
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    assert absolute_model("model") == str(tmp_path / "model")
+    assert absolute_model("small") == "small"
+    # A link to a folder not made yet is made where it points (it failed: "File exists").
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    linked = OutputRoot("link")
+    linked.prepare()
+    assert linked.location == str(tmp_path / "target") and (tmp_path / "target").is_dir()
+
+
+def test_a_complete_marker_beside_a_cut_result_runs_the_scene_again(
+    scenes: Path, tmp_path: Path, small_model: DepthAnything3, small_checkpoint: Path
+) -> None:
+    """A scene folder marked complete whose result.json is cut short stopped the whole batch
+    with a bare JSON error; the scene now runs again and its folder is replaced."""
+    out = tmp_path / "out"
+    (first, *_) = read_manifest(scenes)
+    run_batch([first], out, _settings(small_checkpoint), model=small_model)
+    result = out / first.id / "result.json"
+    result.write_text(result.read_text()[:20])
+    (again,) = run_batch([first], out, _settings(small_checkpoint), model=small_model)
+    assert again.status == "done" and json.loads(result.read_text())["status"] == "done"
+
+
+def test_a_scenes_seed_reaches_its_point_cloud(
+    scenes: Path, tmp_path: Path, small_model: DepthAnything3, small_checkpoint: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The point cloud's subsample is seeded as the predict command seeds it: a scene's
+    own seed never reached it (the batch's export options had only the batch's)."""
+    from da3cog.export import manifest
+
+    seeds = []
+    export_all = manifest.export_all
+
+    def spy(prediction, folder, formats, **options):
+        seeds.append(options.get("seed"))
+        return export_all(prediction, folder, formats, **options)
+
+    monkeypatch.setattr(manifest, "export_all", spy)
+    (first, *_) = read_manifest(scenes)
+    seeded = dataclasses.replace(first, options={"seed": 7, "export": ["ply"]})
+    run_batch([seeded], tmp_path / "out", _settings(small_checkpoint), model=small_model)
+    assert seeds == [7]
+
+
 def test_a_batch_never_replaces_a_folder_it_did_not_write(
     scenes: Path, tmp_path: Path, small_model: DepthAnything3, small_checkpoint: Path, capsys
 ) -> None:
@@ -446,6 +535,21 @@ def test_csv_and_parquet_manifests(tmp_path: Path) -> None:
         (
             '{"scene": "a", "video": "v.mp4", "options": {"loop_closure": "no"}}',
             "line 1.*loop_closure must be true or false",
+        ),
+        # One folder on a disk that ignores case (macOS, Windows): refused, not a crash
+        # after every scene ran.
+        (
+            '{"scene": "Kitchen", "video": "v.mp4"}\n{"scene": "kitchen", "video": "w.mp4"}',
+            "line 2: scene 'kitchen' is listed twice \\('Kitchen' before\\)",
+        ),
+        ('{"scene": "INDEX.jsonl", "video": "v.mp4"}', "names the batch's index"),
+        # Refused when read, not after the model loaded and the inputs were fetched.
+        ('{"scene": "a", "video": "v.mp4", "options": {"process_res": "336"}}', "process_res"),
+        ('{"scene": "a", "video": "v.mp4", "options": {"process_res": 0}}', "between 14"),
+        ('{"scene": "a", "video": "v.mp4", "options": {"resize_method": "x"}}', "method 'x'"),
+        (
+            '{"scene": "a", "video": "v.mp4", "options": {"export": ["gaussians_ply"]}}',
+            "gaussians_ply needs the Gaussians predicted",
         ),
     ],
 )

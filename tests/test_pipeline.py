@@ -124,15 +124,6 @@ def bad_request(name: str, views: list[np.ndarray]) -> dict[str, Any]:
             "extrinsics": nan_extrinsics,
             "intrinsics": intrinsics,
         },
-        "unknown-resize-method": {
-            "images": views[:2],
-            "options": InferenceOptions(process_res=PROCESS_RES, resize_method="stretch"),
-        },
-        "process-res-too-large": {
-            "images": views[:2],
-            "options": InferenceOptions(process_res=5000),
-        },
-        "process-res-too-small": {"images": views[:2], "options": InferenceOptions(process_res=7)},
         # The last view of a chunked run: refused before the first chunk, not in the last.
         "too-elongated-last-view": {
             "images": [*views[:3], np.zeros((2, 3000, 3), dtype=np.uint8)],
@@ -156,9 +147,6 @@ def bad_request(name: str, views: list[np.ndarray]) -> dict[str, Any]:
         ("too-few-extrinsics", "got 2 extrinsics for 3 images"),
         ("too-many-intrinsics", r"intrinsics must have shape \(2, 3, 3\)"),
         ("nan-extrinsics", "NaN or infinite"),
-        ("unknown-resize-method", "unknown process_res method 'stretch'"),
-        ("process-res-too-large", "process_res must be between 14 and 4096 pixels, got 5000"),
-        ("process-res-too-small", "process_res must be between 14 and 4096 pixels, got 7"),
         ("too-elongated-last-view", r"image 3 \(3000x2 pixels\) is too elongated"),
     ],
 )
@@ -188,6 +176,11 @@ def test_bad_requests_fail_with_a_clear_message_before_the_network_runs(
         ({"chunk_size": 4, "chunk_overlap": 2.0}, TypeError, "chunk_overlap must be a whole"),
         ({"chunk_size": 1}, ValueError, "chunk size must be at least 2 views"),
         ({"time_budget": "5"}, TypeError, "time_budget must be a number of seconds"),
+        # Refused when the options are made (a manifest's, before any model loads).
+        ({"resize_method": "stretch"}, ValueError, "unknown process_res method 'stretch'"),
+        ({"process_res": 5000}, ValueError, "between 14 and 4096 pixels, got 5000"),
+        ({"process_res": 7}, ValueError, "between 14 and 4096 pixels, got 7"),
+        ({"process_res": "336"}, TypeError, "process_res must be an integer"),
     ],
 )
 def test_inference_options_reject_unknown_values(

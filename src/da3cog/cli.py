@@ -205,6 +205,11 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument("--chunk-size", type=_chunk_size, default="auto", metavar="N|auto|none")
     batch.add_argument("--chunk-overlap", type=int, default=None)
     batch.add_argument("--loop-closure", action="store_true")
+    batch.add_argument(
+        "--gaussians",
+        action="store_true",
+        help="also predict 3D Gaussians (giant, nested), for the gaussians_* export formats",
+    )
     _add_sampling(batch)
     batch.add_argument("--seed", type=int, default=42)
     batch.add_argument("--device", default=None)
@@ -561,7 +566,9 @@ def run_batch_command(args: argparse.Namespace) -> int:
     """``da3cog batch``: 0 when every scene is done, 1 when some failed (their errors are in
     the index and the summary table)."""
     from da3cog.batch import BatchSettings, RayOptions, read_manifest, run_batch
+    from da3cog.batch.manifest import scene_settings
     from da3cog.batch.storage import is_uri
+    from da3cog.weights import absolute_model
 
     if not is_uri(str(args.out)):
         writable_folder(Path(args.out), "--out")
@@ -581,7 +588,7 @@ def run_batch_command(args: argparse.Namespace) -> int:
             cpus_per_actor=args.cpus_per_actor,
         )
     settings = BatchSettings(
-        model=args.model,
+        model=absolute_model(args.model),
         device=args.device,
         precision=args.precision,
         cache_dir=args.cache_dir,
@@ -591,12 +598,19 @@ def run_batch_command(args: argparse.Namespace) -> int:
             chunk_size=args.chunk_size,
             chunk_overlap=args.chunk_overlap,
             loop_closure=args.loop_closure,
+            infer_gaussians=args.gaussians,
         ),
         formats=tuple(args.export),
         export_options=_seeded(args.export, args.seed),
         sampling=_sampling(args),
     )
     scenes = read_manifest(args.manifest)
+    # Each scene's settings as the batch's flags make them, refused before any model loads.
+    for scene in scenes:
+        try:
+            scene_settings(scene.options, settings.options, settings.formats, settings.sampling)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"scene {scene.id}: {error}") from None
     view = _BatchView(len(scenes))
     try:
         results = run_batch(scenes, args.out, settings, ray=ray, progress=view)

@@ -47,6 +47,8 @@ from da3cog.io import (
 )
 from da3cog.io.preprocess import (
     DEFAULT_RESIZE_METHOD,
+    check_process_res,
+    check_resize_method,
     processing_size,
     scene_processing_shape,
 )
@@ -315,6 +317,10 @@ class InferenceOptions:
         if self.time_budget is not None and not self.time_budget > 0:
             raise ValueError(f"time_budget must be > 0 seconds, got {self.time_budget}")
         check_strategy(self.reference_strategy)
+        # Here, not at the first image: a manifest's or the served model's options are
+        # refused before any model loads or any input is fetched.
+        check_process_res(self.process_res)
+        check_resize_method(self.resize_method)
         if self.mixed_shapes not in MIXED_SHAPES:
             raise ValueError(
                 f"mixed_shapes must be one of {', '.join(MIXED_SHAPES)}, "

@@ -176,6 +176,17 @@ def _hub_id(source: str | os.PathLike[str]) -> str | None:
     )
 
 
+def absolute_model(source: str) -> str:
+    """``source`` with a checkpoint folder by its absolute path (a worker in another process
+    or on another machine resolves a relative one against its own working directory); presets
+    and Hub ids as given."""
+    try:
+        local = _hub_id(source) is None
+    except CheckpointError:
+        return source
+    return str(Path(source).expanduser().absolute()) if local else source
+
+
 def resolve_checkpoint(source: str | os.PathLike[str], cache_dir: Path | None = None) -> Path:
     """A local checkpoint folder for ``source``: a folder path, a preset name or alias
     (``small``, ``da3-large``: its newest official Hub repo, see :func:`hub_repo`), a preset

@@ -25,6 +25,7 @@ import csv
 import dataclasses
 import io
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,14 +82,19 @@ def read_manifest(location: str | Path) -> list[Scene]:
             rows = _jsonl_rows(name, text) if suffix == ".jsonl" else _csv_rows(name, text)
     except FileNotFoundError:
         raise ValueError(f"{location}: no such manifest file") from None
-    base = storage.parent(location)
+    # A local manifest's folder by its absolute path: Ray actors elsewhere resolve relative
+    # inputs against their own working directory.
+    base = storage.parent(location if storage.is_uri(location) else os.path.abspath(location))
     scenes: list[Scene] = []
-    seen: set[str] = set()
+    seen: dict[str, str] = {}
     for line, row in rows:
         scene = _scene(row, base, f"{name} line {line}")
-        if scene.id in seen:
-            raise ValueError(f"{name} line {line}: scene {scene.id!r} is listed twice")
-        seen.add(scene.id)
+        # Folder names differing in case only are one folder on macOS and Windows disks.
+        folded = scene.id.casefold()
+        if folded in seen:
+            twice = "twice" if seen[folded] == scene.id else f"twice ({seen[folded]!r} before)"
+            raise ValueError(f"{name} line {line}: scene {scene.id!r} is listed {twice}")
+        seen[folded] = scene.id
         scenes.append(scene)
     if not scenes:
         raise ValueError(f"{location}: the manifest lists no scenes")
@@ -107,7 +113,7 @@ def _scene(row: dict[str, Any], base: str, where: str) -> Scene:
             f"{where}: 'scene' must be an id of letters, digits, '.', '_' and '-' "
             f"(it names the output folder), got {scene_id!r}"
         )
-    if scene_id in storage.RESERVED_NAMES:
+    if scene_id.casefold() in {name.casefold() for name in storage.RESERVED_NAMES}:
         raise ValueError(f"{where}: {scene_id!r} names the batch's index, not a scene")
     images = row.get("images") or []
     if isinstance(images, str):
@@ -172,6 +178,12 @@ def scene_settings(
         if bad:
             raise ValueError(f"unknown export format(s) {', '.join(map(str, bad))}")
         formats = tuple(chosen)
+    wanted = [name for name in formats if name in ("gaussians_ply", "gaussians_video")]
+    if wanted and not inference.infer_gaussians:
+        raise ValueError(
+            f"export {', '.join(wanted)} needs the Gaussians predicted: --gaussians, or "
+            '"infer_gaussians": true in the scene\'s options (giant, nested)'
+        )
     if any(key in options for key in SAMPLING_OPTIONS):
         sampling = dataclasses.replace(
             sampling,

@@ -34,6 +34,10 @@ COMPLETE_NAME = ".complete"
 # folder under the scene's name is the user's own, which a batch never touches.
 SCENE_MARKER = ".da3cog-scene"
 PARTIAL_FOLDER = ".partial"
+# Scenes whose attempts never ended (their worker was killed: out of memory, a crash in a
+# decoder) are not tried again after this many: their row says failed.
+MAX_SCENE_ATTEMPTS = 3
+ATTEMPTS_FOLDER = "attempts"
 INDEX_NAME = "index.jsonl"
 INDEX_PARQUET_NAME = "index.parquet"
 # Names in the output folder that are not scenes.
@@ -117,7 +121,13 @@ class OutputRoot:
     ``index.parquet`` when pyarrow is installed) beside them."""
 
     def __init__(self, location: str | os.PathLike[str]) -> None:
+        # A local folder by its absolute path: Ray actors elsewhere resolve a relative one
+        # against their own working directory; a link by where it points (made there).
         self.location = str(location)
+        if not is_uri(self.location):
+            self.location = os.path.abspath(location)
+            if os.path.islink(self.location):
+                self.location = os.path.realpath(self.location)
         self.fs, self.root = fsspec.core.url_to_fs(self.location)
         self.local = isinstance(self.fs, LocalFileSystem)
 
@@ -202,8 +212,40 @@ class OutputRoot:
         folder = self.scene(scene)
         if not self.fs.exists(posixpath.join(folder, COMPLETE_NAME)):
             return None
-        with self.fs.open(posixpath.join(folder, RESULT_NAME), "r") as stream:
-            return json.load(stream)
+        # A marker beside a lost or cut result (a disk filled, a hand edit): not complete, so
+        # the scene runs again and its folder is replaced.
+        try:
+            with self.fs.open(posixpath.join(folder, RESULT_NAME), "r") as stream:
+                return json.load(stream)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def begin_attempt(self, scene: str) -> tuple[str, int]:
+        """Record an attempt at ``scene`` before it runs; returns its record (for
+        :meth:`end_attempt`) and how many earlier attempts never ended (their worker died)."""
+        folder = posixpath.join(self.root, PARTIAL_FOLDER, ATTEMPTS_FOLDER, scene)
+        try:
+            earlier = len(self.fs.ls(folder, detail=False))
+        except FileNotFoundError:
+            earlier = 0
+        record = posixpath.join(folder, f"{_own_staging()}-{uuid.uuid4().hex[:12]}")
+        self.fs.makedirs(folder, exist_ok=True)
+        self.fs.pipe_file(record, b"")
+        return record, earlier
+
+    def end_attempt(self, scene: str, record: str, *, clear: bool = False) -> None:
+        """The attempt ``record`` ended (with a row, done or failed); ``clear`` forgets the
+        scene's dead attempts too (it landed, or its row says it was given up)."""
+        folder = posixpath.join(self.root, PARTIAL_FOLDER, ATTEMPTS_FOLDER, scene)
+        with contextlib.suppress(FileNotFoundError):
+            if clear:
+                self.fs.rm(folder, recursive=True)
+            else:
+                self.fs.rm(record)
+        if self.local:
+            for empty in (Path(folder), Path(folder).parent):
+                with contextlib.suppress(OSError):
+                    empty.rmdir()
 
     def staging(self, scene: str) -> Path:
         """A fresh local folder to write ``scene`` into before :meth:`publish`: under

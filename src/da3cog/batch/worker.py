@@ -24,6 +24,7 @@ import numpy as np
 from da3cog.batch.manifest import Scene, scene_settings
 from da3cog.batch.storage import (
     COMPLETE_NAME,
+    MAX_SCENE_ATTEMPTS,
     RESULT_NAME,
     SCENE_MARKER,
     OutputRoot,
@@ -143,14 +144,27 @@ class SceneRunner:
         landed = self.root.completed(scene.id)
         if landed is not None:
             return SceneResult.from_document(landed)
+        record, dead = self.root.begin_attempt(scene.id)
+        if dead >= MAX_SCENE_ATTEMPTS:
+            # Its worker died every time (a kill takes no row with it): a retry would too.
+            self.root.end_attempt(scene.id, record, clear=True)
+            return SceneResult(
+                scene.id,
+                "failed",
+                worker=self.worker,
+                error=f"WorkerDied: {dead} attempt(s) ended with their worker killed (out of "
+                "memory, or a crash in a decoder); not tried again in this run",
+            )
         started = time.perf_counter()
         staging = self.root.staging(scene.id)
+        landed_now = False
         try:
             outputs = staging / "outputs"
             result = self._run(scene, staging, outputs, started)
             (outputs / RESULT_NAME).write_text(json.dumps(result.document(), indent=2))
             (outputs / SCENE_MARKER).write_text("")
             (outputs / COMPLETE_NAME).write_text("")
+            landed_now = True
             if not self.root.publish(scene.id, outputs):
                 landed = self.root.completed(scene.id)
                 if landed is not None:
@@ -158,6 +172,7 @@ class SceneRunner:
             return result
         # Any failure of a scene (bad input, decoding, the model, a full disk) is its row.
         except Exception as error:
+            landed_now = False
             return SceneResult(
                 scene.id,
                 "failed",
@@ -167,6 +182,7 @@ class SceneRunner:
             )
         finally:
             self.root.release(staging)
+            self.root.end_attempt(scene.id, record, clear=landed_now)
 
     def _run(self, scene: Scene, staging: Path, outputs: Path, started: float) -> SceneResult:
         from da3cog.export.manifest import export_all, options_taken
@@ -199,8 +215,11 @@ class SceneRunner:
         except ValueError as error:  # an image that fails to decode past its header
             raise _in_user_terms(error, local_inputs, scene.inputs) from None
         marks.append(time.perf_counter())
-        # The batch's export options, as far as this scene's formats take them.
-        export_options = options_taken(formats, self.settings.export_options)
+        # The batch's export options, as far as this scene's formats take them, and the
+        # scene's seed for the point-cloud subsample (as the predict command passes it).
+        export_options = options_taken(
+            formats, {**self.settings.export_options, "seed": options.seed}
+        )
         export_all(prediction, outputs, list(formats), **export_options)
         marks.append(time.perf_counter())
         stages = ("inputs", "predict", "export")

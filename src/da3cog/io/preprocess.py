@@ -214,8 +214,8 @@ def prepare_images(
             or an image :func:`~da3cog.io.load_image` rejects.
         TypeError: ``process_res`` is not an integer.
     """
-    _validate_method(method)
-    _validate_process_res(process_res)
+    check_resize_method(method)
+    check_process_res(process_res)
     if mixed_shapes not in MIXED_SHAPES:
         raise ValueError(
             f"mixed_shapes must be one of {', '.join(MIXED_SHAPES)}, got {mixed_shapes!r}"
@@ -390,8 +390,8 @@ def processing_size(
     (:func:`scene_processing_shape`); what :func:`prepare_images` gives it, from its size
     alone. Raises ValueError, as :func:`prepare_images` does, for a view too elongated to
     process (named as image ``index``)."""
-    _validate_method(method)
-    _validate_process_res(process_res)
+    check_resize_method(method)
+    check_process_res(process_res)
     height, width = _patch_aligned_size(*_bounded_size(input_size, process_res, method)[:2], method)
     _check_patch_aligned(height, width, input_size, index)
     return height, width
@@ -471,14 +471,16 @@ def _normalise(rgb_batch: np.ndarray) -> torch.Tensor:
     return scaled.sub_(mean).div_(std)
 
 
-def _validate_method(method: str) -> None:
+def check_resize_method(method: str) -> None:
+    """ValueError unless ``method`` is one of :data:`PROCESS_METHODS`."""
     if method not in PROCESS_METHODS:
         raise ValueError(
             f"unknown process_res method {method!r}; expected one of {', '.join(PROCESS_METHODS)}"
         )
 
 
-def _validate_process_res(process_res: int) -> None:
+def check_process_res(process_res: int) -> None:
+    """TypeError or ValueError unless ``process_res`` is a whole number of pixels in range."""
     if isinstance(process_res, bool) or not isinstance(process_res, numbers.Integral):
         raise TypeError(f"process_res must be an integer, got {type(process_res).__name__}")
     if not MIN_PROCESS_RES <= process_res <= MAX_PROCESS_RES:
