@@ -280,6 +280,25 @@ def test_relative_paths_are_made_absolute_for_workers_elsewhere(
     assert linked.location == str(tmp_path / "target") and (tmp_path / "target").is_dir()
 
 
+def test_scenes_made_in_code_are_checked_like_a_manifests(tmp_path: Path) -> None:
+    """``Scene`` is public: ids that escape the output folder, or name one folder twice, were
+    run and written outside ``--out`` or over each other, all reported done."""
+    from da3cog.batch import Scene
+
+    settings = _settings(tmp_path / "no-model")
+    for ids, message in (
+        (["../escaped"], "must be an id"),
+        (["/tmp/abs"], "must be an id"),
+        (["dup", "dup"], "'dup' is listed twice"),
+        (["Kitchen", "kitchen"], "listed twice \\('Kitchen' before\\)"),
+        (["index.jsonl"], "names the batch's index"),
+    ):
+        scenes = [Scene(scene_id, ("x.png",)) for scene_id in ids]
+        with pytest.raises(ValueError, match=message):
+            run_batch(scenes, tmp_path / "out", settings)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_complete_marker_beside_a_cut_result_runs_the_scene_again(
     scenes: Path, tmp_path: Path, small_model: DepthAnything3, small_checkpoint: Path
 ) -> None:

@@ -566,7 +566,6 @@ def run_batch_command(args: argparse.Namespace) -> int:
     """``da3cog batch``: 0 when every scene is done, 1 when some failed (their errors are in
     the index and the summary table)."""
     from da3cog.batch import BatchSettings, RayOptions, read_manifest, run_batch
-    from da3cog.batch.manifest import scene_settings
     from da3cog.batch.storage import is_uri
     from da3cog.weights import absolute_model
 
@@ -605,12 +604,6 @@ def run_batch_command(args: argparse.Namespace) -> int:
         sampling=_sampling(args),
     )
     scenes = read_manifest(args.manifest)
-    # Each scene's settings as the batch's flags make them, refused before any model loads.
-    for scene in scenes:
-        try:
-            scene_settings(scene.options, settings.options, settings.formats, settings.sampling)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"scene {scene.id}: {error}") from None
     view = _BatchView(len(scenes))
     try:
         results = run_batch(scenes, args.out, settings, ray=ray, progress=view)

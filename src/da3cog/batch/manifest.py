@@ -27,6 +27,7 @@ import io
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,16 +90,46 @@ def read_manifest(location: str | Path) -> list[Scene]:
     seen: dict[str, str] = {}
     for line, row in rows:
         scene = _scene(row, base, f"{name} line {line}")
-        # Folder names differing in case only are one folder on macOS and Windows disks.
-        folded = scene.id.casefold()
-        if folded in seen:
-            twice = "twice" if seen[folded] == scene.id else f"twice ({seen[folded]!r} before)"
-            raise ValueError(f"{name} line {line}: scene {scene.id!r} is listed {twice}")
-        seen[folded] = scene.id
+        twice = _listed_twice(scene.id, seen)
+        if twice:
+            raise ValueError(f"{name} line {line}: {twice}")
         scenes.append(scene)
     if not scenes:
         raise ValueError(f"{location}: the manifest lists no scenes")
     return scenes
+
+
+def check_scene_ids(scenes: Sequence[Scene]) -> None:
+    """ValueError unless every scene's id can name its own output folder: the rules
+    :func:`read_manifest` applies, for scenes made another way (:class:`Scene` is public)."""
+    seen: dict[str, str] = {}
+    for scene in scenes:
+        problem = _id_problem(scene.id) or _listed_twice(scene.id, seen)
+        if problem:
+            raise ValueError(problem)
+
+
+def _id_problem(scene_id: object) -> str | None:
+    if not isinstance(scene_id, str) or not _SCENE_ID.match(scene_id):
+        return (
+            "'scene' must be an id of letters, digits, '.', '_' and '-' (it names the output "
+            f"folder), got {scene_id!r}"
+        )
+    if scene_id.casefold() in {name.casefold() for name in storage.RESERVED_NAMES}:
+        return f"{scene_id!r} names the batch's index, not a scene"
+    return None
+
+
+def _listed_twice(scene_id: str, seen: dict[str, str]) -> str | None:
+    """Whether ``scene_id`` names a folder an earlier id of ``seen`` (by case-folded id)
+    names (one folder on macOS and Windows disks when they differ in case only); records it."""
+    folded = scene_id.casefold()
+    if folded not in seen:
+        seen[folded] = scene_id
+        return None
+    earlier = seen[folded]
+    before = "" if earlier == scene_id else f" ({earlier!r} before)"
+    return f"scene {scene_id!r} is listed twice{before}"
 
 
 def _scene(row: dict[str, Any], base: str, where: str) -> Scene:
@@ -108,13 +139,9 @@ def _scene(row: dict[str, Any], base: str, where: str) -> Scene:
             f"{where}: unknown field(s) {', '.join(unknown)}; a scene has {', '.join(SCENE_FIELDS)}"
         )
     scene_id = row.get("scene")
-    if not isinstance(scene_id, str) or not _SCENE_ID.match(scene_id):
-        raise ValueError(
-            f"{where}: 'scene' must be an id of letters, digits, '.', '_' and '-' "
-            f"(it names the output folder), got {scene_id!r}"
-        )
-    if scene_id.casefold() in {name.casefold() for name in storage.RESERVED_NAMES}:
-        raise ValueError(f"{where}: {scene_id!r} names the batch's index, not a scene")
+    problem = _id_problem(scene_id)
+    if problem:
+        raise ValueError(f"{where}: {problem}")
     images = row.get("images") or []
     if isinstance(images, str):
         images = [images]

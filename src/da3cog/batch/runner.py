@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from da3cog.batch.manifest import Scene, scene_settings
+from da3cog.batch.manifest import Scene, check_scene_ids, scene_settings
 from da3cog.batch.ray_backend import RayOptions, run_on_ray
 from da3cog.batch.storage import OutputRoot
 from da3cog.batch.worker import BatchSettings, SceneResult, SceneRunner
@@ -94,6 +94,7 @@ def run_batch(
     """
     if ray is not None and model is not None:
         raise ValueError("with Ray each actor loads settings.model; do not pass a loaded model")
+    check_scene_ids(scenes)
     # A scene's options with the batch's (the manifest checked them alone): a clash (say
     # chunk_overlap under the batch's chunk_size=None) is refused before any model loads.
     for scene in scenes:
