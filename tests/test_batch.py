@@ -437,6 +437,29 @@ def test_per_scene_options_and_uris(tmp_path: Path, photo, small_model, small_ch
     assert [json.loads(line)["scene"] for line in index] == ["s0", "s1"]
 
 
+def test_a_remote_folder_gives_its_images_only(
+    tmp_path: Path, photo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A remote folder input downloaded every file under it (a bucket's archives and
+    subfolders: 80 MB for 2 views); it now gives its images, as a local folder does, and at
+    most the limit of one input in all."""
+    from da3cog.batch import storage
+
+    memory = fsspec.filesystem("memory")
+    base = f"memory://folder-{tmp_path.name}/scene"
+    png = tmp_path / "v.png"
+    Image.fromarray(photo("coffee")[:64, :64]).save(png)
+    for name in ("b.png", "a.png"):
+        memory.pipe_file(f"{base}/{name}", png.read_bytes())
+    memory.pipe_file(f"{base}/notes.txt", b"not an image")
+    memory.pipe_file(f"{base}/raw/huge.bin", b"\0" * 1_000_000)
+    (local,) = storage.fetch_inputs([base], tmp_path / "fetched")
+    assert sorted(p.name for p in local.rglob("*") if p.is_file()) == ["a.png", "b.png"]
+    monkeypatch.setattr(storage, "MAX_REMOTE_INPUT_BYTES", png.stat().st_size)
+    with pytest.raises(ValueError, match=r"scene: its 2 images come to .* GiB, over"):
+        storage.fetch_inputs([base], tmp_path / "again")
+
+
 def test_a_scene_with_its_own_formats_takes_the_batch_export_options_it_can(
     tmp_path: Path, photo, small_model: DepthAnything3, small_checkpoint: Path
 ) -> None:

@@ -91,20 +91,40 @@ def fetch_inputs(locations: Sequence[str], folder: Path) -> list[Path]:
             raise ValueError(f"{location}: no such file or folder")
         target = folder / f"{number:03d}" / posixpath.basename(path.rstrip("/"))
         if fs.isdir(path):
-            members = [m for m in fs.find(path) if fs.isfile(m)]
-            for member in members:
-                _check_size(fs, member, f"{location}/{posixpath.relpath(member, path)}")
             target.mkdir(parents=True)
-            for member in members:
-                destination = target / posixpath.relpath(member, path)
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                fs.get_file(member, str(destination))
+            for member in _folder_images(fs, path, location):
+                fs.get_file(member, str(target / posixpath.basename(member)))
         else:
             _check_size(fs, path, location)
             target.parent.mkdir(parents=True)
             fs.get_file(path, str(target))
         paths.append(target)
     return paths
+
+
+def _folder_images(fs: fsspec.AbstractFileSystem, path: str, location: str) -> list[str]:
+    """The image files directly in a remote folder (by content, as a local folder's are
+    taken: :func:`da3cog.io.inputs.expand_inputs`), at most ``MAX_REMOTE_INPUT_BYTES`` in
+    all: a bucket's other files (archives, subfolders) are not downloaded."""
+    from da3cog.io.images import HEADER_BYTES, sniff_image_format
+
+    files = sorted(
+        (entry["name"], entry.get("size") or 0)
+        for entry in fs.ls(path, detail=True)
+        if entry.get("type") == "file"
+    )
+    images = [
+        (name, size)
+        for name, size in files
+        if sniff_image_format(fs.cat_file(name, start=0, end=HEADER_BYTES)) is not None
+    ]
+    total = sum(size for _, size in images)
+    if total > MAX_REMOTE_INPUT_BYTES:
+        raise ValueError(
+            f"{location}: its {len(images)} images come to {total / 1024**3:.1f} GiB, over the "
+            f"{MAX_REMOTE_INPUT_BYTES / 1024**3:.0f} GiB limit for one input"
+        )
+    return [name for name, _ in images]
 
 
 def _check_size(fs: fsspec.AbstractFileSystem, path: str, label: str) -> None:
