@@ -120,12 +120,12 @@ def emitted_views(chunks: Sequence[range]) -> list[range]:
     return emitted
 
 
-def _world_points_at(view: ViewPrediction, flat: np.ndarray) -> np.ndarray:
+def _world_points_at(view: ViewPrediction, flat: np.ndarray, depth: np.ndarray) -> np.ndarray:
     """``(P, 3)`` world points of the view's pixels ``flat`` (flat indices into its
-    ``H x W`` grid), at their pixel centres and depth."""
+    ``H x W`` grid), at their pixel centres and ``depth`` (:func:`_depth_at` there)."""
     rows, cols = np.divmod(flat, view.width)
     return pixels_to_world_points(
-        torch.from_numpy(_depth_at(view, flat)),
+        torch.from_numpy(depth),
         torch.from_numpy(rows),
         torch.from_numpy(cols),
         torch.from_numpy(np.asarray(view.intrinsics, dtype=np.float64)),
@@ -174,6 +174,8 @@ def _shared_pixels(
     the memory of its sample rather than of every pixel of the views at the output
     resolution: for each view, both chunks' predictions of it, the sampled pixels' flat
     indices and their weights; and how many usable pixels there were in all."""
+    # Two passes over the views (counts, then the sample), each holding one view's masks at
+    # a time: keeping every view's usable pixels between them would cost what this saves.
     counts = [int(np.count_nonzero(usable)) for _, _, usable, _ in _usable_pairs(earlier, later)]
     total = sum(counts)
     pick = _even_sample(total, count, seed)
@@ -246,12 +248,14 @@ def fit_overlap(
     _check_enough_pixels(total)
     sources, targets, weights, depths = [], [], [], []
     for before, after, flat, weight in sampled:
-        target, source = _world_points_at(before, flat), _world_points_at(after, flat)
+        depth = _depth_at(before, flat)
+        target = _world_points_at(before, flat, depth)
+        source = _world_points_at(after, flat, _depth_at(after, flat))
         finite = np.isfinite(target).all(-1) & np.isfinite(source).all(-1)
         sources.append(source[finite])
         targets.append(target[finite])
         weights.append(weight[finite])
-        depths.append(_depth_at(before, flat)[finite])
+        depths.append(depth[finite])
     source, target = np.concatenate(sources), np.concatenate(targets)
     weight, depth = np.concatenate(weights), np.concatenate(depths)
     _check_enough_pixels(len(source))
@@ -966,7 +970,8 @@ def covisibility(seen: ViewPrediction, seer: ViewPrediction, stride: int = 4) ->
         np.arange(0, height, stride), np.arange(0, width, stride), indexing="ij"
     )
     flat = (rows * width + cols).ravel()
-    points = _world_points_at(seen, flat[_surface(seen).ravel()[flat]])
+    flat = flat[_surface(seen).ravel()[flat]]
+    points = _world_points_at(seen, flat, _depth_at(seen, flat))
     points = points[np.isfinite(points).all(axis=1)]
     if not len(points):
         return 0.0

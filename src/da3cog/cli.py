@@ -368,15 +368,13 @@ def _sampling(args: argparse.Namespace) -> FrameSampling:
 
 
 def _fresh_output(folder: Path) -> None:
+    from da3cog.export.manifest import output_target
+
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"--out {folder} is a file, not a folder: choose a new folder")
-    if folder.is_dir() and any(folder.iterdir()):
-        raise ValueError(f"output folder {folder} exists and is not empty: choose a new one")
-    if folder.resolve() == Path.cwd().resolve():
-        raise ValueError(f"--out {folder} is the working directory: choose a new folder")
-    # The results are written beside the folder (where a link to it points, as export_all
-    # does) and renamed to it when complete: an existing one needs a writable parent.
-    target = folder.resolve() if folder.is_symlink() else folder
+    target = output_target(folder, "--out")
+    # The results are written beside the target and renamed to it when complete: an
+    # existing one needs a writable parent.
     writable_folder(folder, "--out", target.parent if target.is_dir() else target)
 
 

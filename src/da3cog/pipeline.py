@@ -823,7 +823,7 @@ class DepthAnything3:
                 "them by instead: what the network sees of the rig depends on that unit, not "
                 "only on its shape (upstream's normalisation, kept)"
             )
-        unit = 1.0
+        unit, rescaled = 1.0, False
         kept_unit = "the metric model's metres" if is_metric else "the network's relative unit"
         if options.align_to_input_scale:
             # Scale taking the user's trajectory onto the network's (upstream's direction:
@@ -834,13 +834,7 @@ class DepthAnything3:
             if scale is None:
                 notes.append(f"{UNDETERMINED_SCALE_NOTE}: depth keeps {kept_unit}")
             else:
-                depth, unit = depth / scale, 1.0 / scale
-                if is_metric:
-                    notes.append(
-                        "depth is in the unit of the given extrinsics, not the metric "
-                        "model's metres (align_to_input_scale)"
-                    )
-                    is_metric, focal_source = False, None
+                depth, unit, rescaled = depth / scale, 1.0 / scale, True
         else:
             notes.append(
                 f"depth is in {kept_unit}, not the unit of the given extrinsics "
@@ -849,11 +843,14 @@ class DepthAnything3:
                 "its own poses, aligned to the given ones, instead)"
             )
         if is_metric:
-            # Metric depth beside the given poses in a unit of their own is no metric
-            # prediction: what places points with both is in neither unit.
+            # The returned poses are the user's, in their unit: depth brought to it is no
+            # longer in metres, and metric depth beside them is in neither unit with them.
             notes.append(
-                "is_metric is False: the returned extrinsics are the given ones, in their own "
-                "unit, and they did not bring the metric depth to it"
+                "depth is in the unit of the given extrinsics, not the metric model's metres "
+                "(align_to_input_scale)"
+                if rescaled
+                else "is_metric is False: the returned extrinsics are the given ones, in "
+                "their own unit, and they did not bring the metric depth to it"
             )
             is_metric, focal_source = False, None
         return _Resolved(

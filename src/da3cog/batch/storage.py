@@ -243,7 +243,7 @@ class OutputRoot:
     def begin_attempt(self, scene: str) -> tuple[str, int]:
         """Record an attempt at ``scene`` before it runs; returns its record (for
         :meth:`end_attempt`) and how many earlier attempts never ended (their worker died)."""
-        folder = posixpath.join(self.root, PARTIAL_FOLDER, ATTEMPTS_FOLDER, scene)
+        folder = self._attempts(scene)
         try:
             earlier = len(self.fs.ls(folder, detail=False))
         except FileNotFoundError:
@@ -256,7 +256,7 @@ class OutputRoot:
     def end_attempt(self, scene: str, record: str, *, clear: bool = False) -> None:
         """The attempt ``record`` ended (with a row, done or failed); ``clear`` forgets the
         scene's dead attempts too (it landed, or its row says it was given up)."""
-        folder = posixpath.join(self.root, PARTIAL_FOLDER, ATTEMPTS_FOLDER, scene)
+        folder = self._attempts(scene)
         with contextlib.suppress(FileNotFoundError):
             if clear:
                 self.fs.rm(folder, recursive=True)
@@ -266,6 +266,10 @@ class OutputRoot:
             for empty in (Path(folder), Path(folder).parent):
                 with contextlib.suppress(OSError):
                     empty.rmdir()
+
+    def _attempts(self, scene: str) -> str:
+        """The folder of ``scene``'s attempt records."""
+        return posixpath.join(self.root, PARTIAL_FOLDER, ATTEMPTS_FOLDER, scene)
 
     def staging(self, scene: str) -> Path:
         """A fresh local folder to write ``scene`` into before :meth:`publish`: under

@@ -182,12 +182,16 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def _check_fresh(folder: Path) -> None:
+def output_target(folder: Path, named: str = "output folder") -> Path:
+    """Where :func:`export_all` writes ``folder`` (given as ``named``): the folder itself, or
+    where it points when it is a link (renaming onto the link itself fails); ValueError when
+    it exists and is not empty, or is the working directory (the results are written beside
+    it and renamed onto it: the working directory would be replaced)."""
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise ValueError(f"output folder {folder} exists and is not empty: choose a new one")
+        raise ValueError(f"{named} {folder} exists and is not empty: choose a new one")
     if folder.resolve() == Path.cwd().resolve():
-        # Written beside it and renamed onto it: the working directory would be replaced.
-        raise ValueError(f"output folder {folder} is the working directory: choose a new one")
+        raise ValueError(f"{named} {folder} is the working directory: choose a new one")
+    return folder.resolve() if folder.is_symlink() else folder
 
 
 def _entry_document(entry: ManifestEntry, root: Path) -> dict[str, Any]:
@@ -316,10 +320,7 @@ def export_all(
     folder = Path(folder)
     requested, skipped = _check_formats(prediction, formats)
     _check_options([*requested, *skipped], options)  # options of skipped formats are fine
-    _check_fresh(folder)
-    # An empty folder given through a link is filled where the link points (renaming onto
-    # the link itself fails once everything is written).
-    target = folder.resolve() if folder.is_symlink() else folder
+    target = output_target(folder)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
@@ -331,7 +332,7 @@ def export_all(
             staging / MANIFEST_NAME,
             json.dumps(document, indent=2, allow_nan=False, default=_json_default),
         )
-        _check_fresh(folder)
+        output_target(folder)
         if target.exists():
             target.rmdir()
         staging.rename(target)

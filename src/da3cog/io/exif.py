@@ -24,10 +24,9 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from da3cog.geometry import FOCAL_RANGE
-from da3cog.io.images import ImageSource, open_image_file, stored_size
+from da3cog.io.images import ImageSource, open_image_file, stored_size, transposes
 
 _EXIF_IFD = 0x8769
-_ORIENTATION = 0x0112
 _FOCAL_LENGTH = 0x920A
 _FOCAL_35MM = 0xA405
 _PIXEL_X_DIMENSION = 0xA002
@@ -39,8 +38,6 @@ _FOCAL_PLANE_UNIT = 0xA210
 # outside the standard but written by some cameras.
 _UNIT_MM = {2: 25.4, 3: 10.0, 4: 1.0, 5: 0.001}
 _FULL_FRAME_DIAGONAL_MM = math.hypot(36.0, 24.0)
-# Orientations 5-8 transpose the stored image for display.
-_TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
 
 @dataclass(frozen=True)
@@ -82,7 +79,7 @@ def focal_from_exif(exif: Image.Exif, stored_size: tuple[int, int]) -> ExifFocal
 def _focal_from_exif(exif: Image.Exif, stored_size: tuple[int, int]) -> ExifFocal | str:
     width, height = stored_size
     details = exif.get_ifd(_EXIF_IFD)
-    transposed = exif.get(_ORIENTATION) in _TRANSPOSING_ORIENTATIONS
+    transposed = transposes(exif)
 
     def oriented(fx: float, fy: float, tags: str) -> ExifFocal:
         return ExifFocal(fx=fy, fy=fx, tags=tags) if transposed else ExifFocal(fx, fy, tags)

@@ -163,7 +163,7 @@ def read_image_header(path: str | os.PathLike[str], label: str | None = None) ->
     with open_image_file(path, label) as opened:
         image_format = "JPEG" if opened.format == "MPO" else str(opened.format)
         width, height = stored_size(opened)
-        transposed = header_exif(opened).get(_ORIENTATION) in _TRANSPOSING_ORIENTATIONS
+        transposed = transposes(header_exif(opened))
         return ImageHeader(image_format, int(width), int(height), opened.mode, transposed)
 
 
@@ -179,6 +179,11 @@ def stored_size(opened: Image.Image) -> tuple[int, int]:
     if tags is not None and (tags.get(_TIFF_WIDTH), tags.get(_TIFF_LENGTH)) == (height, width):
         return height, width
     return width, height
+
+
+def transposes(exif: Image.Exif) -> bool:
+    """Whether ``exif``'s orientation (5-8) shows the stored image transposed."""
+    return exif.get(_ORIENTATION) in _TRANSPOSING_ORIENTATIONS
 
 
 def header_exif(opened: Image.Image) -> Image.Exif:
@@ -287,7 +292,7 @@ def source_size(source: ImageSource) -> tuple[int, int] | None:
             width, height = header.width, header.height
             return (height, width) if header.transposed else (width, height)
         if isinstance(source, Image.Image):
-            transposed = source.getexif().get(_ORIENTATION) in _TRANSPOSING_ORIENTATIONS
+            transposed = transposes(source.getexif())
             width, height = source.size
             return (height, width) if transposed else (width, height)
         array = np.asarray(source)
